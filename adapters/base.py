@@ -1,0 +1,179 @@
+"""The adapter contract: what EngineBench knows about one inference engine.
+
+An adapter is data plus pure functions, never a clock:
+- how to launch the engine from a normalized `EngineConfig` (argv lists, never shell strings), natively or as its
+  official container image, and how to tell it is ready (`health_path`);
+- a codec: `build(spec, model, stream)` -> `HttpCall`, `parse_event(data)` -> `StreamDelta | None` for one SSE `data:`
+  payload, `parse_response(body)` -> `StreamDelta` for a non-streamed answer;
+- what it honours (`ignore_eos`, usage in streams, tokenize endpoint), its hardware and maintenance status;
+- a metrics map: the engine's Prometheus names -> EngineBench's canonical names (see `CANONICAL_METRICS`).
+
+Process management (spawn, wait, stop the tree) is shared in `adapters.process`; timing belongs to `harness`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from workloads.spec import RequestSpec
+
+__all__ = [
+    "CANONICAL_METRICS",
+    "Adapter",
+    "EngineConfig",
+    "EngineInfo",
+    "HttpCall",
+    "MetricMap",
+    "StreamDelta",
+    "Usage",
+]
+
+Hardware = Literal["cpu", "nvidia", "amd", "intel-gpu", "apple", "tpu", "gaudi", "neuron"]
+
+# Canonical engine metric names. Gauges are instantaneous; *_total are counters; *_seconds are histograms.
+CANONICAL_METRICS: Mapping[str, str] = {
+    "requests_running": "gauge: requests being processed (in a batch / slot)",
+    "requests_waiting": "gauge: requests queued, not yet scheduled",
+    "kv_cache_usage": "gauge: fraction 0..1 of KV-cache in use",
+    "prefix_cache_queries_total": "counter: prompt tokens looked up in the prefix cache",
+    "prefix_cache_hits_total": "counter: prompt tokens found in the prefix cache",
+    "prompt_tokens_cached_total": "counter: prompt tokens served from cache",
+    "prompt_tokens_total": "counter: prompt (prefill) tokens processed",
+    "generation_tokens_total": "counter: output tokens generated",
+    "requests_finished_total": "counter: requests finished (any reason)",
+    "preemptions_total": "counter: sequences preempted",
+    "ttft_seconds": "histogram: server-side time to first token",
+    "itl_seconds": "histogram: server-side inter-token latency",
+    "e2e_seconds": "histogram: server-side end-to-end request latency",
+    "queue_seconds": "histogram: time waiting in the engine's queue",
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Normalized engine settings; each adapter maps these onto its own flags, refusing what it cannot do."""
+
+    model: str  # a path (file or folder) or a hub id, as the engine expects
+    served_model_name: str | None = None
+    dtype: str | None = None  # "bfloat16", "float16", "auto", ...
+    quantization: str | None = None  # "awq", "gptq", "fp8", "Q4_1" (GGUF file type), ...
+    max_context: int | None = None
+    max_num_seqs: int | None = None  # max concurrent sequences / slots
+    prefix_caching: bool | None = None  # None: engine default
+    tensor_parallel: int = 1
+    kv_cache_dtype: str | None = None
+    gpu_memory_fraction: float | None = None
+    threads: int | None = None  # CPU threads (CPU engines)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCall:
+    method: str
+    path: str  # e.g. "/v1/chat/completions"
+    body: Mapping[str, Any] | None
+    stream: bool
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDelta:
+    """What one SSE event (or a whole non-streamed body) carried.
+
+    `tokens` is the number of output tokens in this event as far as the stream tells (one per content chunk for
+    OpenAI-style streams unless the engine says otherwise); `tokens_exact` says whether the engine stated it.
+    """
+
+    text: str = ""
+    tokens: int = 0
+    tokens_exact: bool = False
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    extra: Mapping[str, Any] | None = None  # engine specifics worth keeping (llama.cpp `timings`, ...)
+
+
+@dataclass(frozen=True)
+class MetricMap:
+    """Engine metric name -> canonical name. `labels` selects series (e.g. {"finished_reason": ...} is summed)."""
+
+    names: Mapping[str, str]
+    scale: Mapping[str, float] = field(default_factory=dict)  # canonical -> multiplier (e.g. percent -> fraction)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    display_name: str
+    hardware: tuple[Hardware, ...]
+    honours_ignore_eos: bool
+    honours_min_tokens: bool
+    usage_in_stream: bool
+    tokens_per_chunk: str  # "one", "several", "variable": how output tokens arrive in stream chunks
+    tokenize_path: str | None
+    health_path: str
+    version_path: str | None
+    metrics_path: str | None
+    maintenance: str  # e.g. "active", "maintenance mode since 2025-12 (source, date)"
+    sources: tuple[str, ...] = ()
+    container_image: str | None = None
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    info: EngineInfo
+    metrics: MetricMap
+
+    def launch_argv(self, cfg: EngineConfig) -> list[str]:
+        """Argv to start the engine as a local process (raises ConfigError for unsupported settings)."""
+        ...
+
+    def launch_env(self, cfg: EngineConfig) -> dict[str, str]:
+        """Extra environment for the local process."""
+        ...
+
+    def container_argv(self, cfg: EngineConfig, runtime: str = "docker") -> list[str]:
+        """Argv to run the engine's official container image (docker run ...)."""
+        ...
+
+    def build(self, spec: RequestSpec, model: str, stream: bool) -> HttpCall: ...
+
+    def parse_event(self, data: bytes) -> StreamDelta | None:
+        """One SSE `data:` payload (without the prefix, not `[DONE]`) -> what it carried, or None to ignore."""
+        ...
+
+    def parse_response(self, body: bytes) -> StreamDelta:
+        """A whole non-streamed response body -> text, usage, finish reason."""
+        ...
+
+    def version_from(self, payload: Mapping[str, Any]) -> str | None:
+        """The engine version from the JSON at `info.version_path`."""
+        ...
+
+    def local_status(self) -> tuple[bool, str]:
+        """(runnable here, why / where): installed binaries, hardware present."""
+        ...
+
+
+def require(flag: bool, message: str) -> None:
+    """Adapter helper: refuse a setting the engine does not support with a ConfigError."""
+    if not flag:
+        from harness.errors import ConfigError
+
+        raise ConfigError(message)
+
+
+def optional_flag(flag: str, value: object | None) -> Sequence[str]:
+    return [] if value is None else [flag, str(value)]
