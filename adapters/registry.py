@@ -1,0 +1,205 @@
+"""Engine name -> adapter, what can run here and why not, and the default configuration of the CPU engines.
+
+Adapters are discovered, not listed: any module `adapters/<name>.py` exposing a module-level `ADAPTER` registers
+under `ADAPTER.info.name`, so adding an engine touches no other file. A module that fails to import is reported
+(`broken()`), never silently dropped. Whether an engine was live-tested on this machine is read from
+`<cache>/live-tests.json`, which `tests/test_live_engines.py` writes through `record_live_test`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import os
+import pkgutil
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+import orjson
+
+from adapters.base import Adapter, EngineConfig
+from harness.errors import ConfigError, EngineUnavailable
+
+__all__ = [
+    "SERVED_MODEL",
+    "Availability",
+    "adapters",
+    "availability",
+    "broken",
+    "default_config",
+    "get",
+    "hardware_here",
+    "live_tests",
+    "record_live_test",
+    "require_runnable",
+]
+
+SERVED_MODEL = "SmolLM2-135M-Instruct"  # one served name for every engine here, so workloads compare
+_NOT_ADAPTERS = frozenset({"base", "openai", "process", "prometheus", "registry", "install"})
+_HARDWARE_NAMES = {
+    "nvidia": "an NVIDIA GPU",
+    "amd": "an AMD GPU (ROCm)",
+    "intel-gpu": "an Intel GPU",
+    "apple": "an Apple silicon Mac",
+    "tpu": "a TPU",
+    "gaudi": "an Intel Gaudi",
+    "neuron": "AWS Neuron",
+}
+
+
+def _scan() -> tuple[dict[str, tuple[ModuleType, Adapter]], dict[str, str]]:
+    import adapters as package
+
+    found: dict[str, tuple[ModuleType, Adapter]] = {}
+    failed: dict[str, str] = {}
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.startswith("_") or module.name in _NOT_ADAPTERS:
+            continue
+        try:
+            mod = importlib.import_module(f"adapters.{module.name}")
+        except Exception as e:  # a broken adapter must not hide the others; it is reported instead
+            failed[module.name] = f"{type(e).__name__}: {e}"
+            continue
+        adapter = getattr(mod, "ADAPTER", None)
+        if adapter is not None:
+            found[adapter.info.name] = (mod, cast(Adapter, adapter))
+    return dict(sorted(found.items())), failed
+
+
+def adapters() -> dict[str, Adapter]:
+    """Every adapter whose module imports, by engine name."""
+    return {name: adapter for name, (_, adapter) in _scan()[0].items()}
+
+
+def broken() -> dict[str, str]:
+    """Adapter modules that failed to import: module name -> error."""
+    return _scan()[1]
+
+
+def get(name: str) -> Adapter:
+    found = adapters()
+    if name not in found:
+        raise ConfigError(f"unknown engine {name!r}; known engines: {', '.join(found) or 'none'}")
+    return found[name]
+
+
+def hardware_here() -> frozenset[str]:
+    """Accelerators present on this machine (plus "cpu")."""
+    kinds = {"cpu"}
+    if shutil.which("nvidia-smi") or Path("/proc/driver/nvidia/version").exists():
+        kinds.add("nvidia")
+    if Path("/dev/kfd").exists():
+        kinds.add("amd")
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        kinds.add("apple")
+    if os.environ.get("TPU_NAME") or Path("/dev/accel0").exists():
+        kinds.add("tpu")
+    return frozenset(kinds)
+
+
+@dataclass(frozen=True)
+class Availability:
+    engine: str
+    hardware_ok: bool
+    installed: bool
+    runnable: bool
+    reason: str
+
+
+def availability(adapter: Adapter) -> Availability:
+    info = adapter.info
+    here = hardware_here()
+    if not here.intersection(info.hardware):
+        needs = " or ".join(_HARDWARE_NAMES.get(h, h) for h in info.hardware)
+        reason = (
+            f"{info.name} needs {needs}; none here. "
+            f"To benchmark a remote {info.display_name}: --endpoint {info.name}=http://HOST:PORT"
+        )
+        installed, _ = _local(adapter)
+        return Availability(info.name, False, installed, False, reason)
+    installed, why = _local(adapter)
+    return Availability(info.name, True, installed, installed, why)
+
+
+def _local(adapter: Adapter) -> tuple[bool, str]:
+    try:
+        return adapter.local_status()
+    except Exception as e:  # a status check must never take `bench engines` down
+        return False, f"cannot tell ({type(e).__name__}: {e})"
+
+
+def require_runnable(name: str) -> Adapter:
+    """The adapter, or EngineUnavailable saying why it cannot run here and what to do instead."""
+    adapter = get(name)
+    avail = availability(adapter)
+    if not avail.runnable:
+        raise EngineUnavailable(avail.reason)
+    return adapter
+
+
+def default_config(name: str) -> EngineConfig:
+    """The configuration EngineBench launches an engine with on this machine (port 0: pick a free one)."""
+    from adapters import install
+
+    if name == "vllm":
+        return EngineConfig(
+            model=str(install.hf_model_dir()),
+            served_model_name=SERVED_MODEL,
+            dtype="bfloat16",
+            max_context=4096,
+            max_num_seqs=8,
+            port=0,
+        )
+    if name == "llamacpp":
+        return EngineConfig(
+            model=str(install.gguf_model_path()),
+            served_model_name=SERVED_MODEL,
+            max_context=4096,
+            max_num_seqs=8,
+            threads=os.cpu_count() or 2,
+            port=0,
+        )
+    found = _scan()[0]
+    if name not in found:
+        raise ConfigError(f"unknown engine {name!r}; known engines: {', '.join(found) or 'none'}")
+    factory = getattr(found[name][0], "default_config", None)  # adapter modules may offer their own
+    if callable(factory):
+        return cast(EngineConfig, factory())
+    raise EngineUnavailable(
+        f"EngineBench has no launch configuration for {name} on this machine; "
+        f"benchmark a running one with --endpoint {name}=http://HOST:PORT"
+    )
+
+
+def _live_file() -> Path:
+    from adapters import install
+
+    return Path(install.cache_root()) / "live-tests.json"
+
+
+def live_tests() -> dict[str, dict[str, Any]]:
+    """engine -> {"passed", "version", "when", "detail"} of its last live test on this machine."""
+    try:
+        data = orjson.loads(_live_file().read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_live_test(engine: str, passed: bool, version: str | None, detail: str = "") -> None:
+    path = _live_file()
+    data = live_tests()
+    data[engine] = {
+        "passed": passed,
+        "version": version,
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "detail": detail,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    tmp.replace(path)

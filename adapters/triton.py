@@ -1,0 +1,162 @@
+"""NVIDIA Triton through its OpenAI-compatible frontend (`python/openai/openai_frontend/main.py`, beta).
+
+Engine settings live in the model repository, not on the command line: for the vLLM backend a `model.json` beside
+`config.pbtxt` holds vLLM engine arguments (`vllm_model_json` builds it); the TensorRT-LLM backend reads
+`config.pbtxt`. `EngineConfig.model` is the model repository; the tokenizer is `env["TRITON_TOKENIZER"]`.
+Quirks: the frontend forwards `ignore_eos` / `min_tokens`; the vLLM backend honours them, the TensorRT-LLM backend
+lacks `ignore_eos` (PITFALLS 10); usage in the last chunk with `stream_options.include_usage`; readiness is
+`/health/ready`; `/metrics` carries Triton's `nv_inference_*` plus, with the vLLM backend, `vllm:*` series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from adapters.base import EngineConfig, EngineInfo, FunctionAdapter, HttpCall, MetricMap, require
+from adapters.knowledge import ENGINE_FACTS, docker_gpu_run, local_gpu_status
+from adapters.openai import build_openai, parse_openai_event, parse_openai_response
+from workloads.spec import RequestSpec
+
+__all__ = ["ADAPTER", "IMAGE", "INFO", "METRICS", "build", "container_argv", "launch_argv", "vllm_model_json"]
+
+IMAGE = "nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3"
+FRONTEND = "/opt/tritonserver/python/openai/openai_frontend/main.py"
+_FACTS = ENGINE_FACTS["triton"]
+
+INFO = EngineInfo(
+    name="triton",
+    display_name="NVIDIA Triton (OpenAI frontend)",
+    hardware=("nvidia", "cpu"),
+    honours_ignore_eos=True,  # vLLM backend; the TensorRT-LLM backend does not
+    honours_min_tokens=True,
+    usage_in_stream=True,
+    tokens_per_chunk="one",  # vLLM backend; TensorRT-LLM backend can send several
+    tokenize_path=None,
+    health_path="/health/ready",
+    version_path=None,
+    metrics_path="/metrics",
+    maintenance=_FACTS.maintenance,
+    sources=_FACTS.sources,
+    container_image=IMAGE,
+)
+
+# Triton core metrics (docs/user_guide/metrics.md) and the vLLM backend's vllm:* series.
+METRICS = MetricMap(
+    names={
+        "nv_inference_pending_request_count": "requests_waiting",
+        "nv_inference_request_success": "requests_finished_total",
+        "vllm:num_requests_running": "requests_running",
+        "vllm:num_requests_waiting": "requests_waiting",
+        "vllm:kv_cache_usage_perc": "kv_cache_usage",
+        "vllm:gpu_cache_usage_perc": "kv_cache_usage",
+        "vllm:prompt_tokens_total": "prompt_tokens_total",
+        "vllm:generation_tokens_total": "generation_tokens_total",
+        "vllm:time_to_first_token_seconds": "ttft_seconds",
+        "vllm:time_per_output_token_seconds": "itl_seconds",
+        "vllm:e2e_request_latency_seconds": "e2e_seconds",
+    }
+)
+
+_IN_REPOSITORY = {
+    "tensor_parallel": "tensor_parallel_size",
+    "quantization": "quantization",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "max_num_seqs": "max_num_seqs",
+    "prefix_caching": "enable_prefix_caching",
+    "max_context": "max_model_len",
+    "gpu_memory_fraction": "gpu_memory_utilization",
+    "dtype": "dtype",
+}
+
+
+def vllm_model_json(cfg: EngineConfig, hf_model: str) -> dict[str, Any]:
+    """The vLLM backend's `model.json` (repository/<name>/1/model.json) for the normalized settings."""
+    out: dict[str, Any] = {"model": hf_model}
+    for field, key in _IN_REPOSITORY.items():
+        value = getattr(cfg, field)
+        if field == "tensor_parallel":
+            value = None if value == 1 else value
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _flags(cfg: EngineConfig, host: str, repository: str) -> list[str]:
+    for field, key in _IN_REPOSITORY.items():
+        value = getattr(cfg, field)
+        default = 1 if field == "tensor_parallel" else None
+        require(
+            value == default,
+            f"triton: {field}={value} is set in the model repository, not on the command line; put "
+            f'"{key}": {value!r} in {repository}/<model>/1/model.json (adapters.triton.vllm_model_json) and remove it',
+        )
+    require(cfg.threads is None, "triton: threads is not a frontend setting; remove --threads")
+    tokenizer = cfg.env.get("TRITON_TOKENIZER")
+    require(
+        tokenizer is not None,
+        "triton: the OpenAI frontend needs a tokenizer; set env TRITON_TOKENIZER=<hf id or path>",
+    )
+    # `python3 openai_frontend/main.py --model-repository R --tokenizer T` (python/openai/README.md, snapshot
+    # 2026-08-19, read 2026-11-24); --host / --openai-port from main.py's argparse
+    flags = ["--model-repository", repository, "--tokenizer", str(tokenizer), "--host", host]
+    return [*flags, "--openai-port", str(cfg.port), *cfg.extra_args]
+
+
+def launch_argv(cfg: EngineConfig) -> list[str]:
+    frontend = cfg.env.get("TRITON_OPENAI_FRONTEND", FRONTEND)
+    return ["python3", frontend, *_flags(cfg, cfg.host, cfg.model)]
+
+
+def launch_env(cfg: EngineConfig) -> dict[str, str]:
+    return {k: v for k, v in cfg.env.items() if not k.startswith("TRITON_")}
+
+
+def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
+    # docker run -it --net=host --gpus all --rm -v ${HOME}/.cache/huggingface:/root/.cache/huggingface -e HF_TOKEN
+    # nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3; then python3 openai_frontend/main.py ... (README step 1-2)
+    from dataclasses import replace
+
+    inner = replace(cfg, env=launch_env(cfg))
+    argv, repository = docker_gpu_run(
+        IMAGE, inner, runtime=runtime, name="triton", extra=(), model_mount="/models"
+    )
+    return [*argv, "python3", FRONTEND, *_flags(cfg, "0.0.0.0", repository)]
+
+
+def build(spec: RequestSpec, model: str, stream: bool) -> HttpCall:
+    return build_openai(spec, model, stream, pin_fields={"ignore_eos": True})
+
+
+def version_from(payload: Mapping[str, Any]) -> str | None:
+    return None
+
+
+def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
+    from harness.errors import EngineError
+
+    raise EngineError("triton: the OpenAI frontend has no tokenize endpoint")
+
+
+def tokens_from(payload: Mapping[str, Any]) -> list[int]:
+    return []
+
+
+def local_status() -> tuple[bool, str]:
+    return local_gpu_status("triton", binaries=("tritonserver",), modules=("tritonserver",))
+
+
+ADAPTER = FunctionAdapter(
+    info=INFO,
+    metrics=METRICS,
+    launch_argv=launch_argv,
+    launch_env=launch_env,
+    container_argv=container_argv,
+    build=build,
+    parse_event=parse_openai_event,
+    parse_response=parse_openai_response,
+    version_from=version_from,
+    local_status=local_status,
+    tokenize_call=tokenize_call,
+    tokens_from=tokens_from,
+)

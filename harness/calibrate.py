@@ -1,0 +1,294 @@
+"""Calibration: how wrong is the harness's own timing, and where does the client saturate?
+
+The scripted server (`harness.calibration`) runs in its own process; the harness's runner drives it at rising closed-
+loop concurrency. For every request the client's record is matched (by request id) with the server's account of when
+it really wrote each chunk. Both sides use CLOCK_MONOTONIC (`perf_counter` and `monotonic` on Linux), so errors are
+per request and per chunk, not differences of percentiles:
+
+- TTFT error = client TTFT − scripted TTFT − the server's lag on its first chunk (includes the client's send lag);
+- ITL error, per ITL sample (harness definition: a chunk of k tokens arriving dt after the previous one gives k
+  samples of dt/k) = (client dt − the server's achieved dt between the same chunks) / k;
+- the "raw" errors do not subtract the server's lag (what a user of a peer tool would see).
+
+A point is saturated when the client's mean CPU reaches `harness.runner.CPU_SATURATED` of a core, when its TTFT error
+p50 exceeds `saturation_error_ms`, or when it achieves less than 90% of the ideal closed-loop request rate. The ceiling
+is the throughput of the best unsaturated point and of the first saturated one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.calibration import ScriptConfig, chunk_schedule, fetch_stats, reset_stats, serve_in_process
+from harness.client import Connection, Target
+from harness.records import RequestRecord
+from workloads.spec import RequestSpec
+
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationResult",
+    "ErrorStats",
+    "PointCalibration",
+    "calibrate",
+    "match_errors",
+    "run_calibration",
+]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    ttft: float = 0.05
+    itl: float = 0.005
+    output_tokens: int = 64
+    tokens_per_chunk: int = 1
+    concurrency: tuple[int, ...] = (1, 16, 64, 256)
+    waves: int = 3  # measured requests per point = waves * concurrency (at least `min_requests`)
+    min_requests: int = 20
+    warmup_waves: int = 1
+    connection: Connection = "fresh"
+    saturation_error_ms: float = 2.0
+    server_workers: int = 1
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Signed errors in milliseconds (positive: the client saw it later than it happened)."""
+
+    count: int = 0
+    p1: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+    max: float | None = None
+    mean: float | None = None
+
+    @classmethod
+    def of(cls, seconds: Sequence[float] | np.ndarray) -> ErrorStats:
+        x = np.asarray(seconds, dtype=float) * 1000.0
+        if x.size == 0:
+            return cls()
+        p = np.percentile(x, (1, 50, 99))
+        return cls(int(x.size), float(p[0]), float(p[1]), float(p[2]), float(x.max()), float(x.mean()))
+
+
+@dataclass(frozen=True)
+class PointCalibration:
+    concurrency: int
+    requests: int
+    ok: int
+    statuses: Mapping[str, int]
+    ttft_error: ErrorStats  # minus truth minus server lag
+    itl_error: ErrorStats
+    ttft_error_raw: ErrorStats  # minus truth only
+    itl_error_raw: ErrorStats
+    server_lag: ErrorStats  # achieved - scripted, every chunk
+    send_lag: ErrorStats
+    request_path: ErrorStats  # server receipt - client send (same clock)
+    response_path: ErrorStats  # client arrival - server write of the first chunk
+    requests_per_s: float
+    tokens_per_s: float
+    ideal_requests_per_s: float
+    client_cpu: float  # mean fraction of one core
+    server_cpu_per_chunk_us: float | None
+    saturated: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    config: CalibrationConfig
+    points: tuple[PointCalibration, ...]
+    ceiling_requests_per_s: float | None  # best unsaturated point
+    ceiling_tokens_per_s: float | None
+    saturated_at: int | None  # first saturated concurrency
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": 1, "kind": "calibration", **asdict(self)}
+
+
+def _specs(prefix: str, n_tokens: int) -> Iterator[RequestSpec]:
+    i = 0
+    while True:
+        msg = {"role": "user", "content": "calibrate the harness please"}
+        yield RequestSpec(request_id=f"{prefix}-{i}", api="chat", max_tokens=n_tokens, messages=(msg,))
+        i += 1
+
+
+def match_errors(
+    records: Sequence[RequestRecord], server: Mapping[str, Mapping[str, Any]], run_start: float
+) -> dict[str, list[float]]:
+    """Per-request / per-sample errors in seconds of ok records against the server's per-request account."""
+    out: dict[str, list[float]] = {k: [] for k in ("ttft", "itl", "ttft_raw", "itl_raw", "req_path", "resp_path")}
+    for rec in records:
+        s = server.get(rec.request_id)
+        if s is None or not rec.ok or not rec.chunk_times:
+            continue
+        sched = chunk_schedule(int(s["n"]), float(s["ttft"]), float(s["itl"]), int(s["tokens_per_chunk"]))
+        lags = [x / 1000.0 for x in s["lags_ms"]]
+        if len(lags) < len(sched):
+            continue
+        t0 = float(s["t0"]) + float(s.get("shift", 0.0))
+        writes = [t0 + off + lag for (off, _), lag in zip(sched, lags, strict=False)]
+        ends = np.cumsum([k for _, k in sched])  # cumulative tokens after each server chunk
+        ttft = rec.chunk_times[0] - rec.scheduled
+        out["ttft_raw"].append(ttft - sched[0][0])
+        out["ttft"].append(ttft - sched[0][0] - lags[0])
+        if rec.sent is not None:
+            out["req_path"].append(float(s["t0"]) - (rec.sent + run_start))
+        # which server chunk delivered the last token of each client chunk
+        cum = np.cumsum(rec.chunk_tokens)
+        idx = np.searchsorted(ends, cum, side="left")
+        out["resp_path"].append(rec.chunk_times[0] + run_start - writes[int(idx[0])])
+        for i in range(1, len(rec.chunk_times)):
+            k = rec.chunk_tokens[i]
+            a, b = int(idx[i - 1]), int(idx[i])
+            if k <= 0 or b >= len(writes):
+                continue
+            dt = rec.chunk_times[i] - rec.chunk_times[i - 1]
+            true_dt = writes[b] - writes[a]
+            scripted_dt = sched[b][0] - sched[a][0]
+            out["itl"].extend([(dt - true_dt) / k] * k)
+            out["itl_raw"].extend([(dt - scripted_dt) / k] * k)
+    return out
+
+
+async def _run_one_point(
+    url: str, cfg: CalibrationConfig, conc: int, run_start: float
+) -> tuple[list[RequestRecord], Any, float]:
+    from adapters.scripted import make_adapter
+    from harness.runner import StopRule, run_point
+    from workloads.arrival import LoadPoint
+
+    target = Target("scripted", url, make_adapter(), "scripted", connection=cfg.connection)
+    records: list[RequestRecord] = []
+    measured = max(cfg.min_requests, cfg.waves * conc)
+    stop = StopRule(requests=measured, warmup=cfg.warmup_waves * conc, cooldown=conc, stall_timeout_s=30.0)
+    point = LoadPoint("concurrency", conc, "closed")
+    t = time.perf_counter()
+    outcome = await run_point(
+        target, _specs(f"c{conc}", cfg.output_tokens), point, stop, records.append, run_start
+    )
+    return records, outcome, time.perf_counter() - t
+
+
+def _point(
+    cfg: CalibrationConfig,
+    conc: int,
+    records: list[RequestRecord],
+    outcome: Any,
+    stats: Mapping[str, Any],
+    server_cpu_s: float | None,
+    run_start: float,
+) -> PointCalibration:
+    measured = [r for r in records if r.phase == "measure"]
+    ok = [r for r in measured if r.ok]
+    per_req = stats.get("per_request", {})
+    errs = match_errors(ok, per_req, run_start)
+    statuses: dict[str, int] = {}
+    for r in measured:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    lags = [x / 1000.0 for r in ok if r.request_id in per_req for x in per_req[r.request_id]["lags_ms"]]
+    send_lags = [r.sent - r.scheduled for r in measured if r.sent is not None]
+    if ok:
+        start = min(r.scheduled for r in ok)
+        end = max(r.done or r.scheduled for r in ok)
+        span = max(end - start, 1e-9)
+        rps = len(ok) / span
+        tps = sum(sum(r.chunk_tokens) for r in ok) / span
+    else:
+        rps = tps = 0.0
+    sched = chunk_schedule(cfg.output_tokens, cfg.ttft, cfg.itl, cfg.tokens_per_chunk)
+    ideal = conc / sched[-1][0]
+    chunks = sum(len(per_req[r.request_id]["lags_ms"]) for r in records if r.request_id in per_req)
+    cpu_per_chunk = server_cpu_s / chunks * 1e6 if server_cpu_s is not None and chunks else None
+    ttft_err = ErrorStats.of(errs["ttft"])
+    reasons = []
+    client_cpu = float(outcome.client_cpu.mean_util)
+    from harness.runner import CPU_SATURATED
+
+    if client_cpu >= CPU_SATURATED:
+        reasons.append(f"client CPU {client_cpu:.0%} of a core")
+    if ttft_err.p50 is not None and ttft_err.p50 > cfg.saturation_error_ms:
+        reasons.append(f"TTFT error p50 {ttft_err.p50:.2f} ms > {cfg.saturation_error_ms} ms")
+    if rps < 0.9 * ideal:
+        reasons.append(f"{rps:.1f} req/s < 90% of the ideal {ideal:.1f}")
+    if len(ok) < len(measured):
+        reasons.append(f"{len(measured) - len(ok)} failed requests")
+    return PointCalibration(
+        concurrency=conc,
+        requests=len(measured),
+        ok=len(ok),
+        statuses=statuses,
+        ttft_error=ttft_err,
+        itl_error=ErrorStats.of(errs["itl"]),
+        ttft_error_raw=ErrorStats.of(errs["ttft_raw"]),
+        itl_error_raw=ErrorStats.of(errs["itl_raw"]),
+        server_lag=ErrorStats.of(lags),
+        send_lag=ErrorStats.of(send_lags),
+        request_path=ErrorStats.of(errs["req_path"]),
+        response_path=ErrorStats.of(errs["resp_path"]),
+        requests_per_s=rps,
+        tokens_per_s=tps,
+        ideal_requests_per_s=ideal,
+        client_cpu=client_cpu,
+        server_cpu_per_chunk_us=cpu_per_chunk,
+        saturated=bool(reasons),
+        reasons=tuple(reasons),
+    )
+
+
+async def _calibrate_at(url: str, cfg: CalibrationConfig, progress: Callable[[PointCalibration], None]) -> list[PointCalibration]:
+    run_start = time.perf_counter()
+    points = []
+    for conc in cfg.concurrency:
+        await asyncio.to_thread(reset_stats, url)
+        before = (await asyncio.to_thread(fetch_stats, url)).get("cpu_s")
+        records, outcome, _ = await _run_one_point(url, cfg, conc, run_start)
+        stats = await asyncio.to_thread(fetch_stats, url, True)
+        cpu = None if before is None or stats.get("cpu_s") is None else float(stats["cpu_s"]) - float(before)
+        pc = _point(cfg, conc, records, outcome, stats, cpu, run_start)
+        progress(pc)
+        points.append(pc)
+    return points
+
+
+def calibrate(
+    url: str, cfg: CalibrationConfig, progress: Callable[[PointCalibration], None] = lambda p: None
+) -> CalibrationResult:
+    """Calibrate against a scripted server already serving at `url` (configured like `cfg`)."""
+    points = asyncio.run(_calibrate_at(url, cfg, progress))
+    good = [p for p in points if not p.saturated]
+    bad = [p for p in points if p.saturated]
+    best = max(good, key=lambda p: p.tokens_per_s, default=None)
+    notes = []
+    if not bad:
+        notes.append("the client never saturated: raise --concurrency (or lower --itl) to find its ceiling")
+    return CalibrationResult(
+        config=cfg,
+        points=tuple(points),
+        ceiling_requests_per_s=best.requests_per_s if best else None,
+        ceiling_tokens_per_s=best.tokens_per_s if best else None,
+        saturated_at=bad[0].concurrency if bad else None,
+        notes=tuple(notes),
+    )
+
+
+def run_calibration(
+    cfg: CalibrationConfig, progress: Callable[[PointCalibration], None] = lambda p: None
+) -> CalibrationResult:
+    """Start the scripted server in its own process, calibrate against it, stop it."""
+    script = ScriptConfig(
+        ttft=cfg.ttft,
+        itl=cfg.itl,
+        output_tokens=cfg.output_tokens,
+        tokens_per_chunk=cfg.tokens_per_chunk,
+        max_tracked=max(10_000, 8 * max(cfg.concurrency) * (cfg.waves + 2)),
+    )
+    with serve_in_process(script) as url:
+        return calibrate(url, cfg, progress)

@@ -1,0 +1,151 @@
+"""`bench engines`: every engine adapter, what it needs, whether it is installed, runnable and live-tested here;
+`bench engines install NAME...`: provision the CPU engines and the model (idempotent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from harness.cli._app import app
+
+__all__ = ["InstallConfig", "engines_table", "install", "run_install", "run_list"]
+
+engines_app = typer.Typer(
+    help="List engine adapters and what runs here; `bench engines install vllm llamacpp` installs the CPU engines.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(engines_app, name="engines")
+
+# the install components each engine needs (names of adapters.install)
+_COMPONENTS = {"vllm": ("model", "model-hf", "vllm"), "llamacpp": ("model", "llamacpp")}
+
+
+@dataclass(frozen=True)
+class InstallConfig:
+    engines: tuple[str, ...]
+
+
+@engines_app.callback()
+def engines(ctx: typer.Context) -> None:
+    """Every engine adapter: hardware it needs, installed here or not (why not), runnable here, live-tested here."""
+    if ctx.invoked_subcommand is None:
+        run_list()
+
+
+@engines_app.command("install")
+def install(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Engines to install (default: vllm llamacpp).", show_default=False),
+    ] = None,
+) -> None:
+    """Install the CPU engines (vLLM CPU build, llama.cpp's llama-server) and the model they serve."""
+    run_install(InstallConfig(tuple(names or ("vllm", "llamacpp"))))
+
+
+def engines_table() -> list[dict[str, Any]]:
+    """One row per adapter (the data behind the table; tests call this)."""
+    from adapters import registry
+
+    tested = registry.live_tests()
+    rows: list[dict[str, Any]] = []
+    for name, adapter in registry.adapters().items():
+        avail = registry.availability(adapter)
+        live = tested.get(name)
+        rows.append(
+            {
+                "engine": name,
+                "display_name": adapter.info.display_name,
+                "hardware": list(adapter.info.hardware),
+                "hardware_here": avail.hardware_ok,
+                "installed": avail.installed,
+                "runnable": avail.runnable,
+                "reason": avail.reason,
+                "live_tested": live,
+                "maintenance": adapter.info.maintenance,
+            }
+        )
+    for module, error in registry.broken().items():
+        rows.append(
+            {
+                "engine": module,
+                "display_name": f"adapters/{module}.py",
+                "hardware": [],
+                "hardware_here": False,
+                "installed": False,
+                "runnable": False,
+                "reason": f"adapter module does not import: {error}",
+                "live_tested": None,
+                "maintenance": "",
+            }
+        )
+    return rows
+
+
+def run_list() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Engines", title_justify="left")
+    for col in ("engine", "hardware", "installed here", "runnable here", "live-tested here", "maintenance"):
+        table.add_column(col, overflow="fold")
+    yes, no = "[green]yes[/]", "[red]no[/]"
+    for row in engines_table():
+        live = row["live_tested"]
+        live_text = (
+            f"{'[green]passed[/]' if live['passed'] else '[red]failed[/]'} {live['when'][:10]} ({live['version']})"
+            if live
+            else "never"
+        )
+        installed = (yes if row["installed"] else no) + f"\n[dim]{row['reason']}[/]"
+        table.add_row(
+            f"{row['engine']}\n[dim]{row['display_name']}[/]",
+            ", ".join(row["hardware"]),
+            installed,
+            yes if row["runnable"] else no,
+            live_text,
+            row["maintenance"],
+        )
+    Console().print(table)
+
+
+def run_install(config: InstallConfig) -> None:
+    from rich.console import Console
+
+    from adapters import install as installer
+    from harness.errors import ConfigError
+
+    unknown = [e for e in config.engines if e not in _COMPONENTS]
+    if unknown:
+        raise ConfigError(
+            f"cannot install {', '.join(unknown)} here: `bench engines install` knows {', '.join(_COMPONENTS)}; "
+            "benchmark other engines where they run with --endpoint NAME=http://HOST:PORT"
+        )
+    components: list[str] = []
+    for engine in config.engines:
+        components += [c for c in _COMPONENTS[engine] if c not in components]
+    console = Console()
+    for name in components:
+        status = installer.status(name)
+        console.print(
+            f"{name}: {'[green]installed[/]' if status.installed else '[yellow]missing[/]'} {status.detail}"
+        )
+    todo = [c for c in components if not installer.status(c).installed]
+    if not todo:
+        console.print("[green]everything is installed[/]")
+        return
+    with console.status(f"installing {', '.join(todo)}") as spinner:
+
+        def progress(message: str) -> None:
+            console.print(f"  {message}", highlight=False)
+            spinner.update(message)
+
+        installer.install(todo, progress)
+    for name in components:
+        status = installer.status(name)
+        console.print(
+            f"{name}: {'[green]installed[/]' if status.installed else '[red]missing[/]'} {status.detail}"
+        )

@@ -1,0 +1,162 @@
+"""`bench run`: benchmark engines (launched here or attached) on a workload across load points."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from harness.cli._app import app
+
+__all__ = ["run"]
+
+
+def _api_key(env_name: str | None, key_file: Path | None) -> str | None:
+    from harness.errors import ConfigError
+
+    if key_file is not None:
+        try:
+            return key_file.read_text().strip() or None
+        except OSError as e:
+            raise ConfigError(
+                f"--api-key-file {key_file}: cannot read it ({e.strerror}); check the path"
+            ) from None
+    if env_name:
+        value = os.environ.get(env_name)
+        if not value:
+            raise ConfigError(f"--api-key-env {env_name}: that environment variable is not set or empty")
+        return value
+    return None
+
+
+def _overrides(items: list[str]) -> dict[str, object]:
+    import yaml
+
+    from harness.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: write it as FIELD=VALUE, e.g. --set output_tokens=64")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def run(
+    engines: Annotated[
+        str | None, typer.Option(help="Engines to launch here, comma-separated (see `bench engines`).")
+    ] = None,
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="Attach to a running server: NAME=URL (repeatable), e.g. vllm=http://host:8000."),
+    ] = None,
+    workload: Annotated[str, typer.Option(help="Built-in workload name or a workload YAML file.")] = "chat",
+    concurrency: Annotated[
+        str | None, typer.Option(help="Closed-loop load points: concurrent streams, e.g. 1,8,32.")
+    ] = None,
+    rate: Annotated[str | None, typer.Option(help="Open-loop load points: requests/s, e.g. 2,4,8.")] = None,
+    arrival: Annotated[str, typer.Option(help="Open-loop arrivals: constant, poisson or gamma.")] = "poisson",
+    burstiness: Annotated[float, typer.Option(help="Gamma shape: 1 is Poisson, below 1 burstier.")] = 1.0,
+    requests: Annotated[
+        int | None, typer.Option(help="Measured requests per load point (default 40 unless --duration).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Measurement window per load point, seconds.")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Warm-up requests per point, excluded from statistics.")] = 4,
+    cooldown: Annotated[
+        int, typer.Option(help="Cool-down requests per point, excluded from statistics.")
+    ] = 0,
+    error_budget: Annotated[
+        float | None, typer.Option(help="Stop a point early when this fraction of requests fail, e.g. 0.2.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the workload and arrival schedules.")] = 0,
+    slo: Annotated[
+        str | None, typer.Option(help="SLO for goodput, e.g. ttft_p95=200ms,tpot_p95=50ms,e2e_p99=2s.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory to write (default runs/TIME-WORKLOAD).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a workload field: FIELD=VALUE (repeatable).")
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option(help="Stream responses (SSE); --no-stream for whole responses.")
+    ] = True,
+    stall_timeout: Annotated[
+        float, typer.Option(help="Fail a request after this many seconds without a byte.")
+    ] = 60.0,
+    request_timeout: Annotated[
+        float, typer.Option(help="Fail a request after this many seconds in all.")
+    ] = 600.0,
+    ready_timeout: Annotated[
+        float, typer.Option(help="Seconds a launched engine may take to become ready.")
+    ] = 600.0,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the endpoint's API key (never written out)."),
+    ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File holding the endpoint's API key.")] = None,
+) -> None:
+    """Launch or attach to each engine, replay the workload at each load point, and write a run directory."""
+    from rich.console import Console
+
+    from harness.orchestrate import RunConfig, default_out, execute, parse_engines
+    from harness.runner import StopRule
+    from harness.slo import parse_slo
+    from harness.summary import render_table
+    from workloads.arrival import parse_sweep
+
+    choices = parse_engines(engines, endpoint or [])
+    if concurrency is None and rate is None:
+        concurrency = "4"
+    points = parse_sweep(concurrency, rate, "closed" if rate is None else arrival, burstiness, seed)
+    if requests is None and duration is None:
+        requests = 40
+    stop = StopRule(
+        requests=requests,
+        duration_s=duration,
+        error_budget=error_budget,
+        warmup=warmup,
+        cooldown=cooldown,
+        stall_timeout_s=stall_timeout,
+        request_timeout_s=request_timeout,
+    )
+    cfg = RunConfig(
+        engines=choices,
+        workload=workload,
+        points=tuple(points),
+        stop=stop,
+        out=out or default_out(workload),
+        seed=seed,
+        slo=parse_slo(slo),
+        overrides=_overrides(set_ or []),
+        stream=stream,
+        ready_timeout_s=ready_timeout,
+        api_key=_api_key(api_key_env, api_key_file),
+        command=tuple(sys.argv),
+    )
+    console = Console(stderr=True, log_path=False)
+    result = execute(cfg, lambda msg: console.log(msg, highlight=False, markup=False))
+    out_console = Console(width=max(Console().width, 140)) if not Console().is_terminal else Console()
+    if result.summary is not None and result.summary.points:
+        out_console.print(render_table(result.summary))
+        for p in result.summary.points:
+            for r in p.verdict.reasons:
+                out_console.print(
+                    f"[red]{p.engine} {p.point} INVALID:[/] {r.message} → {r.recommendation}", highlight=False
+                )
+    for e in result.engines:
+        if e.status != "ran":
+            first, _, rest = e.reason.partition("\n")
+            out_console.print(f"[yellow]{e.name} {e.status}:[/] {first}", highlight=False, markup=True)
+            if rest and e.status == "failed":
+                out_console.print(rest, highlight=False, markup=False)
+    out_console.print(f"run directory: {result.run_dir}", highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)

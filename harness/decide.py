@@ -1,0 +1,480 @@
+"""`bench decide`: the I/O around the matrix. Reads run directories, data files and user files; writes the decision.
+
+Reading: manifests through `harness.rundir.RunDir`; `summary.json` as raw JSON (schema-checked) so fields the
+strict Summary model does not carry yet — telemetry `memory` — still reach the matrix. Everything else is the pure
+functions in `matrix/`. The decision JSON (`kind: "decision"`) is self-describing: inputs, criteria and rules,
+weights, per-criterion raw value + score + rule, ranking, sensitivity, capacity, cost, plan and warnings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import BenchError, CompareError, ConfigError, SchemaError
+from matrix.capacity import Capacity, Traffic, capacity, parse_slo, replicas_for
+from matrix.cost import PriceTable, cost_of, parse_prices
+from matrix.criteria import CRITERIA, raw_values
+from matrix.inputs import EngineInfo, Point, classify_workload
+from matrix.knowledge import Knowledge, merge_knowledge, parse_knowledge
+from matrix.plan import make_plan, parse_plan
+from matrix.profiles import parse_profiles, parse_weights
+from matrix.scoring import RULES, score_all
+from matrix.sensitivity import sensitivity
+
+__all__ = [
+    "DECISION_SCHEMA_VERSION",
+    "DecideConfig",
+    "decide",
+    "load_run",
+    "read_data_file",
+    "render",
+    "write_json",
+]
+
+DECISION_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DecideConfig:
+    run_dirs: tuple[Path, ...]
+    profile: str | None = None
+    weights_file: Path | None = None
+    plan_file: Path | None = None
+    json_out: Path | None = None
+    knowledge_file: Path | None = None
+    prices_file: Path | None = None
+    instance: str | None = None
+    target: Traffic | None = None
+    tie_margin: float = 0.1
+
+
+def read_data_file(path: Path, what: str) -> Any:
+    """A YAML or JSON file (JSON is YAML) → Python data; a clear one-line error when missing or malformed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; check the path") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} {path} is not valid YAML/JSON{where}; fix the syntax") from None
+
+
+def _builtin(name: str) -> Any:
+    # Next to the matrix modules (not importlib.resources: an editable install can make `matrix` a namespace).
+    import matrix.knowledge
+
+    return yaml.safe_load(
+        (Path(matrix.knowledge.__file__).parent / "data" / name).read_text(encoding="utf-8")
+    )
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json as a dict (swap for harness.rundir's reader once it carries every field the matrix reads)."""
+    from harness.rundir import check_schema
+
+    path = run_dir / "summary.json"
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BenchError(f"{path} is missing; run `bench summarize {run_dir}` first") from None
+    except json.JSONDecodeError as e:
+        raise SchemaError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged"
+        ) from None
+    check_schema(obj, str(path))
+    if obj.get("kind") != "summary" or not isinstance(obj.get("points"), list):
+        raise SchemaError(f"{path} is not a summary (kind {obj.get('kind')!r}, or no points list)")
+    return obj
+
+
+def _memory_peak(mem: Any) -> float | None:
+    """Peak memory in bytes from a PointSummary `memory` block, whatever its detail; None when absent."""
+    if isinstance(mem, int | float) and not isinstance(mem, bool):
+        return float(mem)
+    if not isinstance(mem, Mapping):
+        return None
+    for key in ("peak_bytes", "max_bytes", "rss_max_bytes", "peak_rss_bytes", "max"):
+        value = mem.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    for key in ("rss_bytes", "rss", "used_bytes", "gpu_used_bytes"):
+        value = _memory_peak(mem.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _platform(manifest: Mapping[str, Any]) -> str:
+    host = manifest.get("host") or {}
+    gpus = host.get("gpus") or manifest.get("gpus") or []
+    if isinstance(gpus, list) and gpus and isinstance(gpus[0], Mapping):
+        return str(gpus[0].get("vendor", "nvidia")).lower()
+    return "cpu"
+
+
+def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, Any], dict[str, Any]]:
+    """(points, engines, slo, description) of one run directory."""
+    from harness.rundir import RunDir
+
+    rd = RunDir.open(run_dir)
+    manifest = rd.load_manifest().model_dump(mode="json") if rd.has_manifest() else {}
+    summary = _read_summary(run_dir)
+    workload = manifest.get("workload") or {}
+    wname = str(workload.get("name") or "unknown")
+    role = classify_workload(wname, workload.get("params") or {})
+    platform = _platform(manifest)
+    points: list[Point] = []
+    for p in summary["points"]:
+        load = p.get("load") or {}
+        verdict = p.get("verdict") or {}
+        reasons = tuple(
+            str(r.get("code", r) if isinstance(r, Mapping) else r) for r in (verdict.get("reasons") or [])
+        )
+        value = load.get("value")
+        points.append(
+            Point(
+                engine=str(p["engine"]),
+                point=str(p["point"]),
+                workload=wname,
+                role=role,
+                load_kind=str(load.get("kind", "concurrency")),
+                load_value=float(value) if value is not None else math.nan,
+                valid=verdict.get("status") == "VALID",
+                invalid_reasons=reasons,
+                run_id=str(summary.get("run_id", "")),
+                workload_fingerprint=str(p.get("workload_fingerprint") or workload.get("fingerprint") or ""),
+                measured_requests=(p.get("requests") or {}).get("measured"),
+                requests_per_s=p.get("requests_per_s"),
+                input_tokens_per_s=p.get("input_tokens_per_s"),
+                output_tokens_per_s=p.get("output_tokens_per_s"),
+                goodput_requests_per_s=(p.get("goodput") or {}).get("requests_per_s"),
+                error_rate=p.get("error_rate"),
+                latency_ms={
+                    m: {k: v for k, v in (p.get(f"{m}_ms") or {}).items() if isinstance(v, int | float)}
+                    for m in ("ttft", "tpot", "itl", "e2e")
+                },
+                memory_peak_bytes=_memory_peak(p.get("memory")),
+                closed_loop=bool(load.get("closed_loop", load.get("kind") == "concurrency")),
+            )
+        )
+    engines = [
+        EngineInfo(
+            name=str(e.get("name")),
+            adapter=str(e.get("adapter") or e.get("name") or ""),
+            cold_start_s=e.get("cold_start_s"),
+            platform=platform,
+            version=e.get("version"),
+            config=e.get("config") or {},
+        )
+        for e in manifest.get("engines") or []
+        if e.get("name")
+    ]
+    slo = dict(summary.get("slo") or manifest.get("slo") or {})
+    description = {
+        "dir": str(run_dir),
+        "run_id": summary.get("run_id"),
+        "workload": wname,
+        "role": role,
+        "fingerprint": workload.get("fingerprint"),
+        "engines": sorted({p.engine for p in points}),
+        "platform": platform,
+        "slo": slo,
+        "status": manifest.get("status"),
+    }
+    return points, engines, slo, description
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _weights(config: DecideConfig, warnings: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+    profiles_doc = _builtin("profiles.yaml")
+    profiles = parse_profiles(profiles_doc)
+    if config.weights_file is not None:
+        if config.profile is not None:
+            warnings.append(f"--weights {config.weights_file} given: profile {config.profile} ignored")
+        weights = parse_weights(read_data_file(config.weights_file, "weights file"), str(config.weights_file))
+        return weights, {"name": None, "weights_file": str(config.weights_file)}
+    name = config.profile or str(profiles_doc.get("default", next(iter(profiles))))
+    if name not in profiles:
+        raise ConfigError(f"unknown profile {name!r}; choose one of: {', '.join(profiles)}")
+    return dict(profiles[name].weights), {"name": name, "description": profiles[name].description}
+
+
+def _capacity_rows(
+    points: Sequence[Point],
+    infos: Mapping[str, Sequence[EngineInfo]],
+    slos: Mapping[str, Mapping[str, float]],
+    prices: PriceTable,
+    config: DecideConfig,
+) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str], list[Point]] = defaultdict(list)
+    for p in points:
+        groups[(p.engine, p.workload)].append(p)
+    rows: list[dict[str, Any]] = []
+    for (engine, workload), pts in sorted(groups.items()):
+        slo = slos.get(workload, {})
+        cap: Capacity = capacity(pts, slo)
+        row: dict[str, Any] = {
+            "capacity": _jsonable(cap),
+            "replicas": None,
+            "cost": None,
+            "extrapolated": False,
+        }
+        if not slo:
+            row["note"] = "no SLO in this run: capacity is the heaviest valid point"
+        if cap.requests_per_s:
+            platform = infos[engine][0].platform if infos.get(engine) else "cpu"
+            inst = prices.for_platform(platform, config.instance)
+            reps = replicas_for(cap, config.target) if config.target else None
+            n = reps.replicas if reps and reps.replicas else 1
+            row["cost"] = _jsonable(cost_of(cap, n, inst, prices.hours_per_month))
+            if reps is not None:
+                row["replicas"] = _jsonable(reps)
+                row["extrapolated"] = reps.extrapolated
+        rows.append(row)
+    return rows
+
+
+def decide(config: DecideConfig) -> dict[str, Any]:
+    """The whole decision as a JSON-ready dict (and written to `config.json_out` when set)."""
+    if not config.run_dirs:
+        raise ConfigError("no run directory given; pass one or more directories written by `bench run`")
+    warnings: list[str] = []
+    weights, profile = _weights(config, warnings)
+    knowledge: Knowledge = parse_knowledge(_builtin("knowledge.yaml"), "builtin knowledge")
+    if config.knowledge_file is not None:
+        user = parse_knowledge(
+            read_data_file(config.knowledge_file, "knowledge file"), str(config.knowledge_file)
+        )
+        knowledge = merge_knowledge(knowledge, user)
+    prices = parse_prices(_builtin("gpu_prices.yaml"), "builtin prices")
+    if config.prices_file is not None:
+        prices = parse_prices(read_data_file(config.prices_file, "price table"), str(config.prices_file))
+    use_cases = (
+        parse_plan(read_data_file(config.plan_file, "plan file"), str(config.plan_file))
+        if config.plan_file
+        else None
+    )
+
+    points: list[Point] = []
+    infos: dict[str, list[EngineInfo]] = defaultdict(list)
+    slos: dict[str, dict[str, float]] = {}
+    runs: list[dict[str, Any]] = []
+    fingerprints: dict[str, tuple[str, str]] = {}
+    for run_dir in config.run_dirs:
+        pts, engines, slo, desc = load_run(Path(run_dir))
+        fp = str(desc.get("fingerprint") or "")
+        seen = fingerprints.get(desc["workload"])
+        if seen and fp and seen[0] and seen[0] != fp:
+            raise CompareError(
+                f"workload {desc['workload']!r} has fingerprint {fp} in {run_dir} but {seen[0]} in {seen[1]}: "
+                "results of different workload versions are never compared; decide on runs of one version"
+            )
+        fingerprints.setdefault(desc["workload"], (fp, str(run_dir)))
+        points.extend(pts)
+        for e in engines:
+            infos[e.name].append(e)
+        if slo:
+            slos.setdefault(desc["workload"], parse_slo(slo, f"SLO of {run_dir}"))
+        runs.append(desc)
+    for engine in sorted({p.engine for p in points}):
+        bad = [p for p in points if p.engine == engine and not p.valid]
+        if bad:
+            why = sorted({r for p in bad for r in p.invalid_reasons}) or ["no reason given"]
+            warnings.append(f"{engine}: {len(bad)} INVALID point(s) ignored ({', '.join(why)})")
+    for engine in sorted({p.engine for p in points} - {p.engine for p in points if p.valid}):
+        warnings.append(f"{engine}: no VALID point: left out of the ranking (and never assigned in a plan)")
+    if not any(p.valid for p in points):
+        warnings.append("no VALID point in any run: measured criteria are all missing")
+
+    raw = raw_values(points, infos, knowledge)
+    ranking = score_all(raw, weights)
+    for r in ranking:
+        if r.missing:
+            warnings.append(
+                f"{r.engine}: no data for {', '.join(r.missing)}; left out of its total and the remaining weights "
+                f"renormalized ({r.weight_used:.0%} of the weight had data)"
+            )
+        facts = knowledge.lookup(*(i.adapter for i in infos.get(r.engine, ())), r.engine)
+        if facts and facts.status in ("maintenance", "archived", "stale"):
+            warnings.append(
+                f"{r.engine}: upstream status is {facts.status} ({facts.scores.get('ecosystem', None) and facts.scores['ecosystem'].why})"
+            )
+    sens = sensitivity(ranking, weights, config.tie_margin)
+    plan = make_plan(use_cases, points, infos, knowledge, prices, config.instance) if use_cases else None
+    if plan is not None:
+        for a in plan.assignments:
+            if a.status == "unservable":
+                warnings.append(f"use case {a.use_case.name}: {a.note}")
+    decision: dict[str, Any] = {
+        "schema_version": DECISION_SCHEMA_VERSION,
+        "kind": "decision",
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "inputs": {
+            "runs": runs,
+            "knowledge": knowledge.origin,
+            "prices": prices.origin,
+            "plan": str(config.plan_file) if config.plan_file else None,
+            "instance": config.instance,
+            "target": _jsonable(config.target) if config.target else None,
+        },
+        "criteria": [_jsonable(c) for c in CRITERIA],
+        "rules": RULES,
+        "profile": profile,
+        "weights": weights,
+        "scores": [
+            {
+                "engine": r.engine,
+                "total": r.total,
+                "missing": list(r.missing),
+                "weight_used": r.weight_used,
+                "renormalized": bool(r.missing),
+                "criteria": {c: _jsonable(s) for c, s in r.scores.items()},
+            }
+            for r in ranking
+        ],
+        "ranking": [r.engine for r in ranking if r.total is not None],
+        "winner": sens.winner,
+        "sensitivity": _jsonable(sens),
+        "capacity": _capacity_rows(points, infos, slos, prices, config),
+        "prices": {n: _jsonable(i) for n, i in prices.instances.items()},
+        "plan": _jsonable(plan) if plan is not None else None,
+        "warnings": warnings,
+    }
+    if config.json_out is not None:
+        write_json(decision, config.json_out)
+    return decision
+
+
+def write_json(decision: Mapping[str, Any], path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(decision, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
+        )
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render(decision: Mapping[str, Any], console: Any) -> None:
+    """Rich tables: scores, sensitivity, capacity and cost, plan, warnings."""
+    from rich.table import Table
+
+    profile = decision["profile"].get("name") or decision["profile"].get("weights_file")
+    t = Table(title=f"Decision matrix — profile {profile}  (score 1–5, raw value below; — = missing)")
+    t.add_column("engine")
+    t.add_column("total", justify="right")
+    shown = [c["name"] for c in decision["criteria"] if decision["weights"].get(c["name"], 0) > 0]
+    for c in shown:
+        t.add_column(f"{c}\nw={decision['weights'][c]:.2f}", justify="right")
+    for row in decision["scores"]:
+        cells = [row["engine"] + (" *" if row["renormalized"] else ""), _fmt(row["total"])]
+        for c in shown:
+            s = row["criteria"][c]
+            cells.append(f"{_fmt(s['score'])}\n[dim]{_fmt(s['raw'])}[/]")
+        t.add_row(*cells)
+    console.print(t)
+    if any(r["renormalized"] for r in decision["scores"]):
+        console.print(
+            "[dim]* some criteria missing: excluded from the total, remaining weights renormalized[/]"
+        )
+    sens = decision["sensitivity"]
+    if sens["winner"]:
+        st = Table(title=f"Sensitivity — how far each weight must move before {sens['winner']} loses the top")
+        for col in ("criterion", "weight", "raise by", "→ challenger", "lower by", "→ challenger"):
+            st.add_column(col)
+        for w in sens["weights"]:
+            up, down = w["increase"], w["decrease"]
+            st.add_row(
+                w["criterion"],
+                f"{w['weight']:.3f}",
+                f"+{up['delta']:.3f} ({_fmt(up['relative'] and up['relative'] * 100, 3)}%)"
+                if up
+                else "never",
+                up["challenger"] if up else "",
+                f"{down['delta']:.3f} ({_fmt(down['relative'] and down['relative'] * 100, 3)}%)"
+                if down
+                else "never",
+                down["challenger"] if down else "",
+            )
+        console.print(st)
+        for engine, gap in sens["near_ties"]:
+            console.print(
+                f"[yellow]near tie:[/] {engine} is {gap:.3f} behind {sens['winner']} (margin {sens['margin']})"
+            )
+    ct = Table(title="Capacity under the run's SLO (one replica) and cost")
+    for col in ("engine", "workload", "sustained", "req/s", "how", "replicas", "$/month", "$/1M out tok"):
+        ct.add_column(col)
+    for row in decision["capacity"]:
+        cap, cost, reps = row["capacity"], row["cost"], row["replicas"]
+        how = "interpolated" if cap["interpolated"] else ("lower bound" if cap["lower_bound"] else "measured")
+        ct.add_row(
+            cap["engine"],
+            cap["workload"],
+            f"{cap['load_kind']}={_fmt(cap['sustained_load'])}"
+            if cap["sustained_load"] is not None
+            else "misses SLO",
+            _fmt(cap["requests_per_s"]),
+            how,
+            _fmt(reps and reps["replicas"]) + (" (extrapolated)" if row["extrapolated"] else ""),
+            _fmt(cost and cost["usd_per_month"], 4),
+            _fmt(cost and cost["usd_per_1m_output_tokens"]),
+        )
+    console.print(ct)
+    plan = decision.get("plan")
+    if plan:
+        pt = Table(title="Hybrid plan")
+        for col in ("use case", "engine", "settings", "replicas", "$/month", "note"):
+            pt.add_column(col)
+        for a in plan["assignments"]:
+            ch = a["chosen"]
+            if ch is None:
+                pt.add_row(a["use_case"]["name"], "[red]none[/]", "", "", "", a["note"])
+                continue
+            settings = f"{ch['settings'].get('load_kind')}={_fmt(ch['settings'].get('load_per_replica'))}"
+            pt.add_row(
+                a["use_case"]["name"],
+                ch["engine"],
+                settings,
+                _fmt(ch["replicas"] and ch["replicas"]["replicas"]),
+                _fmt(ch["cost"]["usd_per_month"] if ch["cost"] else 0.0, 4),
+                ch["reason"],
+            )
+        console.print(pt)
+        console.print(plan["note"])
+    for w in decision["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if decision["winner"]:
+        console.print(f"[bold]winner:[/] {decision['winner']}")

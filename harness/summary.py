@@ -1,0 +1,371 @@
+"""Summaries: per load point statistics, goodput and verdict, rebuilt from a run directory's files alone.
+
+`summarize_point` is pure (records + metadata + events in, `PointSummary` out); `summarize_run` reads a run
+directory; `rebuild_summary` also writes `summary.json`; `render_table` draws the table `bench summarize` and
+`bench run` print. Shape: docs/run-directory.md; definitions: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness import metrics
+from harness.metrics import LatencyStats, stats_ms
+from harness.records import RequestRecord
+from harness.rundir import SCHEMA_VERSION, Manifest, RunDir
+from harness.slo import Goodput, Slo, goodput
+from harness.verdict import PointChecks, Verdict, VerdictPolicy, judge
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+__all__ = [
+    "ClientCpu",
+    "LoadInfo",
+    "PointMeta",
+    "PointSummary",
+    "RequestCounts",
+    "Summary",
+    "point_meta",
+    "rebuild_summary",
+    "render_table",
+    "summarize_point",
+    "summarize_run",
+]
+
+
+class LoadInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: str  # "concurrency" | "rate" (open to new kinds)
+    value: float | None = None
+    arrival: str | None = None  # "closed", "poisson", "constant", "trace", ...
+    closed_loop: bool
+
+
+class PointMeta(BaseModel):
+    """What a point was, besides its records: from the manifest and the point's events."""
+
+    model_config = ConfigDict(frozen=True)
+
+    engine: str
+    point: str
+    workload_fingerprint: str | None = None
+    load: LoadInfo
+
+
+class RequestCounts(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    total: int
+    measured: int
+    ok: int
+    failed: int
+    warmup: int
+    cooldown: int
+
+
+class ClientCpu(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    mean_util: float | None = None  # fraction of one core
+    max_util: float | None = None
+    saturated: bool | None = None
+
+
+class PointSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    engine: str
+    point: str
+    workload_fingerprint: str | None
+    load: LoadInfo
+    duration_s: float | None
+    requests: RequestCounts
+    errors: dict[str, int]
+    error_rate: float | None
+    ttft_ms: LatencyStats
+    itl_ms: LatencyStats
+    tpot_ms: LatencyStats
+    e2e_ms: LatencyStats
+    send_lag_ms: LatencyStats
+    requests_per_s: float | None
+    input_tokens_per_s: float | None
+    output_tokens_per_s: float | None
+    total_tokens_per_s: float | None
+    goodput: Goodput | None
+    token_sources: dict[str, int]
+    input_token_sources: dict[str, int]
+    client_cpu: ClientCpu | None
+    stop_reason: str | None = None
+    checks: PointChecks
+    verdict: Verdict
+
+
+class Summary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["summary"] = "summary"
+    run_id: str
+    generated_by: str
+    slo: dict[str, float] = Field(default_factory=dict)
+    policy: VerdictPolicy = Field(default_factory=VerdictPolicy)
+    points: list[PointSummary]
+    notes: list[str] = Field(default_factory=list)
+
+
+def _rate(n: int, span: float | None) -> float | None:
+    return n / span if span and span > 0 else None
+
+
+def _span_rate(times: Sequence[float]) -> float | None:
+    """Events per second over a sequence of times: (n − 1) / (last − first)."""
+    if len(times) < 2:
+        return None
+    return _rate(len(times) - 1, max(times) - min(times))
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _input_tokens(rec: RequestRecord) -> tuple[int | None, str]:
+    if rec.prompt_tokens is not None:
+        return rec.prompt_tokens, rec.token_source if rec.token_source != "none" else "reported"
+    if rec.expected_input_tokens is not None:
+        return rec.expected_input_tokens, "workload"
+    return None, "none"
+
+
+def summarize_point(
+    records: Iterable[RequestRecord],
+    meta: PointMeta,
+    events: Iterable[Mapping[str, Any]] = (),
+    *,
+    slo: Slo | None = None,
+    policy: VerdictPolicy | None = None,
+) -> PointSummary:
+    """Statistics, goodput and verdict of one load point. Only `phase == "measure"` records enter statistics."""
+    recs = list(records)
+    measured = [r for r in recs if r.phase == "measure"]
+    ok = [r for r in measured if r.ok]
+    failed = [r for r in measured if not r.ok]
+    errors: dict[str, int] = dict(Counter(str(r.status) for r in failed))
+    cancelled = errors.get("cancelled", 0)
+    completed = len(measured) - cancelled
+    error_rate = (len(failed) - cancelled) / completed if completed else None
+
+    starts = [r.scheduled for r in measured]
+    ends = [r.done for r in measured if r.done is not None]
+    duration = max(ends) - min(starts) if starts and ends and max(ends) > min(starts) else None
+
+    out_counts = [metrics.output_tokens(r) for r in ok]
+    out_tokens = sum(c.value for c in out_counts)
+    inputs = [_input_tokens(r) for r in ok]
+    in_tokens = sum(n for n, _ in inputs if n is not None)
+
+    lat = {
+        "ttft": stats_ms(metrics.ttft(r) for r in ok),
+        "itl": stats_ms(s for r in ok for s in metrics.itl_samples(r)),
+        "tpot": stats_ms(metrics.tpot(r) for r in ok),
+        "e2e": stats_ms(metrics.e2e(r) for r in ok),
+    }
+    send_lag = stats_ms(metrics.send_lag(r) for r in measured)
+
+    end_event: Mapping[str, Any] = {}
+    for ev in events:
+        if (
+            ev.get("kind") == "point_end"
+            and ev.get("engine") == meta.engine
+            and ev.get("point") == meta.point
+        ):
+            end_event = ev
+    cpu = ClientCpu.model_validate(end_event["client_cpu"]) if end_event.get("client_cpu") else None
+
+    server = [
+        (r.output_tokens, r.client_output_tokens or sum(r.chunk_tokens))
+        for r in ok
+        if r.token_source == "server_usage" and r.output_tokens
+    ]
+    pinned = [
+        (c.value, r.expected_output_tokens)
+        for r, c in zip(ok, out_counts, strict=True)
+        if r.expected_output_tokens
+    ]
+    checks = PointChecks(
+        measured=completed,
+        duration_s=duration,
+        closed_loop=meta.load.closed_loop,
+        scheduled_rate_per_s=_span_rate(starts),
+        achieved_rate_per_s=_span_rate([r.sent for r in measured if r.sent is not None]),
+        send_lag_p99_ms=send_lag.p99,
+        client_cpu_util=cpu.mean_util if cpu else None,
+        client_cpu_saturated=cpu.saturated if cpu else None,
+        error_rate=error_rate,
+        token_count_mismatch=_mean([abs(s - c) / s for s, c in server]),
+        output_length_mismatch=_mean([abs(a - e) / e for a, e in pinned]),
+        output_length_mismatched=sum(1 for a, e in pinned if a != e),
+    )
+    return PointSummary(
+        engine=meta.engine,
+        point=meta.point,
+        workload_fingerprint=meta.workload_fingerprint,
+        load=meta.load,
+        duration_s=duration,
+        requests=RequestCounts(
+            total=len(recs),
+            measured=len(measured),
+            ok=len(ok),
+            failed=len(failed),
+            warmup=sum(1 for r in recs if r.phase == "warmup"),
+            cooldown=sum(1 for r in recs if r.phase == "cooldown"),
+        ),
+        errors=errors,
+        error_rate=error_rate,
+        ttft_ms=lat["ttft"],
+        itl_ms=lat["itl"],
+        tpot_ms=lat["tpot"],
+        e2e_ms=lat["e2e"],
+        send_lag_ms=send_lag,
+        requests_per_s=_rate(len(ok), duration),
+        input_tokens_per_s=_rate(in_tokens, duration),
+        output_tokens_per_s=_rate(out_tokens, duration),
+        total_tokens_per_s=_rate(in_tokens + out_tokens, duration),
+        goodput=goodput(measured, duration, slo, lat) if slo else None,
+        token_sources=dict(Counter(c.source for c in out_counts)),
+        input_token_sources=dict(Counter(src for _, src in inputs)),
+        client_cpu=cpu,
+        stop_reason=end_event.get("stop_reason"),
+        checks=checks,
+        verdict=judge(checks, policy),
+    )
+
+
+def _parse_point_id(point: str) -> tuple[str | None, float | None]:
+    kind, eq, value = point.partition("=")
+    if not eq:
+        return None, None
+    try:
+        return kind.strip(), float(value)
+    except ValueError:
+        return kind.strip(), None
+
+
+def point_meta(
+    manifest: Manifest | None, engine: str, point: str, events: Iterable[Mapping[str, Any]] = ()
+) -> PointMeta:
+    """A point's metadata: its id ("rate=4"), the manifest's load and workload, and its `point_start` event."""
+    load = dict(manifest.load) if manifest else {}
+    fingerprint = manifest.workload.get("fingerprint") if manifest else None
+    kind, value = _parse_point_id(point)
+    info: dict[str, Any] = {
+        "kind": kind or load.get("kind") or "unknown",
+        "value": value,
+        "arrival": load.get("arrival"),
+    }
+    for ev in events:
+        if ev.get("kind") == "point_start" and ev.get("engine") == engine and ev.get("point") == point:
+            info.update({k: v for k, v in (ev.get("load") or {}).items() if k in LoadInfo.model_fields})
+            fingerprint = ev.get("workload_fingerprint", fingerprint)
+    if info.get("closed_loop") is None:
+        info["closed_loop"] = info["kind"] == "concurrency" or info.get("arrival") == "closed"
+    return PointMeta(engine=engine, point=point, workload_fingerprint=fingerprint, load=LoadInfo(**info))
+
+
+def _generated_by() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"enginebench {version('enginebench')}"
+    except PackageNotFoundError:
+        return "enginebench"
+
+
+def summarize_run(
+    path: Path | str, *, slo: Slo | None = None, policy: VerdictPolicy | None = None
+) -> Summary:
+    """The summary of a run directory, from records.jsonl (+ manifest.json and events.jsonl when present).
+
+    `slo` defaults to the manifest's; a truncated last line (a killed run) is skipped and noted in `notes`.
+    """
+    rd = RunDir.open(path)
+    notes: list[str] = []
+    manifest = rd.load_manifest() if rd.has_manifest() else None
+    if manifest is None:
+        notes.append("no manifest.json: load kind and workload fingerprint inferred from point ids")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = list(rd.iter_records())
+        events = list(rd.iter_events())
+    notes.extend(str(w.message) for w in caught)
+    if slo is None:
+        slo = Slo.from_dict(manifest.slo) if manifest else Slo()
+    policy = policy or VerdictPolicy()
+
+    groups: dict[tuple[str, str], list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault((r.engine, r.point), []).append(r)
+    points = [
+        summarize_point(recs, point_meta(manifest, engine, point, events), events, slo=slo, policy=policy)
+        for (engine, point), recs in groups.items()
+    ]
+    return Summary(
+        run_id=manifest.run_id if manifest else rd.path.name,
+        generated_by=_generated_by(),
+        slo=slo.to_dict(),
+        policy=policy,
+        points=points,
+        notes=notes,
+    )
+
+
+def rebuild_summary(
+    path: Path | str, *, slo: Slo | None = None, policy: VerdictPolicy | None = None
+) -> Summary:
+    """`summarize_run`, then write it as the directory's summary.json."""
+    summary = summarize_run(path, slo=slo, policy=policy)
+    RunDir(Path(path)).write_summary(summary)
+    return summary
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def render_table(summary: Summary) -> Table:
+    """One row per load point: requests, latency percentiles (ms), throughput, goodput and verdict."""
+    from rich.table import Table
+
+    table = Table(title=f"run {summary.run_id}", header_style="bold", pad_edge=False)
+    table.add_column("engine", overflow="fold")
+    table.add_column("point", overflow="fold")
+    headers = ("ok/\nfailed", "TTFT\np50", "TTFT\np95", "TTFT\np99", "ITL\np50", "TPOT\np50", "E2E\np95")
+    for name in (*headers, "out\ntok/s", "good-\nput/s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    for p in summary.points:
+        good = "–" if p.goodput is None else _f(p.goodput.requests_per_s, 2)
+        verdict = "[green]VALID[/]" if p.verdict.status == "VALID" else "[red]INVALID[/]"
+        table.add_row(
+            p.engine,
+            p.point,
+            f"{p.requests.ok}/{p.requests.failed}",
+            _f(p.ttft_ms.p50),
+            _f(p.ttft_ms.p95),
+            _f(p.ttft_ms.p99),
+            _f(p.itl_ms.p50),
+            _f(p.tpot_ms.p50),
+            _f(p.e2e_ms.p95),
+            _f(p.output_tokens_per_s),
+            good,
+            verdict,
+        )
+    table.caption = "latencies in ms over successful measured requests; goodput in good requests/s"
+    return table

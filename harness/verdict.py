@@ -1,0 +1,177 @@
+"""Every load point judges itself: VALID or INVALID, each reason with what to do about it.
+
+`judge(checks, policy)` is a pure function of the facts a summary measured about the point (`PointChecks`) and the
+thresholds (`VerdictPolicy`). The rules are stated in docs/metrics.md ("Verdict rules"); downstream (matrix, gate)
+refuses INVALID points.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness.errors import ConfigError
+
+__all__ = ["PointChecks", "Verdict", "VerdictPolicy", "VerdictReason", "judge", "load_policy"]
+
+ReasonCode = Literal[
+    "too_few_requests",
+    "too_short",
+    "rate_not_achieved",
+    "send_lag",
+    "client_cpu_saturated",
+    "error_rate",
+    "token_count_mismatch",
+    "output_length_mismatch",
+]
+
+
+class VerdictPolicy(BaseModel):
+    """Thresholds of the verdict rules (defaults in docs/metrics.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_requests: int = 30
+    min_duration_s: float = 10.0
+    min_send_rate_fraction: float = 0.95
+    max_send_lag_p99_ms: float = 10.0
+    max_client_cpu_util: float = 0.90
+    max_error_rate: float = 0.01
+    max_token_count_mismatch: float = 0.02
+    max_output_length_mismatch: float = 0.02
+
+
+def load_policy(path: Path) -> VerdictPolicy:
+    """A VerdictPolicy from a YAML or JSON file of thresholds (unknown keys refused)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read verdict policy {path}: {e}") from None
+    try:
+        return VerdictPolicy.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(
+            f"verdict policy {path}: {'.'.join(map(str, first['loc']))}: {first['msg']} "
+            f"(known keys: {', '.join(VerdictPolicy.model_fields)})"
+        ) from None
+
+
+class PointChecks(BaseModel):
+    """What the verdict looks at, as measured over the point's measured requests (None: not measurable)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    measured: int
+    duration_s: float | None
+    closed_loop: bool
+    scheduled_rate_per_s: float | None = None  # the rate the schedule asked for, over the measured requests
+    achieved_rate_per_s: float | None = None  # the rate the client actually sent them
+    send_lag_p99_ms: float | None = None
+    client_cpu_util: float | None = None  # mean, as a fraction of one core
+    client_cpu_saturated: bool | None = None
+    error_rate: float | None = None  # failed / measured, not counting requests cancelled by the run's end
+    token_count_mismatch: float | None = (
+        None  # mean |server − client| / server over requests with server usage
+    )
+    output_length_mismatch: float | None = (
+        None  # mean |actual − expected| / expected over pinned-length requests
+    )
+    output_length_mismatched: int = 0  # requests whose output length differs from the pinned length
+
+
+class VerdictReason(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: ReasonCode
+    message: str
+    recommendation: str
+
+
+class Verdict(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    status: Literal["VALID", "INVALID"]
+    reasons: list[VerdictReason] = []
+    recommendation: str = ""
+
+
+_CLIENT = "the client cannot keep up: lower --rate or use more client processes"
+
+
+def _run_longer(c: PointChecks, p: VerdictPolicy) -> str:
+    rate = c.measured / c.duration_s if c.duration_s and c.measured else None
+    n = max(p.min_requests, math.ceil(rate * p.min_duration_s) if rate else 0)
+    s = max(p.min_duration_s, math.ceil(p.min_requests / rate) if rate else 0)
+    return f"run longer: --requests {n} / --duration {s:g}"
+
+
+def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
+    p = p or VerdictPolicy()
+    reasons: list[VerdictReason] = []
+
+    def fail(code: ReasonCode, message: str, recommendation: str) -> None:
+        reasons.append(VerdictReason(code=code, message=message, recommendation=recommendation))
+
+    if c.measured < p.min_requests:
+        fail(
+            "too_few_requests",
+            f"{c.measured} measured requests (< {p.min_requests})",
+            _run_longer(c, p),
+        )
+    if c.duration_s is None or c.duration_s < p.min_duration_s:
+        got = "no duration" if c.duration_s is None else f"{c.duration_s:.1f} s"
+        fail("too_short", f"measured for {got} (< {p.min_duration_s:g} s)", _run_longer(c, p))
+    if (
+        not c.closed_loop
+        and c.scheduled_rate_per_s
+        and c.achieved_rate_per_s is not None
+        and c.achieved_rate_per_s < p.min_send_rate_fraction * c.scheduled_rate_per_s
+    ):
+        fail(
+            "rate_not_achieved",
+            f"sent {c.achieved_rate_per_s:.2f} req/s of the {c.scheduled_rate_per_s:.2f} req/s scheduled "
+            f"(< {p.min_send_rate_fraction:.0%})",
+            _CLIENT,
+        )
+    if c.send_lag_p99_ms is not None and c.send_lag_p99_ms > p.max_send_lag_p99_ms:
+        fail(
+            "send_lag",
+            f"p99 send lag {c.send_lag_p99_ms:.1f} ms (> {p.max_send_lag_p99_ms:g} ms): requests left late",
+            _CLIENT,
+        )
+    saturated = c.client_cpu_saturated
+    if saturated is None and c.client_cpu_util is not None:
+        saturated = c.client_cpu_util > p.max_client_cpu_util
+    if saturated:
+        util = "" if c.client_cpu_util is None else f" (mean {c.client_cpu_util:.0%} of a core)"
+        fail("client_cpu_saturated", f"client CPU saturated{util}", _CLIENT)
+    if c.error_rate is not None and c.error_rate > p.max_error_rate:
+        fail(
+            "error_rate",
+            f"error rate {c.error_rate:.1%} (> {p.max_error_rate:.1%})",
+            "inspect errors by kind in records.jsonl (status, error, http_status)",
+        )
+    if c.token_count_mismatch is not None and c.token_count_mismatch > p.max_token_count_mismatch:
+        fail(
+            "token_count_mismatch",
+            f"server usage and streamed chunks disagree on output tokens by {c.token_count_mismatch:.1%} "
+            f"on average (> {p.max_token_count_mismatch:.0%})",
+            "chunks carry several tokens or the stream drops some: ITL from chunks is unreliable; "
+            "check the adapter's tokens-per-chunk and whether the engine streams usage",
+        )
+    if c.output_length_mismatch is not None and c.output_length_mismatch > p.max_output_length_mismatch:
+        fail(
+            "output_length_mismatch",
+            f"{c.output_length_mismatched} requests' output length differs from the pinned length "
+            f"(mean {c.output_length_mismatch:.1%} off, > {p.max_output_length_mismatch:.0%})",
+            "engine may not honour ignore_eos; compare engines on tokens/s and TPOT, not on requests/s or E2E, "
+            "or pin lengths another way (min_tokens)",
+        )
+    recommendation = "; ".join(dict.fromkeys(r.recommendation for r in reasons))
+    return Verdict(status="INVALID" if reasons else "VALID", reasons=reasons, recommendation=recommendation)

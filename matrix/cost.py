@@ -1,0 +1,127 @@
+"""Money: a price table of instances (user-editable, each price dated and sourced) and what a capacity costs.
+
+$/month = replicas × $/hour × hours_per_month (730 by default). Per-token prices are at the sustained capacity of
+one replica: $/1M output tokens charges the whole instance-hour to output tokens (the usual serving convention),
+$/1M input tokens likewise to input tokens, and $/1M tokens divides it over both. They are three views of one
+cost, not parts to be added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import ConfigError, SchemaError
+from matrix.capacity import Capacity
+
+__all__ = ["PRICES_SCHEMA_VERSION", "Cost", "Instance", "PriceTable", "cost_of", "parse_prices"]
+
+PRICES_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    name: str
+    platform: str  # "cpu" | "nvidia" | "amd"
+    usd_per_hour: float
+    source: str
+    date: str
+    accelerator: str = ""
+    accelerators: int = 0
+    pricing: str = "on-demand"
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable:
+    instances: Mapping[str, Instance]
+    defaults: Mapping[str, str]  # platform → instance name used to price runs measured on that platform
+    hours_per_month: float = 730.0
+    origin: str = "builtin"
+
+    def for_platform(self, platform: str, override: str | None = None) -> Instance:
+        name = override or self.defaults.get(platform)
+        if name is None:
+            raise ConfigError(
+                f"price table {self.origin} has no default instance for platform {platform!r}; "
+                "add one under `defaults:` or pass --instance"
+            )
+        if name not in self.instances:
+            raise ConfigError(
+                f"instance {name!r} is not in price table {self.origin}; known: {', '.join(self.instances)}"
+            )
+        return self.instances[name]
+
+
+def parse_prices(data: Any, origin: str = "builtin") -> PriceTable:
+    if not isinstance(data, Mapping) or data.get("schema_version") != PRICES_SCHEMA_VERSION:
+        got = data.get("schema_version") if isinstance(data, Mapping) else None
+        raise SchemaError(
+            f"price table {origin} has schema_version {got!r}; this EngineBench reads {PRICES_SCHEMA_VERSION}"
+        )
+    raw = data.get("instances")
+    if not isinstance(raw, Mapping) or not raw:
+        raise SchemaError(f"price table {origin} needs a non-empty `instances` mapping")
+    instances: dict[str, Instance] = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"price table {origin}: instance {name} must be a mapping")
+        missing = [k for k in ("platform", "usd_per_hour", "source", "date") if entry.get(k) in (None, "")]
+        if missing:
+            raise ConfigError(f"price table {origin}: instance {name} lacks {', '.join(missing)}")
+        price = entry["usd_per_hour"]
+        if not isinstance(price, int | float) or isinstance(price, bool) or price < 0:
+            raise ConfigError(f"price table {origin}: instance {name} usd_per_hour must be a number ≥ 0")
+        instances[str(name)] = Instance(
+            name=str(name),
+            platform=str(entry["platform"]).lower(),
+            usd_per_hour=float(price),
+            source=str(entry["source"]),
+            date=str(entry["date"]),
+            accelerator=str(entry.get("accelerator", "")),
+            accelerators=int(entry.get("accelerators", 0) or 0),
+            pricing=str(entry.get("pricing", "on-demand")),
+            note=str(entry.get("note", "")),
+        )
+    defaults = {str(k).lower(): str(v) for k, v in (data.get("defaults") or {}).items()}
+    for platform, name in defaults.items():
+        if name not in instances:
+            raise ConfigError(f"price table {origin}: default for {platform} names unknown instance {name!r}")
+    return PriceTable(instances, defaults, float(data.get("hours_per_month", 730.0)), origin)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    instance: str
+    usd_per_hour: float
+    replicas: int
+    usd_per_month: float
+    usd_per_1m_input_tokens: float | None
+    usd_per_1m_output_tokens: float | None
+    usd_per_1m_tokens: float | None
+    price_source: str
+    price_date: str
+
+
+def _per_million(usd_per_hour: float, tokens_per_s: float | None) -> float | None:
+    if not tokens_per_s or tokens_per_s <= 0:
+        return None
+    return usd_per_hour / (tokens_per_s * 3600.0) * 1e6
+
+
+def cost_of(cap: Capacity, replicas: int, instance: Instance, hours_per_month: float = 730.0) -> Cost:
+    both = None
+    if cap.input_tokens_per_s is not None or cap.output_tokens_per_s is not None:
+        both = (cap.input_tokens_per_s or 0.0) + (cap.output_tokens_per_s or 0.0)
+    return Cost(
+        instance=instance.name,
+        usd_per_hour=instance.usd_per_hour,
+        replicas=replicas,
+        usd_per_month=replicas * instance.usd_per_hour * hours_per_month,
+        usd_per_1m_input_tokens=_per_million(instance.usd_per_hour, cap.input_tokens_per_s),
+        usd_per_1m_output_tokens=_per_million(instance.usd_per_hour, cap.output_tokens_per_s),
+        usd_per_1m_tokens=_per_million(instance.usd_per_hour, both),
+        price_source=instance.source,
+        price_date=instance.date,
+    )
