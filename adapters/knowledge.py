@@ -62,7 +62,7 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
     "sglang": EngineFacts(
         "sglang",
         ("sgl", "sglang-runtime"),
-        ("nvidia", "amd", "cpu", "tpu", "neuron"),
+        ("nvidia", "amd", "cpu", "tpu"),
         "active",
         "active (sgl-project/sglang; docs.sglang.io read 2026-11-24)",
         (
@@ -83,7 +83,7 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
     "lmdeploy": EngineFacts(
         "lmdeploy",
         ("turbomind",),
-        ("nvidia", "neuron"),
+        ("nvidia",),
         "active",
         "active (InternLM/lmdeploy snapshot, newest commit 2026-08-21)",
         (
@@ -130,7 +130,8 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ("nvidia", "amd", "intel-gpu", "gaudi", "neuron", "tpu"),
         "maintenance",
         "maintenance mode since 2025-12-11 (README banner, commit 'Maintenance mode (#3345)'); only minor fixes "
-        "accepted; HF recommends vLLM / SGLang instead",
+        "accepted; HF recommends vLLM / SGLang instead; newest commit in the snapshot read: 2026-01-08 (an archive "
+        "date was not confirmed by any source found)",
         (
             Fact(
                 "README: 'text-generation-inference is now in maintenance mode' (commit 2025-12-11, #3345)",
@@ -165,7 +166,7 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
     "mlc": EngineFacts(
         "mlc",
         ("mlc-llm", "mlc_llm"),
-        ("nvidia", "amd", "apple", "intel-gpu", "cpu"),
+        ("nvidia", "amd", "apple", "intel-gpu"),
         "active",
         "active but slow (mlc-ai/mlc-llm snapshot: last non-automated commit 2026-07-23)",
         (
@@ -182,7 +183,7 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
     "triton": EngineFacts(
         "triton",
         ("tritonserver", "triton-openai"),
-        ("nvidia", "cpu"),
+        ("nvidia",),
         "active",
         "active (triton-inference-server/server snapshot, newest commit 2026-08-19); OpenAI frontend is beta",
         (
@@ -200,7 +201,7 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
     "rayserve": EngineFacts(
         "rayserve",
         ("ray-serve-llm", "ray", "ray-serve"),
-        ("nvidia", "amd", "tpu", "cpu"),
+        ("nvidia", "amd", "tpu"),
         "active",
         "active (ray.serve.llm is alpha-stability public API; docs.ray.io read 2026-11-24)",
         (

@@ -77,7 +77,8 @@ def _check(cfg: EngineConfig) -> None:
 
 def launch_argv(cfg: EngineConfig) -> list[str]:
     _check(cfg)
-    return ["ollama", "serve"]  # `ollama serve` (docs/faq.mdx); everything else is environment
+    # `OLLAMA_CONTEXT_LENGTH=8192 ollama serve`: docs/faq.mdx (ollama snapshot 2026-08-21, read 2026-11-24)
+    return ["ollama", "serve"]  # everything else is environment
 
 
 def launch_env(cfg: EngineConfig) -> dict[str, str]:

@@ -28,7 +28,7 @@ _FACTS = ENGINE_FACTS["rayserve"]
 INFO = EngineInfo(
     name="rayserve",
     display_name="Ray Serve LLM",
-    hardware=("nvidia", "amd", "tpu", "cpu"),
+    hardware=("nvidia", "amd", "tpu"),
     honours_ignore_eos=True,
     honours_min_tokens=True,
     usage_in_stream=True,
@@ -109,6 +109,8 @@ def _spec(cfg: EngineConfig, host: str, model: str) -> str:
 
 
 def launch_argv(cfg: EngineConfig) -> list[str]:
+    # build_openai_app({"llm_configs": [llm_config]}); serve.run(app, blocking=True):
+    # docs.ray.io/en/latest/serve/llm/quick-start.html (read 2026-11-24)
     return ["python3", "-c", _SCRIPT, _spec(cfg, cfg.host, cfg.model)]
 
 
@@ -117,6 +119,8 @@ def launch_env(cfg: EngineConfig) -> dict[str, str]:
 
 
 def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
+    # No `docker run` line for Ray Serve LLM was found in Ray's docs (read 2026-11-24); the image name follows
+    # Ray's rayproject/* naming and is not verified: pin a tag you have pulled.
     from dataclasses import replace
 
     inner = replace(cfg, env=launch_env(cfg))

@@ -122,7 +122,8 @@ def _flags(cfg: EngineConfig, host: str, model: str, port: int) -> list[str]:
 
 
 def launch_argv(cfg: EngineConfig) -> list[str]:
-    # `text-generation-launcher --model-id $model` (README "Local install", TGI snapshot 2026-01-08)
+    # `text-generation-launcher --model-id mistralai/Mistral-7B-Instruct-v0.2` (README "Run locally", TGI snapshot
+    # 2026-01-08, read 2026-11-24)
     return ["text-generation-launcher", *_flags(cfg, cfg.host, cfg.model, cfg.port)]
 
 

@@ -27,7 +27,7 @@ _FACTS = ENGINE_FACTS["triton"]
 INFO = EngineInfo(
     name="triton",
     display_name="NVIDIA Triton (OpenAI frontend)",
-    hardware=("nvidia", "cpu"),
+    hardware=("nvidia",),
     honours_ignore_eos=True,  # vLLM backend; the TensorRT-LLM backend does not
     honours_min_tokens=True,
     usage_in_stream=True,
@@ -114,7 +114,8 @@ def launch_env(cfg: EngineConfig) -> dict[str, str]:
 
 def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
     # docker run -it --net=host --gpus all --rm -v ${HOME}/.cache/huggingface:/root/.cache/huggingface -e HF_TOKEN
-    # nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3; then python3 openai_frontend/main.py ... (README step 1-2)
+    # nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3; then python3 openai_frontend/main.py ... (python/openai/README.md
+    # steps 1-2, snapshot 2026-08-19, read 2026-11-24)
     from dataclasses import replace
 
     inner = replace(cfg, env=launch_env(cfg))

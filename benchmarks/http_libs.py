@@ -7,8 +7,10 @@ with its own streaming API, feeds `harness.sse.SSEParser`, parses every event wi
 `receive - send` for the first event of each read: that is the timing error the client adds (kernel + event loop +
 library). Client CPU is `time.process_time()` of the client process.
 
-Clients: `aiohttp` (readany), `httpx` (aiter_raw), `harness` (aiohttp through `harness.client.execute`, the real hot
-path with the codec), and `connect` (short requests, fresh connection vs keep-alive: the per-request cost).
+Clients: `aiohttp` (readany), `httpx` (aiter_raw), `harness` (`harness.runner.run_point`, closed loop, the real hot
+path with the codec; its error column is the inter-chunk gap minus the scripted interval), `harness-mpN` (the same in
+N worker processes; CPU is the sum over them), and the connection rows (short requests, fresh connection vs
+keep-alive: the per-request cost).
 
     .venv/bin/python benchmarks/http_libs.py --streams 32 --events 400 --interval-ms 5
 """
@@ -21,7 +23,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,10 @@ async def _serve_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 )
                 writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                 await writer.drain()
-            done = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":%d}}\n\ndata: [DONE]\n\n' % events
+            done = (
+                b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":%d}}\n\ndata: [DONE]\n\n'
+                % events
+            )
             writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -137,38 +142,59 @@ async def _httpx_client(url: str, body: bytes, streams: int, per: int, stats: _S
         await asyncio.gather(*(one() for _ in range(streams)))
 
 
-async def _harness_client(url: str, body: bytes, streams: int, per: int, stats: _Stats) -> None:
-    from adapters.base import HttpCall, StreamDelta
-    from adapters.openai import parse_openai_event, parse_openai_response
-    from harness.client import Target, execute, make_session, new_record, timeouts_for
+class BenchCodec:
+    """The OpenAI codec with a fixed body (module level: worker processes unpickle it)."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def build(self, spec: Any, model: str, stream: bool) -> Any:
+        from adapters.base import HttpCall
+
+        return HttpCall("POST", "/", self.params, stream)
+
+    def parse_event(self, data: bytes) -> Any:
+        from adapters.openai import parse_openai_event
+
+        return parse_openai_event(data)
+
+    def parse_response(self, body: bytes) -> Any:
+        from adapters.openai import parse_openai_response
+
+        return parse_openai_response(body)
+
+
+async def _harness_run(
+    url: str, body: bytes, streams: int, per: int, stats: _Stats, processes: int
+) -> tuple[float, float]:
+    """The real thing: `run_point` closed loop at `streams`; returns (client CPU seconds, ITL error p50, p99 ms)."""
+    from harness.records import RequestRecord
+    from harness.runner import StopRule, Target, run_point
+    from workloads.arrival import LoadPoint
     from workloads.spec import RequestSpec
 
     params = orjson.loads(body)
-
-    class Codec:
-        def build(self, spec: RequestSpec, model: str, stream: bool) -> HttpCall:
-            return HttpCall("POST", "/", params, stream)
-
-        def parse_event(self, data: bytes) -> StreamDelta | None:
-            return parse_openai_event(data)
-
-        def parse_response(self, body: bytes) -> StreamDelta:
-            return parse_openai_response(body)
-
-    target = Target("bench", url.rstrip("/"), Codec(), "m", connection="keepalive")
-    timeout = timeouts_for(True, 30, 120)
-    run_start = time.perf_counter()
-    async with make_session(target) as session:
-
-        async def one(w: int) -> None:
-            for i in range(per):
-                spec = RequestSpec(f"{w}-{i}", "chat", 1)
-                rec = new_record(target, spec, point="bench", phase="measure", scheduled=0.0)
-                await execute(session, target, spec, rec, run_start, timeout)
-                stats.events += sum(rec.chunk_tokens)
-                stats.failed += not rec.ok
-
-        await asyncio.gather(*(one(w) for w in range(streams)))
+    interval = float(params["interval"])
+    target = Target("bench", url.rstrip("/"), BenchCodec(params), "m")
+    specs = [RequestSpec(f"r{i}", "chat", 1) for i in range(streams * per)]
+    records: list[RequestRecord] = []
+    outcome = await run_point(
+        target,
+        specs,
+        LoadPoint("concurrency", streams, "closed"),
+        StopRule(stall_timeout_s=30, request_timeout_s=300),
+        records.append,
+        time.perf_counter(),
+        processes=processes,
+    )
+    wall = outcome.ended - outcome.started  # the point itself, not the worker processes' start-up
+    for rec in records:
+        stats.events += sum(rec.chunk_tokens)
+        stats.failed += not rec.ok
+        for k in range(1, len(rec.chunk_times)):
+            gap = rec.chunk_times[k] - rec.chunk_times[k - 1]
+            stats.errors.append(gap - interval * rec.chunk_tokens[k])
+    return sum(c.mean_util for c in outcome.per_process_cpu or (outcome.client_cpu,)) * wall, wall
 
 
 async def _connect_cost(url: str, n: int, fresh: bool) -> tuple[float, float]:
@@ -195,8 +221,8 @@ async def _connect_cost(url: str, n: int, fresh: bool) -> tuple[float, float]:
     return cpu / n * 1e3, statistics.median(ttfb) * 1e3
 
 
-Client = Callable[[str, bytes, int, int, _Stats], Awaitable[None]]
-CLIENTS: dict[str, Client] = {"aiohttp": _aiohttp_client, "httpx": _httpx_client, "harness": _harness_client}
+Client = Callable[[str, bytes, int, int, _Stats], Coroutine[Any, Any, None]]
+CLIENTS: dict[str, Client] = {"aiohttp": _aiohttp_client, "httpx": _httpx_client}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -204,7 +230,9 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def run(streams: int, events: int, interval_ms: float, per: int, libs: list[str], connect_n: int) -> list[dict[str, Any]]:
+def run(
+    streams: int, events: int, interval_ms: float, per: int, libs: list[str], connect_n: int
+) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     port_q, stop = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=_server_main, args=(port_q, stop), daemon=True)
@@ -221,8 +249,14 @@ def run(streams: int, events: int, interval_ms: float, per: int, libs: list[str]
         for name in libs:
             stats = _Stats()
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            asyncio.run(CLIENTS[name](url, body, streams, per, stats))
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            if name.startswith("harness"):  # "harness" or "harness-mpN": run_point in N processes
+                procs = int(name.removeprefix("harness-mp") or 1) if name != "harness" else 1
+                cpu, wall = asyncio.run(_harness_run(url, body, streams, per, stats, procs))
+                what = "itl_error_ms"
+            else:
+                asyncio.run(CLIENTS[name](url, body, streams, per, stats))
+                cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+                what = "delay_ms"
             errs_ms = [e * 1e3 for e in stats.errors]
             rows.append(
                 {
@@ -233,8 +267,8 @@ def run(streams: int, events: int, interval_ms: float, per: int, libs: list[str]
                     "events_per_s": round(stats.events / wall),
                     "cpu_s_per_100k_events": round(cpu / max(stats.events, 1) * 1e5, 2),
                     "cpu_util": round(cpu / wall, 2),
-                    "delay_ms_p50": round(_pct(errs_ms, 0.5), 3),
-                    "delay_ms_p99": round(_pct(errs_ms, 0.99), 3),
+                    f"{what}_p50": round(_pct(errs_ms, 0.5), 3),
+                    f"{what}_p99": round(_pct(errs_ms, 0.99), 3),
                 }
             )
         if connect_n:
@@ -262,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--events", type=int, default=400, help="events per stream")
     ap.add_argument("--interval-ms", type=float, default=5.0, help="gap between events of one stream")
     ap.add_argument("--per", type=int, default=1, help="requests per stream, sequential")
-    ap.add_argument("--libs", default="aiohttp,httpx,harness")
-    ap.add_argument("--connect", type=int, default=300, help="short requests for the connection-cost rows (0: skip)")
+    ap.add_argument("--libs", default="aiohttp,httpx,harness,harness-mp2")
+    ap.add_argument(
+        "--connect", type=int, default=300, help="short requests for the connection-cost rows (0: skip)"
+    )
     args = ap.parse_args(argv)
     for row in run(args.streams, args.events, args.interval_ms, args.per, args.libs.split(","), args.connect):
         print(orjson.dumps(row).decode())

@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from harness.calibration import ScriptConfig, chunk_schedule, fetch_stats, reset_stats, serve_in_process
+from harness.calibration import (
+    ScriptConfig,
+    chunk_schedule,
+    cpu_wait_s,
+    fetch_stats,
+    reset_stats,
+    serve_in_process,
+)
 from harness.client import Connection, Target
 from harness.records import RequestRecord
 from workloads.spec import RequestSpec
@@ -36,9 +43,16 @@ __all__ = [
     "ErrorStats",
     "PointCalibration",
     "calibrate",
+    "calibration_specs",
     "match_errors",
+    "render_table",
     "run_calibration",
 ]
+
+
+STARVED = (
+    0.25  # a process runnable but waiting for a CPU this fraction of the time is starved by other processes
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class CalibrationConfig:
     connection: Connection = "fresh"
     saturation_error_ms: float = 2.0
     server_workers: int = 1
+    processes: int = 1  # client processes (the runner's multi-process mode)
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,8 @@ class PointCalibration:
     ideal_requests_per_s: float
     client_cpu: float  # mean fraction of one core
     server_cpu_per_chunk_us: float | None
+    client_cpu_wait: float | None  # fraction of the point's wall time the client was runnable but not running
+    server_cpu_wait: float | None
     saturated: bool
     reasons: tuple[str, ...] = ()
 
@@ -112,7 +129,8 @@ class CalibrationResult:
         return {"schema_version": 1, "kind": "calibration", **asdict(self)}
 
 
-def _specs(prefix: str, n_tokens: int) -> Iterator[RequestSpec]:
+def calibration_specs(prefix: str, n_tokens: int) -> Iterator[RequestSpec]:
+    """Endless pinned chat requests `prefix-0`, `prefix-1`, ... asking for `n_tokens` each."""
     i = 0
     while True:
         msg = {"role": "user", "content": "calibrate the harness please"}
@@ -124,7 +142,9 @@ def match_errors(
     records: Sequence[RequestRecord], server: Mapping[str, Mapping[str, Any]], run_start: float
 ) -> dict[str, list[float]]:
     """Per-request / per-sample errors in seconds of ok records against the server's per-request account."""
-    out: dict[str, list[float]] = {k: [] for k in ("ttft", "itl", "ttft_raw", "itl_raw", "req_path", "resp_path")}
+    out: dict[str, list[float]] = {
+        k: [] for k in ("ttft", "itl", "ttft_raw", "itl_raw", "req_path", "resp_path")
+    }
     for rec in records:
         s = server.get(rec.request_id)
         if s is None or not rec.ok or not rec.chunk_times:
@@ -171,9 +191,8 @@ async def _run_one_point(
     stop = StopRule(requests=measured, warmup=cfg.warmup_waves * conc, cooldown=conc, stall_timeout_s=30.0)
     point = LoadPoint("concurrency", conc, "closed")
     t = time.perf_counter()
-    outcome = await run_point(
-        target, _specs(f"c{conc}", cfg.output_tokens), point, stop, records.append, run_start
-    )
+    specs = calibration_specs(f"c{conc}", cfg.output_tokens)
+    outcome = await run_point(target, specs, point, stop, records.append, run_start, processes=cfg.processes)
     return records, outcome, time.perf_counter() - t
 
 
@@ -184,6 +203,7 @@ def _point(
     outcome: Any,
     stats: Mapping[str, Any],
     server_cpu_s: float | None,
+    waits: tuple[float | None, float | None],
     run_start: float,
 ) -> PointCalibration:
     measured = [r for r in records if r.phase == "measure"]
@@ -218,6 +238,11 @@ def _point(
         reasons.append(f"TTFT error p50 {ttft_err.p50:.2f} ms > {cfg.saturation_error_ms} ms")
     if rps < 0.9 * ideal:
         reasons.append(f"{rps:.1f} req/s < 90% of the ideal {ideal:.1f}")
+    for who, wait in (("client", waits[0]), ("server", waits[1])):
+        if wait is not None and wait > STARVED:
+            reasons.append(
+                f"{who} waited for a CPU {wait:.0%} of the time (other processes): timing is not judged"
+            )
     if len(ok) < len(measured):
         reasons.append(f"{len(measured) - len(ok)} failed requests")
     return PointCalibration(
@@ -238,24 +263,39 @@ def _point(
         ideal_requests_per_s=ideal,
         client_cpu=client_cpu,
         server_cpu_per_chunk_us=cpu_per_chunk,
+        client_cpu_wait=waits[0],
+        server_cpu_wait=waits[1],
         saturated=bool(reasons),
         reasons=tuple(reasons),
     )
 
 
-async def _calibrate_at(url: str, cfg: CalibrationConfig, progress: Callable[[PointCalibration], None]) -> list[PointCalibration]:
+async def _calibrate_at(
+    url: str, cfg: CalibrationConfig, progress: Callable[[PointCalibration], None]
+) -> list[PointCalibration]:
     run_start = time.perf_counter()
     points = []
     for conc in cfg.concurrency:
         await asyncio.to_thread(reset_stats, url)
-        before = (await asyncio.to_thread(fetch_stats, url)).get("cpu_s")
-        records, outcome, _ = await _run_one_point(url, cfg, conc, run_start)
+        before = await asyncio.to_thread(fetch_stats, url)
+        wait0 = cpu_wait_s()
+        records, outcome, wall = await _run_one_point(url, cfg, conc, run_start)
+        wait1 = cpu_wait_s()
         stats = await asyncio.to_thread(fetch_stats, url, True)
-        cpu = None if before is None or stats.get("cpu_s") is None else float(stats["cpu_s"]) - float(before)
-        pc = _point(cfg, conc, records, outcome, stats, cpu, run_start)
+        cpu = _delta(before.get("cpu_s"), stats.get("cpu_s"))
+        server_wait = _delta(before.get("cpu_wait_s"), stats.get("cpu_wait_s"))
+        waits = (
+            None if wait0 is None or wait1 is None else (wait1 - wait0) / wall,
+            None if server_wait is None else server_wait / wall,
+        )
+        pc = _point(cfg, conc, records, outcome, stats, cpu, waits, run_start)
         progress(pc)
         points.append(pc)
     return points
+
+
+def _delta(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else float(b) - float(a)
 
 
 def calibrate(
@@ -289,6 +329,47 @@ def run_calibration(
         output_tokens=cfg.output_tokens,
         tokens_per_chunk=cfg.tokens_per_chunk,
         max_tracked=max(10_000, 8 * max(cfg.concurrency) * (cfg.waves + 2)),
+        workers=cfg.server_workers,
     )
     with serve_in_process(script) as url:
         return calibrate(url, cfg, progress)
+
+
+def render_table(result: CalibrationResult) -> Any:
+    """A rich Table: per concurrency, the harness's timing error and throughput, and whether it saturated."""
+    from rich.table import Table
+
+    def pair(e: ErrorStats) -> str:
+        return "-" if e.p50 is None or e.p99 is None else f"{e.p50:.2f} / {e.p99:.2f}"
+
+    def frac(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    cfg = result.config
+    t = Table(
+        title=f"Harness timing error vs the scripted server (TTFT {cfg.ttft * 1e3:g} ms, ITL {cfg.itl * 1e3:g} ms, "
+        f"{cfg.output_tokens} tokens, {cfg.tokens_per_chunk}/chunk, {cfg.connection} connections); "
+        "errors in ms, p50 / p99"
+    )
+    for col in ("conc", "ok/req", "TTFT err", "ITL err", "TTFT raw", "ITL raw", "server lag", "send lag"):
+        t.add_column(col, justify="right")
+    for col in ("req/s (ideal)", "tok/s", "client CPU", "CPU wait c/s", "srv µs/chunk", "judged"):
+        t.add_column(col, justify="right")
+    for p in result.points:
+        t.add_row(
+            str(p.concurrency),
+            f"{p.ok}/{p.requests}",
+            pair(p.ttft_error),
+            pair(p.itl_error),
+            pair(p.ttft_error_raw),
+            pair(p.itl_error_raw),
+            pair(p.server_lag),
+            pair(p.send_lag),
+            f"{p.requests_per_s:.1f} ({p.ideal_requests_per_s:.1f})",
+            f"{p.tokens_per_s:,.0f}",
+            frac(p.client_cpu),
+            f"{frac(p.client_cpu_wait)} / {frac(p.server_cpu_wait)}",
+            "-" if p.server_cpu_per_chunk_us is None else f"{p.server_cpu_per_chunk_us:.1f}",
+            "saturated" if p.saturated else "ok",
+        )
+    return t

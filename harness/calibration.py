@@ -18,8 +18,8 @@ chunked bodies) with one timer heap for all streams: everything due is written i
 that fell behind are coalesced into one write. In its own process (`serve_in_process`, `python -m
 harness.calibration`) it also waits with sub-millisecond precision (epoll alone rounds timeouts up to 1 ms).
 
-Faults (`Faults`) are chosen per request from a low-discrepancy sequence, so a fraction f of n requests is faulted
-to within about one request: HTTP status codes, connection reset before a response, a stream cut mid-way, a stall,
+Faults (`Faults`) are dealt deterministically (the kind furthest behind its share goes next), so a fraction f of n
+requests is faulted to within about one request: HTTP status codes, connection reset before a response, a stream cut mid-way, a stall,
 no `[DONE]`, a malformed chunk, an error event, a slow first byte.
 """
 
@@ -32,6 +32,7 @@ import ctypes
 import heapq
 import itertools
 import json
+import os
 import selectors
 import socket
 import struct
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 FAULT_KINDS = ("status", "reset", "cut", "stall", "no_done", "malformed", "error_event", "slow_first_byte")
-_GOLDEN = 0.6180339887498949
 _SLICE_S = 0.0003  # longest run of writes before new requests get read
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required", 429: "Too Many Requests"}
 _REASONS |= {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
@@ -103,6 +103,7 @@ class ScriptConfig:
     host: str = "127.0.0.1"
     port: int = 0
     precise: bool = True  # sub-millisecond waits (only where the server owns its event loop)
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT), only when run in its own process
     max_tracked: int = 200_000  # requests whose per-chunk lags are kept
 
     def to_json(self) -> str:
@@ -184,21 +185,14 @@ class _Stats:
             self.per_request.pop(next(iter(self.per_request)))
         self.per_request[rid] = entry
 
-    def to_dict(self, detail: bool) -> dict[str, Any]:
-        def pct(a: array[float]) -> dict[str, Any]:
-            if not a:
-                return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-            x = np.frombuffer(a, dtype=np.float64) * 1000.0
-            p = np.percentile(x, (50, 90, 99))
-            return {"count": int(x.size), "p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2])} | {
-                "max": float(x.max()),
-                "mean": float(x.mean()),
-            }
-
+    def to_dict(self, detail: bool, raw: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"schema_version": 1, "kind": "scripted_stats", "requests": self.requests}
-        out |= {"streams_done": self.streams_done, "faults": dict(self.faults)}
+        out |= {"streams_done": self.streams_done, "faults": dict(self.faults), "workers": 1}
         out |= {"cpu_s": time.process_time(), "cpu_wait_s": cpu_wait_s()}
-        out |= {"lag_ms": pct(self.lags), "first_lag_ms": pct(self.first_lags)}
+        if raw:  # for merging across worker processes
+            out |= {"lags_raw": self.lags.tobytes().hex(), "first_lags_raw": self.first_lags.tobytes().hex()}
+        else:
+            out |= {"lag_ms": _pct(self.lags), "first_lag_ms": _pct(self.first_lags)}
         if detail:
             out["per_request"] = {
                 rid: {
@@ -208,6 +202,44 @@ class _Stats:
                 for rid, e in self.per_request.items()
             }
         return out
+
+
+def _pct(a: array[float]) -> dict[str, Any]:
+    if not a:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    x = np.frombuffer(a, dtype=np.float64) * 1000.0
+    p = np.percentile(x, (50, 90, 99))
+    out = {"count": int(x.size), "p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2])}
+    return out | {"max": float(x.max()), "mean": float(x.mean())}
+
+
+def _merge(parts: list[dict[str, Any]], detail: bool) -> dict[str, Any]:
+    """Stats of several worker processes (each `to_dict(raw=True)`) -> one, percentiles over all their writes."""
+    out: dict[str, Any] = {"schema_version": 1, "kind": "scripted_stats", "workers": len(parts)}
+    for key in ("requests", "streams_done", "cpu_s", "cpu_wait_s"):
+        vals = [p.get(key) for p in parts]
+        out[key] = None if any(v is None for v in vals) else sum(vals)
+    faults: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["faults"].items():
+            faults[k] = faults.get(k, 0) + int(v)
+    out["faults"] = faults
+    for key in ("lag", "first_lag"):
+        merged = array("d")
+        for p in parts:
+            merged.frombytes(bytes.fromhex(p[f"{key}s_raw"]))
+        out[f"{key}_ms"] = _pct(merged)
+    if detail:
+        out["per_request"] = {rid: e for p in parts for rid, e in p.get("per_request", {}).items()}
+    return out
+
+
+async def _get_json(host: str, port: int, path: str) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return dict(orjson.loads(data.partition(b"\r\n\r\n")[2]))
 
 
 class _Stream:
@@ -326,20 +358,36 @@ class _Conn(asyncio.Protocol):
 class ScriptedServer:
     """`async with ScriptedServer(ScriptConfig(...)) as srv:` serves on `srv.url` in the current event loop."""
 
-    def __init__(self, cfg: ScriptConfig, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ScriptConfig,
+        sock: socket.socket | None = None,
+        *,
+        control: socket.socket | None = None,
+        peers: tuple[int, ...] = (),
+        worker: int = 0,
+    ) -> None:
+        """`sock`: a listening socket to serve on (SO_REUSEPORT workers); `control`: this worker's own socket, and
+        `peers` the control ports of its sibling workers, whose stats `/calibration/stats` merges."""
         self.cfg = cfg
         self.stats = _Stats(cfg.max_tracked)
         self._sock = sock
+        self._control = control
+        self._peers = peers
+        self._worker = worker
         self._server: asyncio.Server | None = None
+        self._control_server: asyncio.Server | None = None
         self._heap: list[tuple[float, int, _Stream]] = []
         self._seq = itertools.count()
         self._timer: asyncio.Handle | None = None
         self._timer_at = float("inf")
         self._n = 0
+        self._fault_counts: dict[str, int] = {}
         self._running = 0
         self._tokens_total = 0
         self._prompt_total = 0
         self._finished: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.url = ""
 
     async def start(self) -> None:
@@ -352,6 +400,8 @@ class ScriptedServer:
             )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        if self._control is not None:
+            self._control_server = await loop.create_server(lambda: _Conn(self), sock=self._control)
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -360,9 +410,10 @@ class ScriptedServer:
             if st.conn.transport is not None:
                 st.conn.transport.abort()
         self._heap.clear()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for server in (self._server, self._control_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
 
     async def __aenter__(self) -> ScriptedServer:
         await self.start()
@@ -388,8 +439,13 @@ class ScriptedServer:
             )
         if method == "GET" and path == "/metrics":
             return conn.respond(200, self._metrics().encode(), ctype="text/plain; version=0.0.4")
+        if path.startswith("/calibration/") and self._peers and "local=1" not in query:
+            task = asyncio.get_running_loop().create_task(self._fan_out(conn, method, path, query))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return None
         if method == "GET" and path == "/calibration/stats":
-            return conn.respond(200, self.stats.to_dict(detail="detail=1" in query))
+            return conn.respond(200, self.stats.to_dict("detail=1" in query, raw="raw=1" in query))
         if method == "POST" and path == "/calibration/reset":
             self.stats.reset()
             return conn.respond(200, {"ok": True})
@@ -408,17 +464,36 @@ class ScriptedServer:
             )
         self._complete(conn, path == "/v1/chat/completions", req, headers, t0)
 
+    async def _fan_out(self, conn: _Conn, method: str, path: str, query: str) -> None:
+        """Stats / reset across all worker processes (each asked on its control port)."""
+        host = self.cfg.host
+        if method == "POST":
+            for port in self._peers:
+                req = f"POST {path}?local=1 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(req.encode())
+                await reader.read()
+                writer.close()
+            self.stats.reset()
+            return conn.respond(200, {"ok": True})
+        detail = "detail=1" in query
+        q = "?local=1&raw=1" + ("&detail=1" if detail else "")
+        parts = await asyncio.gather(*(_get_json(host, port, path + q) for port in self._peers))
+        conn.respond(200, _merge([self.stats.to_dict(detail, raw=True), *parts], detail))
+
     def _pick_fault(self, req: Mapping[str, Any]) -> str | None:
         override = (req.get("scripted") or {}).get("fault") if isinstance(req.get("scripted"), dict) else None
         if override:
             return str(override)
-        x = (self._n * _GOLDEN) % 1.0
-        acc = 0.0
+        # the fault furthest behind its share fires once it is a whole request behind: counts stay within ~1
+        best, deficit = None, 1.0 - 1e-9
         for kind, frac in self.cfg.faults.table():
-            acc += frac
-            if x < acc:
-                return kind
-        return None
+            d = (self._n + 1) * frac - self._fault_counts.get(kind, 0)
+            if d >= deficit:
+                best, deficit = kind, d
+        if best is not None:
+            self._fault_counts[best] = self._fault_counts.get(best, 0) + 1
+        return best
 
     def _complete(
         self, conn: _Conn, chat: bool, req: dict[str, Any], headers: Mapping[str, str], t0: float
@@ -437,7 +512,9 @@ class ScriptedServer:
             else min(int(max_tokens), max(natural, int(req.get("min_tokens") or 0)))
         )
         n = max(1, n)
-        rid = str(req.get("request_id") or headers.get("x-request-id") or f"scripted-{self._n}")
+        rid = str(
+            req.get("request_id") or headers.get("x-request-id") or f"scripted-{self._worker}-{self._n}"
+        )
         fault = self._pick_fault(req)
         self._n += 1
         self.stats.requests += 1
@@ -689,11 +766,69 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, 15)  # PR_SET_PDEATHSIG: SIGTERM when the parent goes
 
 
-async def _serve_forever(cfg: ScriptConfig, announce: bool) -> None:
-    async with ScriptedServer(cfg) as srv:
-        if announce:
+async def _serve_forever(
+    cfg: ScriptConfig,
+    sockets: tuple[socket.socket, socket.socket] | None,
+    peers: tuple[int, ...],
+    worker: int,
+) -> None:
+    sock, control = sockets if sockets else (None, None)
+    async with ScriptedServer(cfg, sock, control=control, peers=peers, worker=worker) as srv:
+        if worker == 0:
             print(f"READY {srv.url}", flush=True)
         await asyncio.Event().wait()
+
+
+def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def _run_loop(
+    cfg: ScriptConfig,
+    sockets: tuple[socket.socket, socket.socket] | None,
+    peers: tuple[int, ...],
+    worker: int,
+) -> None:
+    if cfg.precise:
+        _tight_timer_slack()
+        loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(_PreciseSelector())
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_serve_forever(cfg, sockets, peers, worker))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.close()
+
+
+def _run_workers(cfg: ScriptConfig) -> None:
+    """Fork `cfg.workers` processes, each with its own SO_REUSEPORT listening socket and a control socket."""
+    first = _listen(cfg.host, cfg.port, True)
+    port = first.getsockname()[1]
+    listens = [first, *(_listen(cfg.host, port, True) for _ in range(cfg.workers - 1))]
+    controls = [_listen(cfg.host, 0, False) for _ in range(cfg.workers)]
+    ports = [c.getsockname()[1] for c in controls]
+    for i in range(1, cfg.workers):
+        if os.fork() == 0:
+            _die_with_parent()
+            for j, (a, b) in enumerate(zip(listens, controls, strict=True)):
+                if j != i:
+                    a.close()
+                    b.close()
+            _run_loop(cfg, (listens[i], controls[i]), tuple(p for j, p in enumerate(ports) if j != i), i)
+            os._exit(0)
+    for a, b in zip(listens[1:], controls[1:], strict=True):
+        a.close()
+        b.close()
+    _run_loop(cfg, (listens[0], controls[0]), tuple(ports[1:]), 0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -707,24 +842,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-tokens", type=int, default=None)
     p.add_argument("--tokens-per-chunk", type=int, default=None)
     p.add_argument("--model", default=None)
+    p.add_argument("--workers", type=int, default=None, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cfg = ScriptConfig.from_json(a.config_json) if a.config_json else ScriptConfig(port=8000)
-    names = ("host", "port", "ttft", "itl", "output_tokens", "tokens_per_chunk", "model")
+    names = ("host", "port", "ttft", "itl", "output_tokens", "tokens_per_chunk", "model", "workers")
     cfg = replace(cfg, **{k: getattr(a, k) for k in names if getattr(a, k) is not None})
     if a.child:
         _die_with_parent()
-    if cfg.precise:
-        _tight_timer_slack()
-        loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(_PreciseSelector())
+    if cfg.workers > 1:
+        _run_workers(cfg)
     else:
-        loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(_serve_forever(cfg, announce=True))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        loop.close()
+        _run_loop(cfg, None, (), 0)
 
 
 @contextlib.contextmanager

@@ -8,18 +8,21 @@ one timestamp and their tokens are summed into one chunk), and `done` (the `[DON
 The client knows no engine: the target's codec builds the call and parses each `data:` payload. A failing request
 never raises: it ends with a `status` (see `harness.records.Status`), an `error` reason and the HTTP status.
 
-Connections: by default every request opens its own connection (`connection="fresh"`, aiohttp `force_close`). A
-pooled keep-alive connection that the server has already closed is only discovered when the next request is written
-on it ("Can not write request body"); POST cannot be retried safely, so such a request would fail and inflate the
-error rate. On loopback a fresh connection costs well under a millisecond of TTFT (see benchmarks/http_libs.py).
-`connection="keepalive"` pools connections with a client idle timeout (2 s) shorter than common server idle timeouts
-(uvicorn and cpp-httplib use 5 s), so the client drops an idle connection before the server does; a request that still
-meets a closed pooled connection fails as `connect_error` with a message saying so.
+Connections: pooled keep-alive by default, with a client idle timeout (`keepalive_idle_s`, 2 s) shorter than the
+servers' own (uvicorn — vLLM, SGLang — and cpp-httplib — llama.cpp — close idle connections after 5 s). The failure
+this prevents: a server closing an idle connection at the moment the client reuses it, so the POST fails
+(`ServerDisconnectedError` / "Can not write request body"); POST cannot be retried safely. Reproduced on loopback with
+a server that idle-closes after 0.5 s: 19 of 60 requests sent near that moment failed with aiohttp's default 15 s pool
+idle time, 0 of 60 with 0.3 s (tests/test_client.py keeps the safe half as a test). A server's `Connection: close` is
+honoured. `connection="fresh"` opens a connection per request instead (aiohttp `force_close`): on loopback that costs
+about 0.4 ms of client CPU and 0.7 ms of time to first byte per request (benchmarks/http_libs.py), more over a network.
+A request that still meets a closed pooled connection fails as `connect_error` with a message saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ __all__ = [
 
 Connection = Literal["fresh", "keepalive"]
 KEEPALIVE_IDLE_S = 2.0
+AFTER_DONE_S = 1.0  # how long to wait for the end of the body after [DONE]
 _ERROR_SNIPPET = 300
 
 
@@ -69,7 +73,8 @@ class Target:
     model: str
     headers: Mapping[str, str] = field(default_factory=dict)
     stream: bool = True
-    connection: Connection = "fresh"
+    connection: Connection = "keepalive"
+    keepalive_idle_s: float = KEEPALIVE_IDLE_S  # must stay below the server's idle timeout
 
 
 def make_session(target: Target, connections: int = 0) -> aiohttp.ClientSession:
@@ -79,11 +84,14 @@ def make_session(target: Target, connections: int = 0) -> aiohttp.ClientSession:
         limit=connections,
         limit_per_host=0,
         force_close=not keepalive,
-        keepalive_timeout=KEEPALIVE_IDLE_S if keepalive else None,
+        keepalive_timeout=target.keepalive_idle_s if keepalive else None,
         enable_cleanup_closed=False,
     )
     # trust_env=False: a proxy from the environment must never sit between the client and the engine
-    return aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False)
+    # identity: a compressed stream would hold tokens back in the compressor's buffer and cost client CPU
+    return aiohttp.ClientSession(
+        connector=connector, trust_env=False, headers={"Accept-Encoding": "identity"}
+    )
 
 
 def timeouts_for(
@@ -123,7 +131,7 @@ async def _read_stream(
     usage: Usage | None = None
     saw_done = False
     at_eof = False
-    while not at_eof:
+    while not at_eof and not saw_done:
         data = await content.readany()
         t = clock() - run_start
         if data:
@@ -164,7 +172,14 @@ async def _read_stream(
                 rec.finish_reason = delta.finish_reason
             if delta.usage is not None:
                 usage = delta.usage
-    if not saw_done:
+    if saw_done:
+        if not content.at_eof():
+            # read to the end of the body so a keep-alive connection can be reused; never wait on it for long
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                async with asyncio.timeout(AFTER_DONE_S):
+                    while await content.readany():
+                        pass
+    else:
         rec.done = t
         rec.tags["stream_end"] = "eof"
         if rec.finish_reason is None:
@@ -209,13 +224,17 @@ async def execute(
                 rec.error = f"HTTP {resp.status}: {snippet.decode('utf-8', 'replace').strip()}"
                 return
             ctype = resp.headers.get("Content-Type", "")
-            if call.stream and "text/event-stream" in ctype:
+            if call.stream and "json" not in ctype:  # SSE, whatever the server calls it
                 usage = await _read_stream(resp, rec, target.adapter, run_start, texts)
             else:
                 raw = await resp.read()
                 t = _now(run_start)
                 rec.done = t
-                delta = target.adapter.parse_response(raw)
+                try:
+                    delta = target.adapter.parse_response(raw)
+                except Exception as e:
+                    rec.status, rec.error = "stream_error", f"unparsable response ({e}): {raw[:200]!r}"
+                    return
                 if delta.error:
                     rec.status, rec.error = "stream_error", f"error response: {delta.error}"
                     return

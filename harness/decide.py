@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,25 @@ def _platform(manifest: Mapping[str, Any]) -> str:
     return "cpu"
 
 
+def _with_ttft_by_role(rd: Any, points: list[Point]) -> list[Point]:
+    """Attach each point's TTFT p50 per request `role` tag (reuse / control), read from records.jsonl."""
+    from harness.metrics import ttft
+
+    samples: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for rec in rd.iter_records():
+        role = rec.tags.get("role")
+        value = ttft(rec) if rec.ok and rec.phase == "measure" and role else None
+        if value is not None:
+            samples[(rec.engine, rec.point, str(role))].append(value * 1000.0)
+    out = []
+    for p in points:
+        by_role = {
+            r: statistics.median(v) for (e, pt, r), v in samples.items() if e == p.engine and pt == p.point
+        }
+        out.append(replace(p, ttft_p50_by_role=by_role) if by_role else p)
+    return out
+
+
 def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, Any], dict[str, Any]]:
     """(points, engines, slo, description) of one run directory."""
     from harness.rundir import RunDir
@@ -145,6 +165,11 @@ def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, An
             str(r.get("code", r) if isinstance(r, Mapping) else r) for r in (verdict.get("reasons") or [])
         )
         value = load.get("value")
+        if value is None:  # e.g. an older summary: the point id "concurrency=8" still carries it
+            try:
+                value = float(str(p.get("point", "")).partition("=")[2])
+            except ValueError:
+                value = None
         points.append(
             Point(
                 engine=str(p["engine"]),
@@ -171,6 +196,8 @@ def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, An
                 closed_loop=bool(load.get("closed_loop", load.get("kind") == "concurrency")),
             )
         )
+    if role == "shared_prefix" and points:
+        points = _with_ttft_by_role(rd, points)
     engines = [
         EngineInfo(
             name=str(e.get("name")),
@@ -231,11 +258,11 @@ def _capacity_rows(
     prices: PriceTable,
     config: DecideConfig,
 ) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[Point]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[Point]] = defaultdict(list)
     for p in points:
-        groups[(p.engine, p.workload)].append(p)
+        groups[(p.engine, p.workload, p.load_kind)].append(p)
     rows: list[dict[str, Any]] = []
-    for (engine, workload), pts in sorted(groups.items()):
+    for (engine, workload, _), pts in sorted(groups.items()):
         slo = slos.get(workload, {})
         cap: Capacity = capacity(pts, slo)
         row: dict[str, Any] = {
@@ -321,8 +348,9 @@ def decide(config: DecideConfig) -> dict[str, Any]:
             )
         facts = knowledge.lookup(*(i.adapter for i in infos.get(r.engine, ())), r.engine)
         if facts and facts.status in ("maintenance", "archived", "stale"):
+            eco = facts.scores.get("ecosystem")
             warnings.append(
-                f"{r.engine}: upstream status is {facts.status} ({facts.scores.get('ecosystem', None) and facts.scores['ecosystem'].why})"
+                f"{r.engine}: upstream status is {facts.status}" + (f" ({eco.why})" if eco else "")
             )
     sens = sensitivity(ranking, weights, config.tie_margin)
     plan = make_plan(use_cases, points, infos, knowledge, prices, config.instance) if use_cases else None

@@ -21,6 +21,7 @@ __all__ = [
     "OutputTokenSource",
     "TokenCount",
     "e2e",
+    "itl_array",
     "itl_samples",
     "output_tokens",
     "percentile",
@@ -69,15 +70,20 @@ def itl_samples(rec: RequestRecord) -> list[float]:
     A chunk carrying k tokens that arrives dt after the previous token-carrying chunk contributes k samples of dt/k
     (the gap is shared by the tokens it delivered). The first chunk's tokens contribute none: their wait is TTFT.
     """
-    out: list[float] = []
-    times, tokens = rec.chunk_times, rec.chunk_tokens
-    for i in range(1, len(times)):
-        k = tokens[i] if i < len(tokens) else 1
-        if k <= 0:
-            continue
-        dt = times[i] - times[i - 1]
-        out.extend([dt / k] * k)
-    return out
+    return [float(x) for x in itl_array(rec)]
+
+
+def itl_array(rec: RequestRecord) -> np.ndarray:
+    """`itl_samples` as a numpy array (what summaries use: no Python loop per token)."""
+    times = np.asarray(rec.chunk_times, dtype=float)
+    if times.size < 2:
+        return np.empty(0)
+    k = np.ones(times.size - 1, dtype=np.int64)
+    given = rec.chunk_tokens[1 : times.size]
+    k[: len(given)] = given
+    keep = k > 0
+    dt = np.diff(times)[keep]
+    return np.repeat(dt / k[keep], k[keep])
 
 
 def output_tokens(rec: RequestRecord) -> TokenCount:
@@ -91,9 +97,12 @@ def output_tokens(rec: RequestRecord) -> TokenCount:
 
 
 def tpot(rec: RequestRecord) -> float | None:
-    """Time per output token after the first: (last token − first token) / (output_tokens − 1); None below 2 tokens."""
+    """Time per output token after the first: (last token − first token) / (output_tokens − 1).
+
+    None below 2 tokens, and when fewer than 2 chunks carried tokens (a non-streamed answer): no decode time was seen.
+    """
     n = output_tokens(rec).value
-    if n < 2 or not rec.chunk_times:
+    if n < 2 or len(rec.chunk_times) < 2:
         return None
     return (rec.chunk_times[-1] - rec.chunk_times[0]) / (n - 1)
 
@@ -121,9 +130,12 @@ def percentile(samples: Sequence[float] | np.ndarray, q: float) -> float:
     return float(np.percentile(np.asarray(samples, dtype=float), q, method="linear"))
 
 
-def stats_ms(samples_s: Iterable[float | None]) -> LatencyStats:
+def stats_ms(samples_s: Iterable[float | None] | np.ndarray) -> LatencyStats:
     """Count, mean, p50/p90/p95/p99 (linear interpolation) and max of samples given in seconds, reported in ms."""
-    arr = np.asarray([s for s in samples_s if s is not None], dtype=float) * 1000.0
+    if isinstance(samples_s, np.ndarray):
+        arr = samples_s.astype(float) * 1000.0
+    else:
+        arr = np.asarray([s for s in samples_s if s is not None], dtype=float) * 1000.0
     if arr.size == 0:
         return LatencyStats()
     p = np.percentile(arr, PERCENTILES, method="linear")

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +64,8 @@ class RunConfig:
     api_key: str | None = None
     command: tuple[str, ...] = ()
     resume: bool = False
+    # --repeat N: run each load point N times back to back (see `_repeat_specs`); records carry tags["repeat"]
+    repeat: int = 1
 
 
 @dataclass
@@ -220,11 +222,14 @@ async def _run_engine(
             headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
             target = Target(choice.name, ep.base_url, adapter, ep.model, headers, cfg.stream)
             for point in cfg.points:
-                if not ep.alive():
-                    break
-                outcome.points.append(
-                    await _run_point(target, ep, workload, tokenizer, point, cfg, run, anchor, progress)
-                )
+                for repeat in range(1, cfg.repeat + 1):
+                    if not ep.alive():
+                        break
+                    outcome.points.append(
+                        await _run_point(
+                            target, ep, workload, tokenizer, point, cfg, run, anchor, progress, repeat
+                        )
+                    )
             if not ep.alive():
                 reason = ep.death_reason() or "the engine process exited"
                 outcome.status, outcome.reason = "failed", f"{reason}; its last log lines:\n{ep.log_tail()}"
@@ -248,11 +253,13 @@ async def _run_point(
     run: RunDir,
     anchor: ClockAnchor,
     progress: Progress,
+    repeat: int = 1,
 ) -> PointOutcome:
     wanted = _wanted(cfg.stop, point)
     progress(f"{target.engine} {point.id}: preparing {wanted} requests with tokenizer {tokenizer.name}")
     specs = _Specs(workload, cfg.seed, tokenizer, wanted)
     fingerprint = workload.fingerprint_for(cfg.seed)
+    rep = _repeat_fields(cfg, repeat)
     run.append_event(
         {
             "kind": "point_start",
@@ -260,6 +267,7 @@ async def _run_point(
             "point": point.id,
             "load": point.describe(),
             "workload_fingerprint": fingerprint,
+            **rep,
         }
     )
     done = 0
@@ -268,6 +276,8 @@ async def _run_point(
         nonlocal done
         if rec.status != "ok" and not ep.alive():
             rec.error = f"{rec.error or rec.status}; engine died: {ep.death_reason() or 'process exited'}"
+        if rep:
+            rec.tags["repeat"] = str(repeat)
         run.append_record(rec)
         done += 1
         if done % 10 == 0:
@@ -277,7 +287,9 @@ async def _run_point(
     watch = asyncio.get_running_loop().create_task(_watch_engine(ep))
     try:
         task = asyncio.ensure_future(
-            run_point(target, specs, point, cfg.stop, sink, anchor.perf, keep_text=True)
+            run_point(
+                target, _repeat_specs(specs, repeat), point, cfg.stop, sink, anchor.perf, keep_text=True
+            )
         )
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if watch.done() and not task.done():
@@ -299,10 +311,34 @@ async def _run_point(
             "engine_rss_bytes": ep.rss_bytes(),
             # requests built while the point ran (its pre-built ones ran out): that work competed with the client
             "specs_built_during_point": specs.topped_up,
+            **rep,
         }
     )
     progress(f"{target.engine} {point.id}: done, {done} requests ({outcome.stop_reason})")
     return outcome
+
+
+# -- `--repeat N` (used by `bench gate`) -----------------------------------------------------------------------
+# Each load point runs N times back to back under the same point id, every repeat with the same prompts, so the
+# summary pools them (more samples per point) and `bench gate` splits them again by `tags["repeat"]` (per-repeat
+# throughput). Request ids of repeat r >= 2 get the suffix "#r<r>" (chat turns keep pointing at their own repeat's
+# previous turn), so ids stay unique within the run. With N = 1 nothing changes: no tag, no event field, same ids.
+
+
+def _repeat_fields(cfg: RunConfig, repeat: int) -> dict[str, int]:
+    return {"repeat": repeat, "repeats": cfg.repeat} if cfg.repeat > 1 else {}
+
+
+def _repeat_specs(specs: _Specs, repeat: int) -> Iterable[RequestSpec]:
+    if repeat == 1:
+        return specs
+
+    def renamed() -> Iterator[RequestSpec]:
+        for s in specs:
+            hist = f"{s.history_from}#r{repeat}" if s.history_from else None
+            yield dataclasses.replace(s, request_id=f"{s.request_id}#r{repeat}", history_from=hist)
+
+    return renamed()
 
 
 async def _watch_engine(ep: Endpoint) -> None:
@@ -330,6 +366,7 @@ def _load_block(cfg: RunConfig) -> dict[str, Any]:
         "error_budget": cfg.stop.error_budget,
         "seed": cfg.seed,
         "stream": cfg.stream,
+        "repeat": cfg.repeat,
     }
 
 
@@ -341,6 +378,8 @@ def default_out(workload: str) -> Path:
 async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
     if not cfg.points:
         raise ConfigError("no load points: give --concurrency or --rate")
+    if cfg.repeat < 1:
+        raise ConfigError(f"--repeat {cfg.repeat}: give a whole number >= 1 (times to run each load point)")
     workload = load_workload(cfg.workload)
     if cfg.overrides:
         workload = workload.with_overrides(cfg.overrides)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.errors import BenchError, SchemaError
-from harness.records import RequestRecord
+from harness.errors import BenchError, ConfigError, SchemaError
+from harness.records import RECORD_SCHEMA_VERSION, RequestRecord
 
 if TYPE_CHECKING:
     from harness.summary import Summary
@@ -52,20 +52,20 @@ class TruncatedLineWarning(UserWarning):
     """A JSONL file ended in a partial line (the writer was killed mid-write); that line was skipped."""
 
 
-def check_schema(obj: Any, where: str) -> None:
+def check_schema(obj: Any, where: str, expected: int = SCHEMA_VERSION) -> None:
     """Refuse anything not written with this EngineBench's schema_version, saying where and what to do."""
     version = obj.get("schema_version") if isinstance(obj, dict) else None
-    if version == SCHEMA_VERSION:
+    if version == expected:
         return
     if version is None:
         raise SchemaError(f"{where} has no schema_version; it was not written by EngineBench (or is damaged)")
-    if isinstance(version, int) and version > SCHEMA_VERSION:
+    if isinstance(version, int) and version > expected:
         raise SchemaError(
-            f"{where} was written by schema_version {version}; this EngineBench reads {SCHEMA_VERSION}; "
+            f"{where} was written by schema_version {version}; this EngineBench reads {expected}; "
             "upgrade EngineBench"
         )
     raise SchemaError(
-        f"{where} was written by schema_version {version!r}; this EngineBench reads {SCHEMA_VERSION}; "
+        f"{where} was written by schema_version {version!r}; this EngineBench reads {expected}; "
         "read it with the EngineBench version that wrote it"
     )
 
@@ -202,14 +202,14 @@ class RunDir:
         """A new run directory (must not exist or be empty), or, with `resume`, an existing one to append to."""
         p = Path(path)
         if p.exists() and not p.is_dir():
-            raise BenchError(f"{p} exists and is not a directory; choose another --out")
+            raise ConfigError(f"{p} exists and is not a directory; choose another --out")
         if p.exists() and any(p.iterdir()):
             if not resume:
-                raise BenchError(
+                raise ConfigError(
                     f"run directory {p} is not empty; choose a new --out, or pass --resume to continue that run"
                 )
             if not (p / MANIFEST).exists():
-                raise BenchError(f"cannot resume {p}: it has no {MANIFEST}, so it is not a run directory")
+                raise ConfigError(f"cannot resume {p}: it has no {MANIFEST}, so it is not a run directory")
             rd = cls(p)
             rd.load_manifest()  # refuses another schema_version before anything is appended
             for name in (RECORDS, EVENTS):
@@ -222,10 +222,18 @@ class RunDir:
         # A kill mid-write leaves a partial last line; appending after it would corrupt the next line too.
         if not _ends_with_partial_line(path):
             return
-        data = path.read_bytes()
-        keep = data.rfind(b"\n") + 1
         with open(path, "r+b") as f:
-            f.truncate(keep)
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:  # scan back for the last newline, a block at a time
+                start = max(0, pos - 65536)
+                f.seek(start)
+                i = f.read(pos - start).rfind(b"\n")
+                if i >= 0:
+                    f.truncate(start + i + 1)
+                    return
+                pos = start
+            f.truncate(0)
 
     def start(
         self,
@@ -277,7 +285,7 @@ class RunDir:
             # orjson serialises the dataclass natively (schema_version is a field): ~20x cheaper than asdict()
             self._append(RECORDS, rec)
         else:
-            self._append(RECORDS, {"schema_version": SCHEMA_VERSION, **rec})
+            self._append(RECORDS, {"schema_version": RECORD_SCHEMA_VERSION, **rec})
 
     def append_event(self, event: Mapping[str, Any]) -> None:
         """Append one event; it must have a `kind`. `schema_version` and a wall-clock `at` are added if missing."""
@@ -344,7 +352,7 @@ class RunDir:
         except ValueError as e:
             raise SchemaError(f"{self.path / SUMMARY} has the wrong shape: {_first_error(e)}") from None
 
-    def _iter_jsonl(self, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _iter_jsonl(self, name: str, expected: int = SCHEMA_VERSION) -> Iterator[tuple[int, dict[str, Any]]]:
         path = self.path / name
         if not path.exists():
             return
@@ -367,12 +375,12 @@ class RunDir:
                         )
                         return
                     raise SchemaError(f"{path} line {i} is not a JSON object; the file is damaged")
-                check_schema(obj, f"{path} line {i}")
+                check_schema(obj, f"{path} line {i}", expected)
                 yield i, obj
 
     def iter_records(self) -> Iterator[RequestRecord]:
         """Every complete record in order; a truncated last line is skipped with a TruncatedLineWarning."""
-        for i, obj in self._iter_jsonl(RECORDS):
+        for i, obj in self._iter_jsonl(RECORDS, RECORD_SCHEMA_VERSION):
             try:
                 yield RequestRecord.from_dict(obj)
             except TypeError as e:

@@ -20,14 +20,22 @@ pause `think_time`, and count as due from then. Every finished record goes to `s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import itertools
+import multiprocessing as mp
+import queue
 import time
+import traceback
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiohttp
+import numpy as np
+import orjson
 import psutil
 
 from harness.client import Target, execute, make_session, new_record, timeouts_for
@@ -35,9 +43,19 @@ from harness.records import Phase, RequestRecord
 from workloads.arrival import LoadPoint, send_times
 from workloads.spec import RequestSpec
 
-__all__ = ["ClientCpu", "PointOutcome", "StopReason", "StopRule", "Target", "run_point"]
+__all__ = [
+    "ClientCpu",
+    "PointOutcome",
+    "StopReason",
+    "StopRule",
+    "Target",
+    "execute_point",
+    "run_point",
+    "run_point_multiprocess",
+    "sample_cpu",
+]
 
-StopReason = Literal["requests", "duration", "error_budget", "specs_exhausted"]
+StopReason = Literal["requests", "duration", "error_budget", "specs_exhausted", "aborted"]
 CPU_INTERVAL_S = 0.5
 CPU_SATURATED = 0.85  # mean utilisation of one core above which the client, not the server, may set the pace
 _SCHEDULE_BLOCK = 4096
@@ -190,6 +208,17 @@ class _PointRun:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     turns: dict[str, asyncio.Future[_Turn]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # multi-process children: a fixed start, a precomputed open-loop plan (offset from t0, spec, phase), and the
+    # measurement window's end / stop reason decided by the parent for the whole point
+    t0_fixed: float | None = None
+    plan: list[tuple[float, RequestSpec, Phase]] | None = None
+    plan_reason: StopReason = "requests"
+    plan_window_end: float | None = None  # offset from t0
+    worker_base: int = 0
+    workers: int | None = None  # closed loop: this process's share of the point's concurrency
+    fatal: Exception | None = None  # the sink failed
+    # set by the caller: stop now, cancel what is in flight, return normally
+    abort: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self.timeout = timeouts_for(
@@ -226,6 +255,18 @@ class _PointRun:
         if spec is None:
             self.close_window("specs_exhausted")
             return None
+        return self.admit(spec, phase)
+
+    def take_planned(self, spec: RequestSpec, phase: Phase) -> tuple[RequestSpec, Phase] | None:
+        if self.stopping:
+            return None
+        if phase == "cooldown":
+            self.close_window(self.plan_reason)
+            if self.cooldown_dispatched >= self.stop.cooldown or self.primary_inflight == 0:
+                return None
+        return self.admit(spec, phase)
+
+    def admit(self, spec: RequestSpec, phase: Phase) -> tuple[RequestSpec, Phase]:
         self.dispatched += 1
         if phase == "cooldown":
             self.cooldown_dispatched += 1
@@ -311,7 +352,11 @@ class _PointRun:
                 and self.measured_failed > budget * self.measured_judged
             ):
                 self.close_window("error_budget")
-        self.sink(rec)
+        try:
+            self.sink(rec)
+        except Exception as e:  # the records file cannot take more: stop the point, then say why
+            self.fatal = self.fatal or e
+            self.close_window("aborted")
         self.changed.set()
 
     # -- drivers -------------------------------------------------------------------------------------------------
@@ -330,30 +375,61 @@ class _PointRun:
             task.add_done_callback(self.tasks.discard)
         self.close_window("specs_exhausted")
 
+    async def open_loop_planned(self) -> None:
+        assert self.plan is not None
+        clock, loop = time.perf_counter, asyncio.get_running_loop()
+        for offset, spec, phase in self.plan:
+            deadline = self.t0 + offset
+            delay = deadline - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            item = self.take_planned(spec, phase)
+            if item is None:
+                return
+            task = loop.create_task(self.one(spec, phase, deadline, self.worker_base))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.close_window(self.plan_reason)
+
     async def closed_worker(self, worker: int) -> None:
         while not self.stopping:
             due = time.perf_counter()
             item = self.take(due)
             if item is None:
                 return
-            await self.one(item[0], item[1], due, worker)
+            await self.one(item[0], item[1], due, self.worker_base + worker)
+
+    async def watch_abort(self, abort: asyncio.Event) -> None:
+        await abort.wait()
+        self.close_window("aborted")
 
     def should_end(self) -> bool:
         if not self.window_closed:
             return False
-        if self.stop_reason == "error_budget" or (self.stop_reason == "duration" and self.stop.cooldown == 0):
+        if self.stop_reason in ("error_budget", "aborted") or (
+            self.stop_reason == "duration" and self.stop.cooldown == 0
+        ):
             return True
         return self.primary_inflight == 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if self.t0_fixed is None else self.t0_fixed
         drivers: list[asyncio.Task[None]]
-        if self.point.closed_loop:
-            drivers = [loop.create_task(self.closed_worker(w)) for w in range(self.point.concurrency)]
+        if self.plan is not None:
+            if self.plan_window_end is not None:
+                self.window_end = self.t0 + self.plan_window_end
+            drivers = [loop.create_task(self.open_loop_planned())]
+        elif self.point.closed_loop:
+            await asyncio.sleep(max(0.0, self.t0 - time.perf_counter()))
+            n_workers = self.workers if self.workers is not None else self.point.concurrency
+            drivers = [loop.create_task(self.closed_worker(w)) for w in range(n_workers)]
         else:
             self.schedule = _deadlines(self.point, self.t0)
             drivers = [loop.create_task(self.open_loop())]
+        senders = list(drivers)
+        if self.abort is not None:
+            drivers.append(loop.create_task(self.watch_abort(self.abort)))
         try:
             while True:
                 self.changed.clear()
@@ -365,7 +441,7 @@ class _PointRun:
                     self.close_window("duration")
                 if self.should_end():
                     break
-                if all(d.done() for d in drivers) and not self.tasks and self.primary_inflight == 0:
+                if all(d.done() for d in senders) and not self.tasks and self.primary_inflight == 0:
                     self.close_window("specs_exhausted")
                     break
                 timeout = None
@@ -382,6 +458,8 @@ class _PointRun:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.fatal is not None:
+            raise self.fatal
 
 
 def _deadlines(point: LoadPoint, t0: float) -> Iterator[float]:
@@ -404,15 +482,47 @@ async def run_point(
     run_start: float,
     *,
     keep_text: bool = False,
+    processes: int = 1,
+    abort: asyncio.Event | None = None,
 ) -> PointOutcome:
-    """Run one load point against `target`; every finished record goes to `sink`; returns how the point went."""
+    """Run one load point against `target`; every finished record goes to `sink`; returns how the point went.
+
+    `processes > 1` splits the point across that many OS processes (see `run_point_multiprocess`). Setting `abort`
+    (e.g. the engine died) ends the point at once: in-flight requests are recorded as cancelled and the outcome says
+    `aborted`; cancelling the task instead propagates CancelledError after the same clean-up."""
+    if processes > 1:
+        if abort is not None:
+            raise ValueError("abort is not supported with processes > 1; cancel the task instead")
+        return await run_point_multiprocess(
+            target, specs, point, stop, sink, run_start, processes=processes, keep_text=keep_text
+        )
     requests = stop.requests
     if requests is None and stop.duration_s is None and isinstance(specs, Sized):
         requests = max(1, len(specs) - stop.warmup - stop.cooldown)
+    return await execute_point(
+        target, iter(specs), point, stop, sink, run_start, requests, keep_text=keep_text, abort=abort
+    )
+
+
+async def execute_point(
+    target: Target,
+    specs: Iterator[RequestSpec],
+    point: LoadPoint,
+    stop: StopRule,
+    sink: Callable[[RequestRecord], None],
+    run_start: float,
+    requests: int | None,
+    *,
+    keep_text: bool = False,
+    connections: int | None = None,
+    **child: Any,
+) -> PointOutcome:
+    """The engine room of `run_point`; `child` carries a worker process's share (see `run_point_multiprocess`)."""
     cpu: list[float] = []
-    connections = point.concurrency if point.closed_loop else 0
+    if connections is None:
+        connections = point.concurrency if point.closed_loop else 0
     async with make_session(target, connections) as session:
-        state = _PointRun(target, iter(specs), point, stop, sink, run_start, requests, session, keep_text)
+        state = _PointRun(target, specs, point, stop, sink, run_start, requests, session, keep_text, **child)
         sampler = asyncio.get_running_loop().create_task(sample_cpu(cpu))
         try:
             await state.run()
@@ -429,4 +539,246 @@ async def run_point(
         client_cpu=ClientCpu(tuple(cpu)),
         max_send_lag=state.max_lag,
         window_end=None if state.window_end is None else state.window_end - run_start,
+    )
+
+
+# -- several OS processes ---------------------------------------------------------------------------------------
+# One Python process tops out at a few thousand streamed events per second of client CPU; past that its own queueing
+# inflates TTFT and ITL. The parent splits the point's work before it starts, every child runs its share against the
+# same absolute start (perf_counter is CLOCK_MONOTONIC, one clock for every process on Linux), and records stream back
+# to the parent, which hands each to `sink`: the records are exactly the union of the children's.
+
+
+@dataclass(frozen=True)
+class _ChildJob:
+    index: int
+    target: Target
+    point: LoadPoint
+    stop: StopRule
+    run_start: float
+    keep_text: bool
+    specs: tuple[RequestSpec, ...] = ()  # closed loop: this child's specs, in order
+    requests: int | None = None
+    workers: int = 0
+    worker_base: int = 0
+    plan: tuple[tuple[float, RequestSpec, Phase], ...] | None = None  # open loop
+    plan_reason: StopReason = "requests"
+    plan_window_end: float | None = None
+
+
+def _shares(total: int, weights: list[int]) -> list[int]:
+    """Split `total` in proportion to `weights` exactly (largest remainder)."""
+    wsum = sum(weights)
+    raw = [total * w / wsum for w in weights]
+    out = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _owner(spec: RequestSpec, index: int, n: int) -> int:
+    """Which process sends `spec`: every turn of a chat session in the same one (its history lives there)."""
+    if spec.session is not None:
+        return zlib.crc32(spec.session.encode()) % n
+    return index % n
+
+
+def _open_plan(
+    specs: list[RequestSpec], point: LoadPoint, stop: StopRule
+) -> tuple[list[tuple[float, RequestSpec, Phase]], StopReason, float | None]:
+    """The whole point's open-loop plan: (offset, spec, phase) for every request that may be sent."""
+    offsets = send_times(point, len(specs))
+    w = min(stop.warmup, len(specs))
+    plan: list[tuple[float, RequestSpec, Phase]] = [(float(offsets[i]), specs[i], "warmup") for i in range(w)]
+    window_end: float | None = None
+    reason: StopReason = "requests"
+    if stop.requests is not None:
+        n_measure = min(stop.requests, len(specs) - w)
+        if n_measure < stop.requests:
+            reason = "specs_exhausted"
+    elif stop.duration_s is not None:
+        if w >= len(specs):
+            n_measure = 0
+        else:
+            window_end = float(offsets[w]) + stop.duration_s
+            n_measure = int(np.searchsorted(offsets[w:], window_end, side="left"))
+        reason = "duration" if w + n_measure < len(specs) else "specs_exhausted"
+    else:
+        n_measure = min(len(specs) - w, max(1, len(specs) - w - stop.cooldown))
+    plan += [(float(offsets[i]), specs[i], "measure") for i in range(w, w + n_measure)]
+    end = min(len(specs), w + n_measure + stop.cooldown)
+    plan += [(float(offsets[i]), specs[i], "cooldown") for i in range(w + n_measure, end)]
+    return plan, reason, window_end
+
+
+def _split_jobs(
+    target: Target,
+    specs: Iterable[RequestSpec],
+    point: LoadPoint,
+    stop: StopRule,
+    run_start: float,
+    processes: int,
+    keep_text: bool,
+) -> list[_ChildJob]:
+    from harness.errors import ConfigError
+
+    if isinstance(specs, Sized):
+        spec_list = list(specs)
+    elif stop.requests is not None:
+        spec_list = list(itertools.islice(specs, stop.warmup + stop.requests + stop.cooldown))
+    elif stop.duration_s is not None and not point.closed_loop:
+        bound = stop.warmup + stop.cooldown + int(point.value * stop.duration_s * 3) + 100
+        spec_list = list(itertools.islice(specs, bound))
+    else:
+        raise ConfigError("a multi-process closed-loop point needs --requests or a finite workload")
+    if point.closed_loop:
+        processes = min(processes, point.concurrency)
+        workers = _shares(point.concurrency, [1] * processes)
+        mine: list[list[RequestSpec]] = [[] for _ in range(processes)]
+        for i, spec in enumerate(spec_list):
+            mine[_owner(spec, i, processes)].append(spec)
+        warm, cool = _shares(stop.warmup, workers), _shares(stop.cooldown, workers)
+        reqs = _shares(stop.requests, workers) if stop.requests is not None else [None] * processes
+        jobs = []
+        for k in range(processes):
+            n_req = reqs[k]
+            if n_req is None and stop.duration_s is None:
+                n_req = max(1, len(mine[k]) - warm[k] - cool[k])
+            child_stop = dataclasses.replace(stop, warmup=warm[k], cooldown=cool[k], requests=reqs[k])
+            jobs.append(
+                _ChildJob(
+                    k, target, point, child_stop, run_start, keep_text, tuple(mine[k]), n_req,
+                    workers[k], sum(workers[:k]),
+                )
+            )  # fmt: skip
+        return jobs
+    plan, reason, window_end = _open_plan(spec_list, point, stop)
+    parts: list[list[tuple[float, RequestSpec, Phase]]] = [[] for _ in range(processes)]
+    for i, item in enumerate(plan):
+        parts[_owner(item[1], i, processes)].append(item)
+    return [
+        _ChildJob(k, target, point, stop, run_start, keep_text, worker_base=k, plan=tuple(parts[k]),
+                  plan_reason=reason, plan_window_end=window_end)
+        for k in range(processes)
+    ]  # fmt: skip
+
+
+def _child_main(job: _ChildJob, out: Any, go: Any, t0: Any) -> None:
+    """A worker process: say ready, wait for the common start, run the share, stream records back."""
+    try:
+        out.put(("ready", job.index, time.perf_counter()))
+        go.wait()
+
+        def sink(rec: RequestRecord) -> None:
+            out.put(("rec", orjson.dumps(rec.to_dict())))
+
+        child: dict[str, Any] = {"t0_fixed": t0.value, "worker_base": job.worker_base}
+        if job.plan is not None:
+            child.update(
+                plan=list(job.plan), plan_reason=job.plan_reason, plan_window_end=job.plan_window_end
+            )
+            connections = 0
+        else:
+            child["workers"] = job.workers
+            connections = job.workers
+        outcome = asyncio.run(
+            execute_point(
+                job.target, iter(job.specs), job.point, job.stop, sink, job.run_start, job.requests,
+                keep_text=job.keep_text, connections=connections, **child,
+            )
+        )  # fmt: skip
+        out.put(("outcome", job.index, outcome))
+    except BaseException:
+        out.put(("error", job.index, traceback.format_exc()))
+
+
+_REASON_ORDER: tuple[StopReason, ...] = ("aborted", "error_budget", "duration", "requests", "specs_exhausted")
+
+
+async def run_point_multiprocess(
+    target: Target,
+    specs: Iterable[RequestSpec],
+    point: LoadPoint,
+    stop: StopRule,
+    sink: Callable[[RequestRecord], None],
+    run_start: float,
+    *,
+    processes: int,
+    keep_text: bool = False,
+    start_timeout_s: float = 60.0,
+) -> PointOutcome:
+    """`run_point` split across `processes` OS processes started with `spawn` (the target's adapter must pickle).
+
+    Open loop: the parent computes the whole plan (send time and phase of every request, the measurement window) and
+    deals it out; closed loop: the concurrency, the specs and the warm-up / request / cool-down counts are split in
+    proportion. All turns of a chat session go to one process. The error budget is judged per process on its share.
+    """
+    jobs = _split_jobs(target, specs, point, stop, run_start, processes, keep_text)
+    ctx = mp.get_context("spawn")
+    out, go, t0 = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=_child_main, args=(job, out, go, t0), daemon=True) for job in jobs]
+    outcomes: dict[int, PointOutcome] = {}
+    errors: list[str] = []
+
+    def drain(wait_s: float) -> list[tuple[Any, ...]]:
+        try:
+            msgs = [out.get(timeout=wait_s)]
+        except queue.Empty:
+            return []
+        with contextlib.suppress(queue.Empty):
+            while len(msgs) < 1000:
+                msgs.append(out.get_nowait())
+        return msgs
+
+    try:
+        for p in procs:
+            p.start()
+        ready, deadline = 0, time.perf_counter() + start_timeout_s
+        while ready < len(procs) and not errors:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"worker processes not ready within {start_timeout_s}s")
+            for msg in await asyncio.to_thread(drain, 0.5):
+                if msg[0] == "ready":
+                    ready += 1
+                elif msg[0] == "error":
+                    errors.append(msg[2])
+        t0.value = time.perf_counter() + 0.05
+        go.set()
+        while len(outcomes) + len(errors) < len(procs):
+            msgs = await asyncio.to_thread(drain, 0.5)
+            for msg in msgs:
+                if msg[0] == "rec":
+                    sink(RequestRecord.from_dict(orjson.loads(msg[1])))
+                elif msg[0] == "outcome":
+                    outcomes[msg[1]] = msg[2]
+                elif msg[0] == "error":
+                    errors.append(msg[2])
+            if not msgs and not all(p.is_alive() for p in procs) and out.empty():
+                dead = [p.exitcode for p in procs if not p.is_alive()]
+                if len(dead) > len(outcomes) + len(errors):
+                    raise RuntimeError(f"a worker process died (exit codes {dead}) before reporting")
+        if errors:
+            raise RuntimeError(f"a worker process failed:\n{errors[0]}")
+    finally:
+        go.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    parts = [outcomes[k] for k in sorted(outcomes)]
+    counts: Counter[str] = Counter()
+    for o in parts:
+        counts.update(o.counts)
+    cpus = tuple(o.client_cpu for o in parts)
+    return PointOutcome(
+        point=point,
+        started=t0.value - run_start,
+        ended=max(o.ended for o in parts),
+        counts=dict(counts),
+        stop_reason=min((o.stop_reason for o in parts), key=_REASON_ORDER.index),
+        client_cpu=max(cpus, key=lambda c: c.mean_util),
+        max_send_lag=max(o.max_send_lag for o in parts),
+        window_end=next((o.window_end for o in parts if o.window_end is not None), None),
+        processes=len(parts),
+        per_process_cpu=cpus,
     )

@@ -130,7 +130,7 @@ def parse_slo(text: str | None) -> Slo:
 def request_meets(rec: RequestRecord, bounds_ms: Mapping[str, float]) -> bool:
     """Whether one request is "good": it succeeded and meets every per-request bound.
 
-    A request with no output token fails a TTFT bound; one with fewer than 2 tokens has no TPOT and passes that bound.
+    A request with no output token fails a TTFT bound; one without a TPOT (see `metrics.tpot`) passes that bound.
     """
     if not rec.ok:
         return False

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness import metrics
@@ -47,6 +48,8 @@ class LoadInfo(BaseModel):
     value: float | None = None
     arrival: str | None = None  # "closed", "poisson", "constant", "trace", ...
     closed_loop: bool
+    burstiness: float | None = None
+    seed: int | None = None
 
 
 class PointMeta(BaseModel):
@@ -173,7 +176,7 @@ def summarize_point(
 
     lat = {
         "ttft": stats_ms(metrics.ttft(r) for r in ok),
-        "itl": stats_ms(s for r in ok for s in metrics.itl_samples(r)),
+        "itl": stats_ms(np.concatenate([metrics.itl_array(r) for r in ok]) if ok else np.empty(0)),
         "tpot": stats_ms(metrics.tpot(r) for r in ok),
         "e2e": stats_ms(metrics.e2e(r) for r in ok),
     }
@@ -238,7 +241,9 @@ def summarize_point(
         input_tokens_per_s=_rate(in_tokens, duration),
         output_tokens_per_s=_rate(out_tokens, duration),
         total_tokens_per_s=_rate(in_tokens + out_tokens, duration),
-        goodput=goodput(measured, duration, slo, lat) if slo else None,
+        goodput=goodput([r for r in measured if r.status != "cancelled"], duration, slo, lat)
+        if slo
+        else None,
         token_sources=dict(Counter(c.source for c in out_counts)),
         input_token_sources=dict(Counter(src for _, src in inputs)),
         client_cpu=cpu,
@@ -305,6 +310,8 @@ def summarize_run(
         records = list(rd.iter_records())
         events = list(rd.iter_events())
     notes.extend(str(w.message) for w in caught)
+    if not records:
+        notes.append(f"no request records in {rd.path / 'records.jsonl'}: nothing to summarize")
     if slo is None:
         slo = Slo.from_dict(manifest.slo) if manifest else Slo()
     policy = policy or VerdictPolicy()

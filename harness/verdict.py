@@ -67,7 +67,7 @@ class PointChecks(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    measured: int
+    measured: int  # measured requests that completed (ok or failed; not cancelled by the run's end)
     duration_s: float | None
     closed_loop: bool
     scheduled_rate_per_s: float | None = None  # the rate the schedule asked for, over the measured requests
@@ -105,10 +105,11 @@ _CLIENT = "the client cannot keep up: lower --rate or use more client processes"
 
 
 def _run_longer(c: PointChecks, p: VerdictPolicy) -> str:
+    # 20 % above the minimums, at the rate this point ran: a random schedule may finish early
     rate = c.measured / c.duration_s if c.duration_s and c.measured else None
-    n = max(p.min_requests, math.ceil(rate * p.min_duration_s) if rate else 0)
-    s = max(p.min_duration_s, math.ceil(p.min_requests / rate) if rate else 0)
-    return f"run longer: --requests {n} / --duration {s:g}"
+    n = math.ceil(1.2 * max(p.min_requests, rate * p.min_duration_s if rate else 0))
+    s = math.ceil(1.2 * max(p.min_duration_s, p.min_requests / rate if rate else 0))
+    return f"run longer: --requests {n} / --duration {s}"
 
 
 def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
@@ -121,7 +122,7 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
     if c.measured < p.min_requests:
         fail(
             "too_few_requests",
-            f"{c.measured} measured requests (< {p.min_requests})",
+            f"{c.measured} measured requests completed (< {p.min_requests})",
             _run_longer(c, p),
         )
     if c.duration_s is None or c.duration_s < p.min_duration_s:

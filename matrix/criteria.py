@@ -58,7 +58,7 @@ CRITERIA: tuple[Criterion, ...] = (
         "measured",
         "higher",
         "×",
-        "TTFT p50 of the shared-prefix control divided by TTFT p50 with a shared prefix, at the lowest common load",
+        "TTFT p50 of control requests ÷ TTFT p50 of prefix-reusing requests (same point), at the lightest valid load",
     ),
     Criterion(
         "memory_per_request",
@@ -166,9 +166,27 @@ def _goodput(points: Sequence[Point], engines: Sequence[str]) -> dict[str, RawVa
     return out
 
 
+def _prefix_gain_within_points(points: Sequence[Point], engine: str) -> RawValue | None:
+    """Control and reuse requests interleaved in the same points (the shared-prefix workload): the same load."""
+    mixed = [
+        p for p in _valid(points)
+        if p.engine == engine and p.role == "shared_prefix"
+        and p.ttft_p50_by_role.get("reuse") and p.ttft_p50_by_role.get("control") is not None
+    ]  # fmt: skip
+    if not mixed:
+        return None
+    p = min(mixed, key=lambda q: q.load_value)
+    gain = p.ttft_p50_by_role["control"] / p.ttft_p50_by_role["reuse"]
+    return RawValue(gain, f"control/reuse TTFT p50 within {p.point} ({p.workload})")
+
+
 def _prefix_gain(points: Sequence[Point], engines: Sequence[str]) -> dict[str, RawValue]:
     out: dict[str, RawValue] = {}
     for engine in engines:
+        within = _prefix_gain_within_points(points, engine)
+        if within is not None:
+            out[engine] = within
+            continue
         shared = [p for p in _valid(points) if p.engine == engine and p.role == "shared_prefix"]
         control = [p for p in _valid(points) if p.engine == engine and p.role == "shared_prefix_control"]
         if not shared or not control:

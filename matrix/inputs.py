@@ -57,6 +57,9 @@ class Point:
     latency_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     memory_peak_bytes: float | None = None
     closed_loop: bool = True
+    # TTFT p50 (ms) of the point's measured ok requests grouped by their `role` tag (shared-prefix workload:
+    # "reuse" and "control"); empty when the caller did not read the records
+    ttft_p50_by_role: Mapping[str, float] = field(default_factory=dict)
 
     def latency(self, metric: str, stat: str) -> float | None:
         value = self.latency_ms.get(metric, {}).get(stat)

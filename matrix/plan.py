@@ -169,7 +169,11 @@ def _option(
     mine = [p for p in points if p.engine == engine and p.workload == uc.workload]
     if not mine:
         return Option(engine, False, f"not measured on workload {uc.workload}")
-    cap = capacity(mine, uc.slo)
+    # A concurrency sweep and a rate sweep are sized separately; the one sustaining more req/s is used.
+    caps = [
+        capacity([p for p in mine if p.load_kind == k], uc.slo) for k in sorted({p.load_kind for p in mine})
+    ]
+    cap = max(caps, key=lambda c: (c.sustained_load is not None, c.requests_per_s or 0.0))
     if cap.sustained_load is None:
         return Option(engine, False, cap.note, capacity=cap)
     settings: dict[str, object] = {

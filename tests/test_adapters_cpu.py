@@ -35,7 +35,7 @@ def test_vllm_minimal_argv_and_cpu_env() -> None:
     assert Path(argv[0]).name == "vllm"
     assert flags(argv) == [
         "serve", HF, "--served-model-name", "SmolLM2-135M-Instruct-hf", "--host", "127.0.0.1", "--port", "8123",
-        "--enforce-eager",
+        "--enforce-eager", "--enable-prompt-tokens-details",
     ]  # fmt: skip
     assert vllm.launch_env(cfg) == {
         "HF_HUB_OFFLINE": "1",
@@ -65,7 +65,8 @@ def test_vllm_every_setting() -> None:
     assert flags(vllm.launch_argv(cfg)) == [
         "serve", HF, "--served-model-name", "smol", "--host", "0.0.0.0", "--port", "9000", "--dtype", "bfloat16",
         "--quantization", "fp8", "--max-model-len", "4096", "--max-num-seqs", "8", "--no-enable-prefix-caching",
-        "--tensor-parallel-size", "2", "--kv-cache-dtype", "fp8", "--enforce-eager", "--seed", "1",
+        "--tensor-parallel-size", "2", "--kv-cache-dtype", "fp8", "--enforce-eager", "--enable-prompt-tokens-details",
+        "--seed", "1",
     ]  # fmt: skip
     env = vllm.launch_env(cfg)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the config's env wins over the defaults
@@ -78,7 +79,7 @@ def test_vllm_enforce_eager_can_be_turned_off_and_gpu_device_differs() -> None:
     assert "--enforce-eager" not in argv and argv[-1] == "--no-enforce-eager"
     gpu = EngineConfig(model=HF, gpu_memory_fraction=0.85, env={"VLLM_TARGET_DEVICE": "cuda"})
     argv = vllm.launch_argv(gpu)
-    assert argv[-2:] == ["--gpu-memory-utilization", "0.85"] and "--enforce-eager" not in argv
+    assert argv[-3:-1] == ["--gpu-memory-utilization", "0.85"] and "--enforce-eager" not in argv
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm.launch_env(gpu)
 
 
@@ -338,3 +339,10 @@ def fold(adapter: Adapter, payloads: list[bytes]) -> tuple[str, int, list[Stream
 def load_expect(name: str) -> dict[str, object]:
     data: dict[str, object] = orjson.loads((FIXTURES / "streams" / "expected.json").read_bytes())[name]
     return data
+
+
+def test_install_refuses_engines_it_cannot_install() -> None:
+    from harness.cli.engines import InstallConfig, run_install
+
+    with pytest.raises(ConfigError, match="cannot install tgi here: `bench engines install` knows vllm, llamacpp"):
+        run_install(InstallConfig(("vllm", "tgi")))

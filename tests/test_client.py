@@ -92,9 +92,9 @@ class ScriptedServer:
             return web.json_response({"error": {"message": "scripted failure"}}, status=500)
         if not body.get("stream"):
             await asyncio.sleep(ttft + itl * (n - 1))
-            usage = {"prompt_tokens": 7, "completion_tokens": n}
+            whole = {"prompt_tokens": 7, "completion_tokens": n}
             return web.json_response(
-                {"choices": [{"message": {"content": text * n}, "finish_reason": "length"}], "usage": usage}
+                {"choices": [{"message": {"content": text * n}, "finish_reason": "length"}], "usage": whole}
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -122,11 +122,13 @@ class ScriptedServer:
                 await resp.write(payload)
         if mode not in ("truncated", "nodone"):
             if s.get("usage", True):
-                usage = {"prompt_tokens": 7, "completion_tokens": n}
+                usage: dict[str, Any] = {"prompt_tokens": 7, "completion_tokens": n}
                 if "cached" in s:
                     usage["prompt_tokens_details"] = {"cached_tokens": s["cached"]}
                 await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            if mode == "open_after_done":
+                await asyncio.sleep(30)
         await resp.write_eof()
         return resp
 
@@ -288,3 +290,70 @@ async def test_truncated_stream_is_stream_error(server: ScriptedServer) -> None:
     rec = await send(target_for(server.url), script_spec("a", n=3, mode="truncated"))
     assert rec.status == "stream_error" and rec.tags.get("stream_end") == "eof"
     assert rec.client_output_tokens == 3 and rec.done is not None
+
+
+async def test_pooled_connections_are_dropped_before_the_server_idles_them_out() -> None:
+    """A server that closes idle keep-alive connections after 0.1 s (as cpp-httplib does after 5 s), and requests
+    sent around that moment: with the client's pool idle time below the server's, none fails."""
+    idle = 0.1
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        head = await reader.readuntil(b"\r\n\r\n")
+                except TimeoutError:
+                    return
+                length = next(
+                    (
+                        int(x.split(b":")[1])
+                        for x in head.split(b"\r\n")
+                        if x.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                body = _chunk("x", "stop") + b"data: [DONE]\n\n"
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body)
+                )
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(conn, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    target = target_for(f"http://127.0.0.1:{port}", keepalive_idle_s=idle / 2)
+    run_start = time.perf_counter()
+    statuses = []
+    try:
+        async with make_session(target) as session:
+            for i in range(20):
+                rec = await send_request(
+                    session,
+                    target,
+                    script_spec(str(i), n=1),
+                    point="p",
+                    phase="measure",
+                    scheduled=0.0,
+                    run_start=run_start,
+                    timeout=aiohttp.ClientTimeout(total=5),
+                )
+                statuses.append(rec.status)
+                await asyncio.sleep(idle - 0.003 + (i % 6) * 0.001)
+    finally:
+        srv.close()
+    assert statuses == ["ok"] * 20
+
+
+async def test_body_left_open_after_done_does_not_hang(server: ScriptedServer) -> None:
+    t = time.perf_counter()
+    rec = await send(
+        target_for(server.url), script_spec("a", n=3, mode="open_after_done"), stall=20, total=30
+    )
+    assert rec.status == "ok" and rec.done is not None and rec.done - rec.chunk_times[-1] < 0.5
+    assert time.perf_counter() - t < 5

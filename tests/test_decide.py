@@ -166,18 +166,30 @@ def test_different_fingerprints_are_never_compared(tmp_path: Path) -> None:
         decide(DecideConfig(run_dirs=(a, b)))
 
 
-def _records(rd: Any, engine: str, point: str, ttft_s: float, n: int = 40, gap: float = 0.3) -> None:
+def _records(
+    rd: Any,
+    engine: str,
+    point: str,
+    ttft_s: float,
+    n: int = 40,
+    gap: float = 0.3,
+    control_ttft_s: float | None = None,
+) -> None:
+    """`n` requests with a known TTFT; with `control_ttft_s`, every 4th is a shared-prefix control (role tags)."""
     from harness.records import RequestRecord
 
     for i in range(n):
         t = i * gap
-        chunks = [t + ttft_s + 0.01 * k for k in range(8)]
+        control = control_ttft_s is not None and i % 4 == 3
+        tags = {} if control_ttft_s is None else {"role": "control" if control else "reuse"}
+        ttft_s_i = control_ttft_s if control and control_ttft_s is not None else ttft_s
+        chunks = [t + ttft_s_i + 0.01 * k for k in range(8)]
         rd.append_record(
             RequestRecord(
                 request_id=f"{engine}-{point}-{i}", engine=engine, point=point, phase="measure", scheduled=t, sent=t,
-                first_byte=t + ttft_s * 0.5, chunk_times=chunks, chunk_tokens=[1] * 8, done=chunks[-1] + 0.001,
+                first_byte=t + ttft_s_i * 0.5, chunk_times=chunks, chunk_tokens=[1] * 8, done=chunks[-1] + 0.001,
                 prompt_tokens=10, output_tokens=8, token_source="server_usage", client_output_tokens=8,
-                expected_input_tokens=10, expected_output_tokens=8,
+                expected_input_tokens=10, expected_output_tokens=8, tags=tags,
             )
         )  # fmt: skip
 
@@ -202,11 +214,45 @@ def test_decide_reads_a_summary_written_by_the_harness(tmp_path: Path) -> None:
     rd.close()
     rd.finish("complete")
     summary = rebuild_summary(path, policy=VerdictPolicy(min_requests=10, min_duration_s=1.0))
-    assert [p.verdict.status for p in summary.points] == ["VALID", "VALID"], [p.verdict for p in summary.points]
+    assert [p.verdict.status for p in summary.points] == ["VALID", "VALID"], [
+        p.verdict for p in summary.points
+    ]
     d = decide(DecideConfig(run_dirs=(path,), weights_file=None, profile="latency-critical-chatbot"))
     scores = d["scores"][0]["criteria"]
-    assert scores["ttft_p95"]["raw"] == pytest.approx(200.0, abs=1.0)  # the common load of one engine: its heaviest
+    assert scores["ttft_p95"]["raw"] == pytest.approx(
+        200.0, abs=1.0
+    )  # the common load of one engine: its heaviest
     assert scores["cold_start"]["raw"] == 1.5
     assert scores["ecosystem"]["score"] == 5  # adapter "llamacpp" found in the knowledge file
     cap = d["capacity"][0]["capacity"]
     assert cap["sustained_load"] == 1 and cap["at_point"] == "concurrency=1" and not cap["interpolated"]
+
+
+def test_maintenance_mode_engine_is_flagged_and_missing_dir_is_one_line(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "tgi", {"text-generation-inference": 20.0},
+                     [_point("text-generation-inference", 1, 100, 1.0)])  # fmt: skip
+    d = decide(DecideConfig(run_dirs=(run,)))
+    assert any("upstream status is maintenance" in w for w in d["warnings"])
+    eco = d["scores"][0]["criteria"]["ecosystem"]
+    assert eco["score"] == 1 and eco["source"] and eco["date"] == "2025-12-11"
+    r = _bench(tmp_path / "nope")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prefix_reuse_gain_from_tagged_records_of_a_shared_prefix_run(tmp_path: Path) -> None:
+    from harness.rundir import RunDir
+    from harness.summary import rebuild_summary
+    from harness.verdict import VerdictPolicy
+
+    path = tmp_path / "sp"
+    rd = RunDir.create(path)
+    rd.start("sp-1", engines=[{"name": "eng", "adapter": "vllm"}],
+             workload={"name": "shared-prefix", "version": 1, "fingerprint": "sha256:sp", "params": {}},
+             load={"kind": "concurrency", "values": [1]})  # fmt: skip
+    _records(rd, "eng", "concurrency=1", 0.100, control_ttft_s=0.400)
+    rd.close()
+    rd.finish("complete")
+    rebuild_summary(path, policy=VerdictPolicy(min_requests=10, min_duration_s=1.0))
+    d = decide(DecideConfig(run_dirs=(path,)))
+    gain = d["scores"][0]["criteria"]["prefix_reuse_gain"]
+    assert gain["raw"] == pytest.approx(4.0, rel=0.01) and "control/reuse" in gain["note"]  # 400 ms / 100 ms

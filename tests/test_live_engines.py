@@ -78,7 +78,11 @@ async def send_all(ep: Endpoint, adapter: Adapter, batch: list[RequestSpec]) -> 
 
 def listeners(port: int) -> list[int | None]:
     """pids of processes listening on `port` (any address)."""
-    return [c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr and c.laddr[1] == port]
+    return [
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == "LISTEN" and c.laddr and c.laddr[1] == port
+    ]
 
 
 def tree_and_listeners(ep: Endpoint) -> tuple[list[psutil.Process], int]:

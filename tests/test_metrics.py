@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from harness import metrics
 from harness.errors import ConfigError
@@ -74,8 +76,13 @@ def test_output_tokens_fall_back_to_client_count_flagged() -> None:
     assert metrics.tpot(r) == pytest.approx(0.1, abs=TOL)
 
 
-def test_tpot_none_below_two_tokens() -> None:
+def test_tpot_none_below_two_tokens_or_two_chunks() -> None:
     assert metrics.tpot(rec(chunk_times=[1.1], chunk_tokens=[1])) is None
+    # a non-streamed answer: all 16 tokens in one chunk, no decode time observed (not 0 ms)
+    assert (
+        metrics.tpot(rec(chunk_times=[1.1], chunk_tokens=[16], output_tokens=16, token_source="server_usage"))
+        is None
+    )
 
 
 def test_stats_ms_hand_computed() -> None:
@@ -171,3 +178,24 @@ def test_request_bound_is_the_loosest_of_a_metric() -> None:
         )
     )
     assert slo.request_bounds_ms() == {"ttft": 500.0}
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=1.0), st.integers(min_value=1, max_value=8)),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_itl_samples_partition_the_decode_time(chunks: list[tuple[float, int]]) -> None:
+    # however tokens are bundled, ITL samples add up to last − first chunk, one sample per token after the first chunk
+    times = list(np.cumsum([gap for gap, _ in chunks]))
+    tokens = [k for _, k in chunks]
+    samples = metrics.itl_samples(rec(scheduled=0.0, chunk_times=times, chunk_tokens=tokens))
+    assert len(samples) == sum(tokens[1:])
+    assert sum(samples) == pytest.approx(times[-1] - times[0], abs=1e-9)
+
+
+def test_percentile_linear_interpolation() -> None:
+    assert metrics.percentile([10.0, 20.0], 25) == pytest.approx(12.5)
+    assert metrics.percentile([3.0, 1.0, 2.0], 50) == pytest.approx(2.0)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -190,3 +191,35 @@ def test_bench_summarize_on_a_non_run_dir_fails_cleanly(tmp_path: Path) -> None:
     assert len(lines) == 1 and "is not a run directory" in lines[0], out.stderr
     assert not (tmp_path / "summary.json").exists()
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.bench
+def test_append_cost_is_dominated_by_serialisation(tmp_path: Path) -> None:
+    # one write(2) per record (what makes a SIGKILL lose nothing) must cost little next to serialising the record
+    import time
+
+    recs = [_rec(i) for i in range(2000)]
+    for r in recs:
+        r.chunk_times = [r.scheduled + 0.01 * k for k in range(256)]
+        r.chunk_tokens = [1] * 256
+
+    def best_of(fn: Callable[[], None], repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def serialise() -> None:
+        for r in recs:
+            orjson.dumps(r)
+
+    def append() -> None:
+        with RunDir.create(tmp_path / f"run{time.perf_counter_ns()}") as rd:
+            for r in recs:
+                rd.append_record(r)
+
+    ratio = best_of(append) / best_of(serialise)
+    print(f"append_record / serialise-only time ratio: {ratio:.2f}")
+    assert ratio < 3.0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import multiprocessing as mp
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,7 +31,9 @@ async def _run(
 async def test_open_loop_follows_the_schedule_and_marks_phases(server: ScriptedServer) -> None:
     point = LoadPoint("rate", 40, "poisson", seed=11)
     specs = [script_spec(f"r{i}", n=3, itl=0.01) for i in range(40)]
-    outcome, recs = await _run(target_for(server.url), specs, point, StopRule(requests=20, warmup=3, cooldown=3))
+    outcome, recs = await _run(
+        target_for(server.url), specs, point, StopRule(requests=20, warmup=3, cooldown=3)
+    )
     assert outcome.stop_reason == "requests" and not outcome.point.closed_loop
     recs.sort(key=lambda r: r.scheduled)
     phases = [r.phase for r in recs]
@@ -51,7 +57,7 @@ async def test_closed_loop_keeps_exactly_n_in_flight(server: ScriptedServer) -> 
     assert server.max_inflight == 4
     for w in range(4):
         mine = sorted((r for r in recs if r.worker == w), key=lambda r: r.scheduled)
-        for prev, nxt in zip(mine, mine[1:], strict=False):
+        for prev, nxt in itertools.pairwise(mine):
             assert prev.done is not None and nxt.scheduled >= prev.done
     assert outcome.client_cpu.samples  # sampled at least once (final partial interval)
 
@@ -59,7 +65,9 @@ async def test_closed_loop_keeps_exactly_n_in_flight(server: ScriptedServer) -> 
 async def test_cooldown_after_requests(server: ScriptedServer) -> None:
     point = LoadPoint("concurrency", 2, "closed")
     specs = [script_spec(f"r{i}", n=2, itl=0.02) for i in range(40)]
-    outcome, recs = await _run(target_for(server.url), specs, point, StopRule(requests=6, warmup=2, cooldown=4))
+    outcome, recs = await _run(
+        target_for(server.url), specs, point, StopRule(requests=6, warmup=2, cooldown=4)
+    )
     assert outcome.counts["warmup"] == 2 and outcome.counts["measure"] == 6
     assert outcome.counts.get("cooldown", 0) <= 4
     last_measured = max(r.scheduled for r in recs if r.phase == "measure")
@@ -98,11 +106,9 @@ async def test_error_budget_stops_early(server: ScriptedServer) -> None:
 
 
 async def test_chat_history_and_think_time(server: ScriptedServer) -> None:
-    first = script_spec("t1", n=2, text="R1 ")
-    first = RequestSpec(**{**_fields(first), "session": "s", "turn": 0})
-    second = script_spec("t2", n=1)
-    second = RequestSpec(**{**_fields(second), "session": "s", "turn": 1, "history_from": "t1", "think_time": 0.1})
-    outcome, recs = await _run(
+    first = replace(script_spec("t1", n=2, text="R1 "), session="s", turn=0)
+    second = replace(script_spec("t2", n=1), session="s", turn=1, history_from="t1", think_time=0.1)
+    _outcome, recs = await _run(
         target_for(server.url), [first, second], LoadPoint("rate", 100, "constant"), StopRule()
     )
     by_id = {r.request_id: r for r in recs}
@@ -114,17 +120,15 @@ async def test_chat_history_and_think_time(server: ScriptedServer) -> None:
 
 
 async def test_failed_parent_skips_the_next_turn(server: ScriptedServer) -> None:
-    first = RequestSpec(**{**_fields(script_spec("t1", mode="http500")), "session": "s"})
-    second = RequestSpec(**{**_fields(script_spec("t2")), "session": "s", "history_from": "t1"})
-    _, recs = await _run(target_for(server.url), [first, second], LoadPoint("concurrency", 2, "closed"), StopRule())
+    first = replace(script_spec("t1", mode="http500"), session="s")
+    second = replace(script_spec("t2"), session="s", history_from="t1")
+    _, recs = await _run(
+        target_for(server.url), [first, second], LoadPoint("concurrency", 2, "closed"), StopRule()
+    )
     by_id = {r.request_id: r for r in recs}
     assert by_id["t1"].status == "http_error"
     assert by_id["t2"].status == "cancelled" and by_id["t2"].tags.get("skipped") == "parent_failed"
     assert len(server.bodies) == 1
-
-
-def _fields(spec: RequestSpec) -> dict[str, object]:
-    return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -134,4 +138,109 @@ async def test_counts_add_up(server: ScriptedServer, concurrency: int) -> None:
         target_for(server.url), specs, LoadPoint("concurrency", concurrency, "closed"), StopRule()
     )
     assert outcome.counts["total"] == len(recs) == 9 == outcome.counts["ok"]
-    assert outcome.started <= min(r.scheduled for r in recs) and outcome.ended >= max(r.done or 0 for r in recs)
+    assert outcome.started <= min(r.scheduled for r in recs) and outcome.ended >= max(
+        r.done or 0 for r in recs
+    )
+
+
+def _child_clock(q: mp.Queue[float]) -> None:
+    q.put(time.perf_counter())
+
+
+def test_perf_counter_is_one_clock_across_processes() -> None:
+    """Offsets from one run start are comparable between processes only if perf_counter is system-wide."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    before = time.perf_counter()
+    p = ctx.Process(target=_child_clock, args=(q,))
+    p.start()
+    child = q.get(timeout=60)
+    p.join(10)
+    after = time.perf_counter()
+    assert before < child < after
+
+
+async def test_multiprocess_open_loop_is_the_same_plan(server: ScriptedServer) -> None:
+    point = LoadPoint("rate", 60, "constant")
+    specs = [script_spec(f"r{i}", n=2) for i in range(60)]
+    records: list[RequestRecord] = []
+    stop = StopRule(requests=30, warmup=4)
+    outcome = await run_point(
+        target_for(server.url), specs, point, stop, records.append, time.perf_counter(), processes=2
+    )
+    assert outcome.processes == 2 and len(outcome.per_process_cpu) == 2
+    assert sorted(r.request_id for r in records) == sorted(f"r{i}" for i in range(34))
+    assert all(r.ok for r in records), [r.error for r in records if not r.ok]
+    by_index = sorted(records, key=lambda r: int(r.request_id[1:]))
+    assert [r.phase for r in by_index] == ["warmup"] * 4 + ["measure"] * 30
+    assert np.allclose([r.scheduled - outcome.started for r in by_index], send_times(point, 34), atol=1e-9)
+    assert {r.worker for r in records} == {0, 1}
+    assert outcome.counts["total"] == 34 and outcome.stop_reason == "requests"
+
+
+async def test_multiprocess_closed_loop(server: ScriptedServer) -> None:
+    point = LoadPoint("concurrency", 4, "closed")
+    specs = [script_spec(f"r{i}", n=3, itl=0.01) for i in range(20)]
+    records: list[RequestRecord] = []
+    outcome = await run_point(
+        target_for(server.url),
+        specs,
+        point,
+        StopRule(warmup=2),
+        records.append,
+        time.perf_counter(),
+        processes=2,
+    )
+    assert sorted(r.request_id for r in records) == sorted(s.request_id for s in specs)
+    assert outcome.counts["warmup"] == 2 and outcome.counts["measure"] == 18
+    assert server.max_inflight == 4 and {r.worker for r in records} == {0, 1, 2, 3}
+
+
+async def test_a_failing_sink_stops_the_point_and_raises(server: ScriptedServer) -> None:
+    seen: list[RequestRecord] = []
+
+    def sink(rec: RequestRecord) -> None:
+        seen.append(rec)
+        if len(seen) == 3:
+            raise OSError("disk full")
+
+    specs = [script_spec(f"r{i}", n=2) for i in range(50)]
+    with pytest.raises(OSError, match="disk full"):
+        await run_point(
+            target_for(server.url),
+            specs,
+            LoadPoint("concurrency", 2, "closed"),
+            StopRule(),
+            sink,
+            time.perf_counter(),
+        )
+    assert 3 <= len(seen) < 10
+
+
+async def test_duration_with_cooldown_lets_measured_requests_finish(server: ScriptedServer) -> None:
+    point = LoadPoint("concurrency", 2, "closed")
+    specs = [script_spec(f"r{i}", n=4, itl=0.05) for i in range(40)]  # 0.15 s each
+    outcome, recs = await _run(target_for(server.url), specs, point, StopRule(duration_s=0.25, cooldown=4))
+    assert outcome.stop_reason == "duration"
+    measured = [r for r in recs if r.phase == "measure"]
+    assert measured and all(r.ok for r in measured)  # finished under cool-down load, not cancelled
+    assert all(r.scheduled < outcome.window_end for r in measured)  # type: ignore[operator]
+    assert 1 <= outcome.counts.get("cooldown", 0) <= 4
+
+
+async def test_abort_ends_the_point_and_returns(server: ScriptedServer) -> None:
+    abort = asyncio.Event()
+    specs = [script_spec(f"r{i}", n=100, itl=0.05) for i in range(10)]
+    records: list[RequestRecord] = []
+    asyncio.get_running_loop().call_later(0.3, abort.set)
+    outcome = await run_point(
+        target_for(server.url),
+        specs,
+        LoadPoint("concurrency", 2, "closed"),
+        StopRule(),
+        records.append,
+        time.perf_counter(),
+        abort=abort,
+    )
+    assert outcome.stop_reason == "aborted" and len(records) == 2
+    assert all(r.status == "cancelled" for r in records)

@@ -11,7 +11,7 @@ from harness.sse import SSEParser
 
 # payload text that cannot contain line breaks (a data value never does); includes multi-byte characters
 _payload = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=40
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=40
 ).map(lambda s: s.encode())
 
 
@@ -31,7 +31,7 @@ def _feed_split(stream: bytes, cuts: list[int]) -> list[bytes]:
     parser = SSEParser()
     out: list[bytes] = []
     prev = 0
-    for cut in sorted(set(cuts)) + [len(stream)]:
+    for cut in [*sorted(set(cuts)), len(stream)]:
         out += parser.feed(stream[prev:cut])
         prev = cut
     out += parser.close()

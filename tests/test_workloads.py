@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,11 +31,13 @@ from workloads.quantized import (
     variants,
 )
 from workloads.registry import builtin_names, list_workloads, load_workload
+from workloads.spec import Api
 from workloads.text import PromptBuilder, TextBuilder
 from workloads.tokenizer import EngineTokenizer, LocalTokenizer, SimpleTokenizer, Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 HF_FOLDER = Path("~/.cache/enginebench/model/SmolLM2-135M-Instruct-hf").expanduser()
+GGUF = Path("~/.cache/enginebench/model/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 AZURE = REPO.parent / "shared/data/traces/AzureLLMInferenceTrace_conv.csv"
 TOK = SimpleTokenizer()
 GENERATED = ["synthetic", "chat", "long-context", "shared-prefix", "quantized"]
@@ -67,7 +70,9 @@ def test_requests_are_identical_across_processes() -> None:
         "print(hashlib.sha256(repr(r).encode()).hexdigest())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, check=True
+    )
     assert out.stdout.strip() == digest(load_workload("chat").generate(5, 7, tokenizer=TOK))
 
 
@@ -86,9 +91,15 @@ def test_overrides_change_the_fingerprint() -> None:
 
 def test_builtins_all_load_and_describe_themselves() -> None:
     names = builtin_names()
-    assert {"synthetic", "chat", "long-context", "shared-prefix", "quantized", "trace-azure", "trace-mooncake"} <= set(
-        names
-    )
+    assert {
+        "synthetic",
+        "chat",
+        "long-context",
+        "shared-prefix",
+        "quantized",
+        "trace-azure",
+        "trace-mooncake",
+    } <= set(names)
     for w in list_workloads():
         assert w.description and "\n" not in w.description
         assert w.version >= 1
@@ -137,7 +148,7 @@ def test_chat_sessions_grow_turn_by_turn() -> None:
     for turns in sessions.values():
         assert [r.turn for r in turns] == list(range(1, len(turns) + 1))
         assert turns[0].history_from is None and turns[0].think_time == 0.0
-        for prev, cur in zip(turns, turns[1:], strict=False):
+        for prev, cur in itertools.pairwise(turns):
             assert cur.history_from == prev.request_id
             assert cur.think_time > 0
             assert len(cur.messages) == 1 and cur.messages[0]["role"] == "user"
@@ -232,7 +243,9 @@ def test_shared_prefix_groups_share_and_controls_do_not(api: str) -> None:
     for group, prefixes in by_group.items():
         distinct = {tuple(p) for p in prefixes}
         assert len(distinct) == (len(prefixes) if group == "control" else 1), group
-    firsts = [tuple(p[0]) for g, p in by_group.items() if g != "control"] + [tuple(p) for p in by_group["control"]]
+    firsts = [tuple(p[0]) for g, p in by_group.items() if g != "control"] + [
+        tuple(p) for p in by_group["control"]
+    ]
     assert len(set(firsts)) == len(firsts)  # groups and controls all differ
     # the suffixes differ inside a group
     g0 = [r for r in requests if r.tags["group"] == "g0"]
@@ -243,7 +256,9 @@ def test_shared_prefix_groups_share_and_controls_do_not(api: str) -> None:
 
 
 def test_shared_prefix_must_span_two_cache_blocks() -> None:
-    with pytest.raises(ConfigError, match=r"field `\(top level\)`.*prefix_tokens \(200\) must be >= 2 cache blocks"):
+    with pytest.raises(
+        ConfigError, match=r"field `\(top level\)`.*prefix_tokens \(200\) must be >= 2 cache blocks"
+    ):
         load_workload("shared-prefix").with_overrides({"prefix_tokens": 200})
 
 
@@ -292,7 +307,9 @@ def test_user_file_loads_and_cli_reports_errors_on_one_line(tmp_path: Path) -> N
     w = load_workload(str(good))
     assert w.name == "mine" and w.seed == 5 and w.source == str(good)
     bench = Path(sys.executable).parent / "bench"
-    ok = subprocess.run([bench, "workloads", "--workload", str(good), "--preview", "2"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [bench, "workloads", "--workload", str(good), "--preview", "2"], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert w.fingerprint in ok.stdout and "mine-5-000001" in ok.stdout
     bad = tmp_path / "bad.yaml"
@@ -307,21 +324,51 @@ def test_user_file_loads_and_cli_reports_errors_on_one_line(tmp_path: Path) -> N
 # --------------------------------------------------------------------------------------------- tokenizers
 
 
-@pytest.mark.skipif(not (HF_FOLDER / "tokenizer.json").is_file(), reason=f"no model tokenizer at {HF_FOLDER}")
-def test_exact_counts_with_the_real_model_tokenizer() -> None:
-    real = LocalTokenizer(HF_FOLDER)
+def _real_tokenizer(source: Path) -> LocalTokenizer:
+    pytest.importorskip("tokenizers", reason="the local tokenizer needs the `tokenizers` package")
+    if not source.exists():
+        pytest.skip(f"no model tokenizer at {source} (made by the model install step)")
+    return LocalTokenizer(source)
+
+
+@pytest.mark.parametrize("source", [HF_FOLDER, GGUF], ids=["hf-folder", "gguf"])
+def test_exact_counts_with_the_real_model_tokenizer(source: Path) -> None:
+    real = _real_tokenizer(source)
     texts = TextBuilder(real)
     for n in (1, 7, 128, 1000):
         assert len(real.encode(texts.text(n, ("real", n)))) == n
     builder = PromptBuilder(real)
-    for api in ("completions", "chat"):
-        built = builder.prompt(200, api, ("real", api))  # type: ignore[arg-type]
+    apis: tuple[Api, ...] = ("completions", "chat")
+    for api in apis:
+        built = builder.prompt(200, api, ("real", api))
         measured = real.count_chat(built.messages) if api == "chat" else real.count_prompt(built.prompt)
         assert measured == built.input_tokens == 200
-    # the chat template adds tokens the content does not show (evalscope PR#1289)
+    # the chat template adds tokens the content does not show (evalscope PR#1289): SmolLM2's ChatML template
+    # with its default system prompt
     msgs = ({"role": "user", "content": texts.text(50, ("real", "chat"))},)
-    assert real.count_chat(msgs) > 50
-    assert "<|im_start|>" in real.chat_prompt(msgs)
+    assert real.count_chat(msgs) > 50 + 20
+    assert "<|im_start|>system" in real.chat_prompt(msgs)
+    # shared-prefix groups share their first prefix_tokens model tokens
+    w = load_workload("shared-prefix").with_overrides({"prefix_tokens": 256, "groups": 2, "control_every": 0})
+    requests = w.generate(4, tokenizer=real)
+    heads = [tuple(real.encode(r.prompt)[:256]) for r in requests]
+    assert heads[0] == heads[2] and heads[1] == heads[3] and heads[0] != heads[1]
+    assert {r.input_tokens for r in requests} == {256 + 16}
+
+
+def test_gguf_and_folder_tokenizers_agree() -> None:
+    folder, gguf = _real_tokenizer(HF_FOLDER), _real_tokenizer(GGUF)
+    samples = [
+        " Hello world",
+        "x = 12345 + 67",
+        "über naïve café\n\n  tabs\tand spaces",
+        "<|im_start|>user\nhi",
+    ]
+    samples.append(TextBuilder(folder).text(500, ("agree",)))
+    for text in samples:
+        assert folder.encode(text) == gguf.encode(text), text
+    msgs = ({"role": "user", "content": "What is 2+2?"},)
+    assert folder.count_chat(msgs) == gguf.count_chat(msgs)
 
 
 class _EngineLike(BaseHTTPRequestHandler):
@@ -346,7 +393,9 @@ class _EngineLike(BaseHTTPRequestHandler):
             text = TOK.decode(body["tokens"])
             answer = {"prompt": text} if "model" in body else {"content": text}
         elif self.path == "/apply-template":
-            rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"])
+            rendered = "".join(
+                f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"]
+            )
             answer = {"prompt": rendered + "<|im_start|>assistant\n"}
         else:
             self.send_response(404)
@@ -415,13 +464,16 @@ def test_variants_are_made_once_and_cached(tmp_path: Path) -> None:
     # a stand-in for llama-quantize with its argv: --allow-requantize IN OUT TYPE THREADS
     fake = tmp_path / "llama-quantize"
     log = tmp_path / "calls.txt"
-    fake.write_text(
-        f'#!/bin/sh\n[ "$1" = --allow-requantize ] || exit 3\necho "$4" >> {log}\ncp "$2" "$3"\n'
-    )
+    fake.write_text(f'#!/bin/sh\n[ "$1" = --allow-requantize ] || exit 3\necho "$4" >> {log}\ncp "$2" "$3"\n')
     fake.chmod(0o755)
     w = load_workload("quantized").with_overrides({"source_model": str(source)})
     made = variants(w, out_dir=tmp_path / "out", quantize_bin=fake)
-    assert [(v.name, v.file_type) for v in made] == [("F16", "F16"), ("Q8_0", "Q8_0"), ("Q4_1", "Q4_1"), ("Q4_0", "Q4_0")]
+    assert [(v.name, v.file_type) for v in made] == [
+        ("F16", "F16"),
+        ("Q8_0", "Q8_0"),
+        ("Q4_1", "Q4_1"),
+        ("Q4_0", "Q4_0"),
+    ]
     assert made[2].path == source  # the source's own type is the source itself
     assert all(v.path.is_file() for v in made)
     assert log.read_text().split() == ["F16", "Q8_0", "Q4_0"]
@@ -442,11 +494,13 @@ def test_quality_prompts_and_report() -> None:
     prompts = quality_requests(w)
     assert len(prompts) == 20 and all(not r.pin_output and r.max_tokens == 32 for r in prompts)
     ref = {
-        "a": QualityOutput("Paris is the capital", ("Paris", " is", " the", " capital"), (-0.1, -0.2, -0.3, -0.4)),
+        "a": QualityOutput(
+            "Paris is the capital", ("Paris", " is", " the", " capital"), (-0.1, -0.2, -0.3, -0.4)
+        ),
         "b": QualityOutput("Seven days", ("Seven", " days"), (-0.5, -0.5)),
     }
-    same = dict(ref)
-    drifted = {
+    same: dict[str, QualityOutput | str] = dict(ref)
+    drifted: dict[str, QualityOutput | str] = {
         "a": QualityOutput("Paris is a city", ("Paris", " is", " a", " city"), (-0.2, -0.4, -1.0, -1.0)),
         "b": "Seven days",  # text only: compared in words
     }
@@ -477,3 +531,119 @@ def test_output_from_an_openai_response_with_logprobs() -> None:
     out = output_from_openai(body)
     assert out == QualityOutput("Paris.", ("Paris", "."), (-0.01, -0.5))
     assert output_from_openai({"choices": [{"text": "x"}]}) == QualityOutput("x")
+
+
+# --------------------------------------------------------------------------------------------- live llama.cpp
+
+LLAMA_SERVER = Path(
+    os.environ.get("ENGINEBENCH_LLAMA_SERVER", "~/.cache/enginebench/llamacpp/11434/bin/llama-server")
+).expanduser()
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+    return answer
+
+
+@pytest.fixture(scope="module")
+def llama_url() -> Iterator[str]:
+    import socket
+    import time
+    import urllib.request
+
+    if not (LLAMA_SERVER.is_file() and GGUF.is_file()):
+        pytest.skip(f"needs {LLAMA_SERVER} and {GGUF}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        str(LLAMA_SERVER),
+        "-m",
+        str(GGUF),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        "2",
+        "-c",
+        "2048",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("llama-server did not become ready")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.mark.live
+def test_prompts_built_here_are_what_llama_cpp_prefills(llama_url: str) -> None:
+    """Pitfall 2 end to end: the engine's usage.prompt_tokens equals the input_tokens the workload recorded."""
+    engine, local = EngineTokenizer(llama_url, "llamacpp"), _real_tokenizer(GGUF)
+    for text in (
+        " Hello world",
+        "x = 12345 + 67",
+        "über naïve café\n\n  tabs\tand",
+        TextBuilder(local).text(300, ("x",)),
+    ):
+        assert engine.encode(text) == local.encode(text)
+    for api in ("chat", "completions"):
+        w = load_workload("synthetic").with_overrides({"api": api, "input_tokens": 150})
+        for tok in (engine, local):
+            r = w.generate(1, tokenizer=tok)[0]
+            body: dict[str, Any] = {"max_tokens": 1, "temperature": 0}
+            if api == "chat":
+                body["messages"] = [dict(m) for m in r.messages]
+                answer = _post(llama_url + "/v1/chat/completions", body)
+            else:
+                answer = _post(llama_url + "/v1/completions", {**body, "prompt": r.prompt})
+            assert answer["usage"]["prompt_tokens"] == r.input_tokens == 150, (api, tok.name)
+
+
+@pytest.mark.live
+def test_llama_cpp_returns_logprobs_for_the_quality_check(llama_url: str) -> None:
+    q = quality_requests(load_workload("quantized"))[0]
+    body = {"messages": [dict(m) for m in q.messages], "max_tokens": 8, "temperature": 0, "logprobs": True}
+    out = output_from_openai(_post(llama_url + "/v1/chat/completions", {**body, "top_logprobs": 2}))
+    assert out.text and out.tokens is not None and out.logprobs is not None
+    assert len(out.tokens) == len(out.logprobs) > 0 and all(lp <= 0 for lp in out.logprobs)
+    assert "".join(out.tokens) == out.text
+    again = output_from_openai(_post(llama_url + "/v1/chat/completions", {**body, "top_logprobs": 2}))
+    report = quality_report({"q": out}, {"same": {"q": again}})
+    assert report["variants"]["same"]["exact_match"] == 1.0  # greedy decoding is repeatable
+
+
+LLAMA_QUANTIZE = LLAMA_SERVER.with_name("llama-quantize")
+
+
+@pytest.mark.live
+def test_real_llama_quantize_makes_a_variant(tmp_path: Path) -> None:
+    if not (LLAMA_QUANTIZE.is_file() and GGUF.is_file()):
+        pytest.skip(f"needs {LLAMA_QUANTIZE} and {GGUF}")
+    w = load_workload("quantized").with_overrides(
+        {
+            "source_model": str(GGUF),
+            "variants": [{"name": "Q4_1", "file_type": "Q4_1"}, {"name": "Q4_0", "file_type": "Q4_0"}],
+        }
+    )
+    made = variants(w, out_dir=tmp_path, quantize_bin=LLAMA_QUANTIZE)
+    assert made[0].path == GGUF
+    assert made[1].path.parent == tmp_path and gguf_file_type(made[1].path) == "Q4_0"
+    assert 0.5 < made[1].path.stat().st_size / GGUF.stat().st_size < 1.1

@@ -50,7 +50,9 @@ def _session(spec: ChatSpec, builder: PromptBuilder, seed: int, s: int, limit: i
 
     history: list[Message] = []
     if spec.system_prompt_tokens:
-        history.append({"role": "system", "content": texts.text(spec.system_prompt_tokens, (seed, "system", s))})
+        history.append(
+            {"role": "system", "content": texts.text(spec.system_prompt_tokens, (seed, "system", s))}
+        )
     out: list[RequestSpec] = []
     previous: str | None = None
     for t in range(1, min(turns, limit) + 1):

@@ -159,7 +159,9 @@ class SharedPrefixSpec(BaseWorkloadSpec):
     suffix_tokens: int = Field(gt=0)
     output_tokens: int = Field(gt=0)
     cache_block_tokens: int = Field(128, gt=0)
-    control_every: int = Field(5, ge=0)  # after the warm-ups, every k-th request is a no-sharing control (0: none)
+    control_every: int = Field(
+        5, ge=0
+    )  # after the warm-ups, every k-th request is a no-sharing control (0: none)
 
     @model_validator(mode="after")
     def _two_blocks(self) -> SharedPrefixSpec:
@@ -173,7 +175,9 @@ class SharedPrefixSpec(BaseWorkloadSpec):
 
 class VariantSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    file_type: Literal["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K_M", "Q4_0", "Q4_1", "Q4_K_M"]
+    file_type: Literal[
+        "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K_M", "Q4_0", "Q4_1", "Q4_K_M"
+    ]
 
 
 class TraceSpec(BaseWorkloadSpec):

@@ -12,15 +12,14 @@
 
 from __future__ import annotations
 
-import os
-import struct
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import ConfigError, EngineError
+from workloads.gguf import FILE_TYPES, read_metadata
 from workloads.model import QuantizedSpec
 from workloads.spec import RequestSpec
 from workloads.tokenizer import Tokenizer
@@ -70,9 +69,6 @@ QUALITY_PROMPTS: tuple[str, ...] = (
     "Name the three primary colours of light.",
 )
 
-# llama.cpp's LLAMA_FTYPE values (general.file_type in a GGUF)
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class Variant:
@@ -91,46 +87,11 @@ def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> lis
 
 # --------------------------------------------------------------------------------------------- variant files
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _skip_value(f: BinaryIO, vtype: int) -> Any:
-    if vtype in _GGUF_SCALARS:
-        return _read(f, _GGUF_SCALARS[vtype])
-    if vtype == 8:  # string
-        return f.read(_read(f, "<Q")).decode(errors="replace")
-    if vtype == 9:  # array: element type, count, elements
-        etype, count = _read(f, "<I"), _read(f, "<Q")
-        if etype in _GGUF_SCALARS:
-            f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_value(f, etype)
-        return None
-    raise ValueError(f"unknown GGUF value type {vtype}")
-
 
 def gguf_file_type(path: str | Path) -> str | None:
-    """The file type (`general.file_type`) a GGUF declares, e.g. "Q4_1"; None when it declares none."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ConfigError(f"{path} is not a GGUF file")
-        _read(f, "<I")  # version
-        _read(f, "<Q")  # tensor count
-        for _ in range(_read(f, "<Q")):
-            key = f.read(_read(f, "<Q")).decode(errors="replace")
-            value = _skip_value(f, _read(f, "<I"))
-            if key == "general.file_type":
-                return _FILE_TYPES.get(int(value), str(value))
-    return None
+    """The file type a GGUF declares (`general.file_type`), e.g. "Q4_1"; None when it declares none."""
+    value = read_metadata(path, {"general.file_type"}).get("general.file_type")
+    return None if value is None else FILE_TYPES.get(int(value), str(value))
 
 
 def variants(
@@ -227,7 +188,9 @@ def output_from_openai(body: Mapping[str, Any]) -> QualityOutput:
     if not content:
         return QualityOutput(str(text))
     return QualityOutput(
-        str(text), tuple(str(c.get("token", "")) for c in content), tuple(float(c["logprob"]) for c in content)
+        str(text),
+        tuple(str(c.get("token", "")) for c in content),
+        tuple(float(c["logprob"]) for c in content),
     )
 
 

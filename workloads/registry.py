@@ -89,9 +89,14 @@ class Workload:
                 return (base / p).resolve()
         return (self.base_dir / p).resolve()
 
-    def generate(self, n: int, seed: int | None = None, *, tokenizer: Tokenizer) -> list[RequestSpec]:
-        """The first `n` requests for `seed` (default: the file's). Deterministic, and prefix-stable: the first k
-        requests of generate(n) are those of generate(k)."""
+    def generate(
+        self, n: int, seed: int | None = None, tokenizer: Tokenizer | None = None
+    ) -> list[RequestSpec]:
+        """The first `n` requests for `seed` (default: the file's), lengths measured with `tokenizer` (required:
+        the served model's). Deterministic, and prefix-stable: the first k requests of generate(n) are those of
+        generate(k). Trace replay returns fewer when the trace has fewer rows."""
+        if tokenizer is None:
+            raise ConfigError(f"workload {self.name}: generating requests needs the served model's tokenizer")
         if n < 0:
             raise ConfigError(f"request count must be >= 0, got {n}")
         fn = cast(Callable[..., list[RequestSpec]], _generator(self.kind).generate)
@@ -101,7 +106,9 @@ class Workload:
         """The same workload with some parameters changed (dotted keys reach into nested ones: `turns.mean`)."""
         data = self.params.model_dump(mode="json")
         _apply(data, overrides)
-        return Workload(_validate(data, self.source), self.source, self.base_dir)
+        name = self.source.removeprefix("builtin:")
+        label = f"{Path(name).name}{'.yaml' if self.source.startswith('builtin:') else ''} (with overrides)"
+        return Workload(_validate(data, label), self.source, self.base_dir)
 
 
 def _apply(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:
@@ -139,7 +146,9 @@ def fingerprint_of(workload: Workload, seed: int) -> str:
 
 def _file_sha256(path: Path) -> str:
     if not path.is_file():
-        raise ConfigError(f"trace file {path} not found: set trace_path in the workload (or --set trace_path=...)")
+        raise ConfigError(
+            f"trace file {path} not found: set trace_path in the workload (or --set trace_path=...)"
+        )
     return _sha256_cached(str(path), path.stat().st_mtime_ns, path.stat().st_size)
 
 
@@ -168,7 +177,9 @@ def _describe_error(err: Mapping[str, Any]) -> str:
     }
     if kind in bounds:
         key, op = bounds[kind]
-        return f"must be {op} {ctx.get(key)} (got {err.get('input')!r})"
+        bound = ctx.get(key)
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"must be {op} {bound} (got {err.get('input')!r})"
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
@@ -193,13 +204,19 @@ def _validate(data: Any, label: str) -> BaseWorkloadSpec:
         raise ConfigError(f"workload {label}: expected a mapping of fields, got {type(data).__name__}")
     kind = data.get("kind")
     if kind not in WORKLOAD_KINDS:
-        raise ConfigError(f"workload {label}: field `kind`: must be one of {sorted(WORKLOAD_KINDS)} (got {kind!r})")
+        raise ConfigError(
+            f"workload {label}: field `kind`: must be one of {sorted(WORKLOAD_KINDS)} (got {kind!r})"
+        )
     try:
         return WORKLOAD_KINDS[kind].model_validate(data)
     except ValidationError as e:
         errors = e.errors()
         first = errors[0]
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        more = (
+            f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+            if len(errors) > 1
+            else ""
+        )
         raise ConfigError(
             f"workload {label}: field `{_field_of(first['loc'])}`: {_describe_error(first)}{more}"
         ) from None
@@ -231,7 +248,9 @@ def load_workload(name_or_path: str, overrides: Mapping[str, Any] | None = None)
     """A built-in workload by name (see `builtin_names()`), or a YAML file by path."""
     if name_or_path in builtin_names():
         resource = _BUILTIN / f"{name_or_path}.yaml"
-        w = parse_workload(resource.read_text(), f"{name_or_path}.yaml", _REPO_ROOT, f"builtin:{name_or_path}")
+        w = parse_workload(
+            resource.read_text(), f"{name_or_path}.yaml", _REPO_ROOT, f"builtin:{name_or_path}"
+        )
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():

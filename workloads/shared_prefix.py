@@ -51,9 +51,16 @@ def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> lis
         suffix_key = (seed, "suffix", i)
         if spec.api == "chat":
             system = {"role": "system", "content": prefix}
-            built = builder.chat([system, {"role": "user", "content": builder.texts.text(spec.suffix_tokens, suffix_key)}])
+            built = builder.chat(
+                [system, {"role": "user", "content": builder.texts.text(spec.suffix_tokens, suffix_key)}]
+            )
         else:
-            built = builder.prompt(builder.tokenizer.count_prompt(prefix) + spec.suffix_tokens, "completions", suffix_key, prefix=prefix)
+            built = builder.prompt(
+                builder.tokenizer.count_prompt(prefix) + spec.suffix_tokens,
+                "completions",
+                suffix_key,
+                prefix=prefix,
+            )
         out.append(
             RequestSpec(
                 request_id=f"{spec.name}-{seed}-{i:06d}",

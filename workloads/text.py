@@ -63,6 +63,7 @@ class TextBuilder:
         self.tokenizer = tokenizer
         self.max_rounds = max_rounds
         self._fillers: list[str] | None = None
+        self._cache: dict[tuple[int, tuple[int | str, ...]], str] = {}
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -73,7 +74,9 @@ class TextBuilder:
             short = sorted((w for w in VOCABULARY if len(w) <= 4), key=lambda w: (len(w), w))
             self._fillers = [w for w in short[:24] if self.count(" " + w) == 1]
             if not self._fillers:
-                raise ConfigError(f"tokenizer {self.tokenizer.name} has no one-token words; cannot build exact prompts")
+                raise ConfigError(
+                    f"tokenizer {self.tokenizer.name} has no one-token words; cannot build exact prompts"
+                )
         return self._fillers
 
     def text(self, n: int, key: Sequence[int | str]) -> str:
@@ -82,11 +85,22 @@ class TextBuilder:
             raise ValueError(f"token count must be >= 0, got {n}")
         if n == 0:
             return ""
+        cache_key = (n, tuple(key))
+        if (hit := self._cache.get(cache_key)) is not None:
+            return hit
+        text = self._build(n, key)
+        if len(self._cache) >= 256:  # a shared prefix is asked for again and again; other texts once
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[cache_key] = text
+        return text
+
+    def _build(self, n: int, key: Sequence[int | str]) -> str:
         stream = _words(key)
         words: list[str] = []
         count = 0
-        ratio = 2.0  # tokens per word, refined as we go (start high: undershooting is cheaper). Local, so that
-        # the text is a function of (n, key, tokenizer) alone, whatever was built before.
+        # tokens per word, refined as we go; starts high because undershooting is cheaper. Local, so the text is a
+        # function of (n, key, tokenizer) alone, whatever was built before.
+        ratio = 2.0
         # grow in batches that undershoot, then trim whole words, then add one-token fillers
         for _ in range(self.max_rounds):
             remaining = n - count

@@ -6,8 +6,8 @@ Three implementations of one `Tokenizer` protocol:
   `/detokenize`, `/apply-template`). The truth for what that engine will prefill. Used before a run to build the
   prompts, never during one; it is the only place under `workloads/` that talks to a socket, and only when the
   composition root hands one in.
-- `LocalTokenizer`: the model's `tokenizer.json` (+ chat template) read from a Hugging Face folder on disk with the
-  `tokenizers` library. Never downloads anything.
+- `LocalTokenizer`: the model's tokenizer (+ chat template) read from disk with the `tokenizers` library: a Hugging
+  Face folder's `tokenizer.json`, or the tokenizer a GGUF file embeds. Never downloads anything.
 - `SimpleTokenizer`: a deterministic, model-free tokenizer FOR TESTS ONLY. Its counts mean nothing for any model.
 
 `count_prompt` is what the engine prefills for a completions prompt (special tokens such as BOS included);
@@ -92,7 +92,24 @@ class SimpleTokenizer:
         return len(self.encode(rendered + "<|im_start|>assistant\n"))
 
 
-# --------------------------------------------------------------------------------------------- local (HF folder)
+# --------------------------------------------------------------------------------------------- local (HF folder, GGUF)
+
+_GGUF_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.chat_template",
+)
+# llama.cpp pre-tokenizer types rebuilt here -> whether digits are split one by one before the GPT-2 regex
+# (llama-vocab.cpp: SMOLLM uses "\\p{N}" then the GPT-2 pattern; GPT2 the GPT-2 pattern alone)
+_GGUF_PRE = {"smollm": True, "gpt-2": False, "gpt2": False, "default": False}
 
 
 def render_chat_template(template: str, messages: Messages, special: Mapping[str, str]) -> str:
@@ -120,20 +137,38 @@ def _token_text(value: Any) -> str | None:
 
 
 class LocalTokenizer:
-    """The model's tokenizer from a Hugging Face folder on disk (`tokenizer.json`, `tokenizer_config.json`,
-    optionally `chat_template.jinja`). Needs the `tokenizers` package; never touches the network."""
+    """The model's own tokenizer read from disk with the `tokenizers` library; never touches the network.
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder).expanduser()
-        path = self.folder / "tokenizer.json"
-        if not path.is_file():
-            raise ConfigError(f"no tokenizer.json in {self.folder}: point at the model's Hugging Face folder")
+    `path` is either a Hugging Face folder (`tokenizer.json`, `tokenizer_config.json`, optionally
+    `chat_template.jinja`) or a GGUF file, whose embedded tokenizer (gpt2-style BPE: `tokenizer.ggml.tokens`,
+    `merges`, `pre`) and chat template are rebuilt with the pre-tokenizer llama.cpp uses for that `pre` type.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
         try:
-            from tokenizers import Tokenizer as HfTokenizer
+            import tokenizers  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ConfigError("the local tokenizer needs the `tokenizers` package: pip install tokenizers") from e
-        self._tok = HfTokenizer.from_file(str(path))
-        config_path = self.folder / "tokenizer_config.json"
+            raise ConfigError(
+                "the local tokenizer needs the `tokenizers` package: pip install tokenizers"
+            ) from e
+        self._add_bos: str | None = None  # a GGUF that asks for BOS: prepended by count_prompt
+        if self.path.is_file() and self.path.suffix == ".gguf":
+            self._from_gguf()
+        elif (self.path / "tokenizer.json").is_file():
+            self._from_folder()
+        else:
+            raise ConfigError(
+                f"no tokenizer at {self.path}: point at the model's Hugging Face folder (with tokenizer.json) "
+                "or its .gguf file"
+            )
+        self.name = f"local:{self.path.name}"
+
+    def _from_folder(self) -> None:
+        from tokenizers import Tokenizer as HfTokenizer
+
+        self._tok = HfTokenizer.from_file(str(self.path / "tokenizer.json"))
+        config_path = self.path / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self._special = {
             key: text
@@ -141,10 +176,61 @@ class LocalTokenizer:
             if (text := _token_text(config.get(key))) is not None
         }
         self._template = self._find_template(config)
-        self.name = f"local:{self.folder.name}"
+
+    def _from_gguf(self) -> None:
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HfTokenizer
+
+        from workloads.gguf import read_metadata
+
+        meta = read_metadata(self.path, [k for k in _GGUF_TOKENIZER_KEYS])
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2" or pre not in _GGUF_PRE:
+            raise ConfigError(
+                f"{self.path}: its tokenizer ({kind}, pre-tokenizer {pre}) is not one EngineBench rebuilds from a "
+                "GGUF; use the model's Hugging Face folder or the engine's tokenize endpoint"
+            )
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tok = HfTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if _GGUF_PRE[pre]
+            else byte_level
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types, strict=False)
+                if ty == 3
+            ]
+        )
+        self._tok = tok
+
+        def token(key: str) -> str | None:
+            i = meta.get(key)
+            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+        self._special = {
+            name: text
+            for name, key in (
+                ("bos_token", "bos_token_id"),
+                ("eos_token", "eos_token_id"),
+                ("unk_token", "unknown_token_id"),
+                ("pad_token", "padding_token_id"),
+            )
+            if (text := token(f"tokenizer.ggml.{key}")) is not None
+        }
+        if meta.get("tokenizer.ggml.add_bos_token"):
+            self._add_bos = self._special.get("bos_token")
+        template = meta.get("tokenizer.chat_template")
+        self._template = template if isinstance(template, str) else None
 
     def _find_template(self, config: Mapping[str, Any]) -> str | None:
-        jinja = self.folder / "chat_template.jinja"
+        jinja = self.path / "chat_template.jinja"
         if jinja.is_file():
             return jinja.read_text()
         template = config.get("chat_template")
@@ -164,7 +250,7 @@ class LocalTokenizer:
 
     def chat_prompt(self, messages: Messages) -> str:
         if self._template is None:
-            raise ConfigError(f"{self.folder} has no chat template: use api=completions or an engine tokenizer")
+            raise ConfigError(f"{self.path} has no chat template: use api=completions or an engine tokenizer")
         return render_chat_template(self._template, messages, self._special)
 
     def count_chat(self, messages: Messages) -> int:
@@ -185,7 +271,9 @@ class EngineTokenizer:
     `/detokenize {tokens}` -> `{content}`, `/apply-template {messages}` -> `{prompt}`).
     """
 
-    def __init__(self, base_url: str, dialect: Dialect, model: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, dialect: Dialect, model: str | None = None, timeout: float = 60.0
+    ) -> None:
         if dialect == "vllm" and not model:
             raise ConfigError("the vLLM tokenize endpoint needs the served model name: pass model=")
         self.base_url = base_url.rstrip("/")
@@ -204,7 +292,9 @@ class EngineTokenizer:
                 answer = json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode(errors="replace")
-            raise EndpointError(f"POST {url} failed: HTTP {e.code} {detail}; does this engine offer {path}?") from e
+            raise EndpointError(
+                f"POST {url} failed: HTTP {e.code} {detail}; does this engine offer {path}?"
+            ) from e
         except (urllib.error.URLError, OSError) as e:
             raise EndpointError(f"POST {url} failed: {e}; is the engine running?") from e
         if not isinstance(answer, dict):
@@ -265,10 +355,13 @@ def tokenizer_from(spec: str) -> Tokenizer:
             return EngineTokenizer(rest, "llamacpp")
         url, _, model = rest.rpartition(":")
         if not url.startswith("http") or not model:
-            raise ConfigError(f"tokenizer {spec!r}: write vllm:URL:MODEL, e.g. vllm:http://127.0.0.1:8000:my-model")
+            raise ConfigError(
+                f"tokenizer {spec!r}: write vllm:URL:MODEL, e.g. vllm:http://127.0.0.1:8000:my-model"
+            )
         return EngineTokenizer(url, "vllm", model)
-    if Path(spec).expanduser().is_dir():
+    if Path(spec).expanduser().exists():
         return LocalTokenizer(spec)
     raise ConfigError(
-        f"tokenizer {spec!r}: expected `simple`, a model folder with tokenizer.json, llamacpp:URL or vllm:URL:MODEL"
+        f"tokenizer {spec!r}: expected `simple`, a model folder with tokenizer.json, a .gguf file, llamacpp:URL "
+        "or vllm:URL:MODEL"
     )

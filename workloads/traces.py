@@ -36,6 +36,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "TraceRow",
     "generate",
+    "infer_sessions",
     "read_azure",
     "read_mooncake",
     "read_trace",
@@ -89,7 +90,11 @@ def read_mooncake(path: str | Path) -> list[TraceRow]:
                 t = float(d["timestamp"]) / 1000.0
                 rows.append(
                     TraceRow(
-                        len(rows), t, int(d["input_length"]), int(d["output_length"]), tuple(d.get("hash_ids", ()))
+                        len(rows),
+                        t,
+                        int(d["input_length"]),
+                        int(d["output_length"]),
+                        tuple(d.get("hash_ids", ())),
                     )
                 )
             except (ValueError, KeyError, TypeError) as e:
@@ -102,7 +107,9 @@ def read_mooncake(path: str | Path) -> list[TraceRow]:
 
 def read_trace(fmt: str, path: str | Path) -> list[TraceRow]:
     if not Path(path).is_file():
-        raise ConfigError(f"trace file {path} not found: pass its path as trace_path (e.g. --set trace_path=FILE)")
+        raise ConfigError(
+            f"trace file {path} not found: pass its path as trace_path (e.g. --set trace_path=FILE)"
+        )
     return read_azure(path) if fmt == "azure" else read_mooncake(path)
 
 
@@ -126,7 +133,9 @@ def trace_schedule(
     """Send times (seconds from the first request) and the requests, for open-loop replay."""
     spec = workload.params
     if not isinstance(spec, TraceSpec):
-        raise ConfigError(f"workload {workload.name} is a {spec.kind} workload, not a trace: it has no schedule")
+        raise ConfigError(
+            f"workload {workload.name} is a {spec.kind} workload, not a trace: it has no schedule"
+        )
     seed = spec.seed if seed is None else seed
     rows = select_rows(read_trace(spec.format, workload.resolve_path(spec.trace_path)), spec, seed)
     if n is not None:
@@ -184,6 +193,27 @@ def _blocks_prompt(
     if spec.api == "chat":
         return builder.chat([{"role": "user", "content": "".join(parts)}])
     return builder.completion(parts)
+
+
+def infer_sessions(rows: Sequence[TraceRow], block_tokens: int = 512) -> list[int]:
+    """A session id per Mooncake row: a row continues the latest session whose previous request's full blocks
+    (at least 2) are a prefix of its hash ids, since a next turn resends the conversation so far. Used to measure
+    turns per conversation (docs/workloads.md); a heuristic, as a sampled trace can miss turns."""
+    sessions: list[int] = []
+    latest: dict[tuple[int, ...], int] = {}
+    count = 0
+    for r in rows:
+        h, found = r.hash_ids, None
+        for length in range(len(h) - 1, 1, -1):
+            found = latest.get(h[:length])
+            if found is not None:
+                break
+        if found is None:
+            found, count = count, count + 1
+        session = found
+        sessions.append(session)
+        latest[h[: r.input_tokens // block_tokens]] = session
+    return sessions
 
 
 def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:

@@ -116,7 +116,7 @@ def run_install(config: InstallConfig) -> None:
     from rich.console import Console
 
     from adapters import install as installer
-    from harness.errors import ConfigError
+    from harness.errors import ConfigError, EngineError
 
     unknown = [e for e in config.engines if e not in _COMPONENTS]
     if unknown:
@@ -128,24 +128,21 @@ def run_install(config: InstallConfig) -> None:
     for engine in config.engines:
         components += [c for c in _COMPONENTS[engine] if c not in components]
     console = Console()
-    for name in components:
-        status = installer.status(name)
-        console.print(
-            f"{name}: {'[green]installed[/]' if status.installed else '[yellow]missing[/]'} {status.detail}"
-        )
     todo = [c for c in components if not installer.status(c).installed]
-    if not todo:
-        console.print("[green]everything is installed[/]")
-        return
-    with console.status(f"installing {', '.join(todo)}") as spinner:
+    if todo:
+        with console.status(
+            f"installing {', '.join(todo)} (vLLM ~5 min, llama.cpp build ~10 min)"
+        ) as spinner:
 
-        def progress(message: str) -> None:
-            console.print(f"  {message}", highlight=False)
-            spinner.update(message)
+            def progress(message: str) -> None:
+                console.print(f"  {message}", highlight=False, soft_wrap=True)
+                spinner.update(message)
 
-        installer.install(todo, progress)
+            try:
+                installer.install(todo, progress)
+            except installer.InstallError as e:
+                raise EngineError(str(e)) from e
     for name in components:
         status = installer.status(name)
-        console.print(
-            f"{name}: {'[green]installed[/]' if status.installed else '[red]missing[/]'} {status.detail}"
-        )
+        mark = "[green]installed[/]" if status.installed else "[red]missing[/]"
+        console.print(f"{name}: {mark} {status.detail}", highlight=False, soft_wrap=True)

@@ -102,6 +102,9 @@ def run(
         typer.Option(help="Environment variable holding the endpoint's API key (never written out)."),
     ] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the endpoint's API key.")] = None,
+    repeat: Annotated[
+        int, typer.Option(help="Run each load point this many times back to back (for `bench gate`).")
+    ] = 1,
 ) -> None:
     """Launch or attach to each engine, replay the workload at each load point, and write a run directory."""
     from rich.console import Console
@@ -140,6 +143,7 @@ def run(
         ready_timeout_s=ready_timeout,
         api_key=_api_key(api_key_env, api_key_file),
         command=tuple(sys.argv),
+        repeat=repeat,
     )
     console = Console(stderr=True, log_path=False)
     result = execute(cfg, lambda msg: console.log(msg, highlight=False, markup=False))

@@ -20,7 +20,8 @@ def workloads(
         str | None, typer.Option("--workload", help="A workload YAML file (same as the argument).")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a field: FIELD=VALUE (repeatable; turns.mean=4).")
+        list[str] | None,
+        typer.Option("--set", help="Override a field: FIELD=VALUE (repeatable; turns.mean=4)."),
     ] = None,
     preview: Annotated[int, typer.Option(help="Generate and show this many requests.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the workload's).")] = None,

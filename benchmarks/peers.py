@@ -1,0 +1,413 @@
+"""EngineBench's client side by side with vLLM's own client (`vllm bench serve`), against the scripted server.
+
+The scripted server (harness/calibration.py, its own process) answers every request with TTFT 50 ms, then one token
+every 5 ms, 256 tokens, and says per request how late it really wrote each chunk. Each client runs as a child
+process, closed loop at 64 and 256 concurrent streams, and is judged on:
+
+- the TTFT / ITL it reports (p50, p99) and its timing error beyond what the server says it added: per request for
+  TTFT (both clients send a request id the server keys its account by: EngineBench in the body, vLLM bench as
+  `x-request-id`), distribution-level for ITL (client ITL percentile minus the server's achieved gap percentile);
+- client CPU-seconds per streamed token: the child's whole process tree (`os.wait4` rusage), marginal between a
+  run of one wave and of `waves` waves, so start-up (vLLM's torch import, its tokenizer) is not charged per token;
+- its ceiling: requests/s with TTFT = ITL = 0 (the server writes each 256-token answer in one write, so it costs
+  little; its CPU use is printed to show it was not the bottleneck), 256 events to parse per request.
+
+    python -m benchmarks.peers [--concurrency 64,256] [--waves 4] [--processes 1] [--json out.json]
+
+Targets (the issue): timing error <= 1 ms p50 and <= 2 ms p99 at 256 streams; CPU per streamed token <= 2/3 of
+vLLM bench serve's; a higher ceiling. The machine's own contention is printed (run-queue wait of each client), since
+on a shared machine it, not the client, can dominate the timing error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PeerRun", "main", "run_enginebench", "run_vllm", "vllm_bin"]
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("ENGINEBENCH_CACHE", Path.home() / ".cache" / "enginebench"))
+TTFT, ITL, TOKENS = 0.05, 0.005, 256
+
+
+def vllm_bin() -> Path | None:
+    path = CACHE / "vllm" / "venv" / "bin" / "vllm"
+    return path if path.exists() else None
+
+
+def tokenizer_dir() -> Path | None:
+    path = CACHE / "model" / "SmolLM2-135M-Instruct-hf"
+    return path if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else None
+
+
+@dataclass
+class PeerRun:
+    tool: str
+    concurrency: int
+    requests: int
+    ok: int
+    wall_s: float
+    cpu_s: float  # the client's process tree
+    tokens: int
+    ttft_ms: tuple[float, float]  # as the tool reports: p50, p99
+    itl_ms: tuple[float, float]
+    ttft_err_ms: tuple[float, float]  # minus truth minus the server's lag, per request
+    itl_err_ms: tuple[float, float]  # client ITL percentile minus the server's achieved-gap percentile
+    server_first_lag_ms: tuple[float, float]
+    server_cpu_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.ok / self.extra.get("duration_s", self.wall_s)
+
+
+def _pct(x: Sequence[float] | np.ndarray, scale: float = 1000.0) -> tuple[float, float]:
+    a = np.asarray(x, dtype=float) * scale
+    if a.size == 0:
+        return (float("nan"), float("nan"))
+    p = np.percentile(a, (50, 99))
+    return (float(p[0]), float(p[1]))
+
+
+def _measured(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[int, float, float, str]:
+    """Run `argv`; (exit code, CPU seconds of its whole process tree, wall seconds, tail of its output)."""
+    t = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        tail = out.read()[-3000:].decode("utf-8", "replace")
+    return proc.returncode, usage.ru_utime + usage.ru_stime, wall, tail
+
+
+def _server_truth(stats: Mapping[str, Any]) -> tuple[dict[str, float], list[float]]:
+    """Per request id: the server's lag on its first chunk (s); and every achieved inter-chunk gap (s)."""
+    first: dict[str, float] = {}
+    gaps: list[float] = []
+    for rid, e in stats.get("per_request", {}).items():
+        lags = [x / 1000.0 for x in e["lags_ms"]]
+        if not lags:
+            continue
+        first[rid] = lags[0]
+        itl = float(e["itl"])
+        gaps.extend(itl + b - a for a, b in itertools.pairwise(lags))
+    return first, gaps
+
+
+# ---- EngineBench --------------------------------------------------------------------------------------------------
+def _child(url: str, concurrency: int, requests: int, processes: int, out: Path) -> None:
+    """The EngineBench client as a child process: run one closed-loop point, write its records."""
+    import orjson
+
+    from adapters.scripted import make_adapter
+    from harness.calibrate import calibration_specs
+    from harness.client import Target
+    from harness.records import RequestRecord
+    from harness.runner import StopRule, run_point
+    from workloads.arrival import LoadPoint
+
+    records: list[RequestRecord] = []
+    target = Target("scripted", url, make_adapter(), "scripted")
+    stop = StopRule(requests=requests, stall_timeout_s=60.0)
+    run_start = time.perf_counter()
+    outcome = asyncio.run(
+        run_point(
+            target,
+            calibration_specs(f"eb{concurrency}-{requests}", TOKENS),
+            LoadPoint("concurrency", concurrency, "closed"),
+            stop,
+            records.append,
+            run_start,
+            processes=processes,
+        )
+    )
+    doc = {"run_start": run_start, "outcome": outcome.to_dict(), "records": records}
+    out.write_bytes(orjson.dumps(doc))  # orjson writes the (slots) dataclasses itself, fast
+
+
+def run_enginebench(url: str, concurrency: int, requests: int, processes: int = 1) -> PeerRun:
+    from harness.calibrate import match_errors
+    from harness.calibration import fetch_stats, reset_stats
+    from harness.metrics import itl_samples, ttft
+    from harness.records import RequestRecord
+
+    reset_stats(url)
+    before = fetch_stats(url)
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "records.json"
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.peers",
+            "child",
+            "--url",
+            url,
+            "--concurrency",
+            str(concurrency),
+        ]
+        argv += ["--requests", str(requests), "--processes", str(processes), "--out", str(out)]
+        code, cpu, wall, tail = _measured(argv)
+        if code != 0:
+            raise RuntimeError(f"EngineBench child failed ({code}): {tail}")
+        doc = json.loads(out.read_text())
+    stats = fetch_stats(url, detail=True)
+    recs = [RequestRecord.from_dict(r) for r in doc["records"]]
+    ok = [r for r in recs if r.ok]
+    errs = match_errors(ok, stats.get("per_request", {}), float(doc["run_start"]))
+    _, gaps = _server_truth(stats)
+    itls = [s for r in ok for s in itl_samples(r)]
+    p_itl, p_gap = _pct(itls), _pct(gaps)
+    span = max(r.done or 0.0 for r in ok) - min(r.scheduled for r in ok) if ok else wall
+    return PeerRun(
+        tool="EngineBench",
+        concurrency=concurrency,
+        requests=len(recs),
+        ok=len(ok),
+        wall_s=wall,
+        cpu_s=cpu,
+        tokens=sum(sum(r.chunk_tokens) for r in ok),
+        ttft_ms=_pct([t for r in ok if (t := ttft(r)) is not None]),
+        itl_ms=p_itl,
+        ttft_err_ms=_pct(errs["ttft"]),
+        itl_err_ms=(p_itl[0] - p_gap[0], p_itl[1] - p_gap[1]),
+        server_first_lag_ms=_pct([x for x in _server_truth(stats)[0].values()]),
+        server_cpu_s=float(stats["cpu_s"]) - float(before["cpu_s"]),
+        extra={
+            "duration_s": span,
+            "itl_err_matched_ms": _pct(errs["itl"]),
+            "client_cpu": doc["outcome"]["client_cpu"],
+        },
+    )
+
+
+# ---- vLLM bench serve ---------------------------------------------------------------------------------------------
+def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: Path) -> PeerRun:
+    from harness.calibration import fetch_stats, reset_stats
+
+    reset_stats(url)
+    before = fetch_stats(url)
+    prefix = f"vb{concurrency}-{requests}-"
+    with tempfile.TemporaryDirectory() as d:
+        argv = [str(vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", url]
+        argv += ["--endpoint", "/v1/chat/completions", "--model", "scripted", "--tokenizer", str(tokenizer)]
+        argv += ["--dataset-name", "random", "--random-input-len", "32", "--random-output-len", str(TOKENS)]
+        argv += [
+            "--random-range-ratio",
+            "0",
+            "--num-prompts",
+            str(requests),
+            "--max-concurrency",
+            str(concurrency),
+        ]
+        argv += ["--ignore-eos", "--temperature", "0", "--request-id-prefix", prefix, "--disable-tqdm"]
+        argv += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
+        argv += ["--save-result", "--save-detailed", "--result-dir", d, "--result-filename", "r.json"]
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+        code, cpu, wall, tail = _measured(argv, env)
+        if code != 0:
+            raise RuntimeError(f"vllm bench serve failed ({code}): {tail}")
+        res = json.loads((Path(d) / "r.json").read_text())
+    stats = fetch_stats(url, detail=True)
+    first, gaps = _server_truth(stats)
+    ttfts, itls = res.get("ttfts", []), res.get("itls", [])
+    errors = res.get("errors", [])
+    ttft_err = [
+        t - TTFT - first[f"{prefix}{i}"]
+        for i, t in enumerate(ttfts)
+        if t and f"{prefix}{i}" in first and not (errors and errors[i])
+    ]
+    flat_itl = [x for per in itls for x in per]
+    p_itl, p_gap = _pct(flat_itl), _pct(gaps)
+    return PeerRun(
+        tool="vllm bench serve",
+        concurrency=concurrency,
+        requests=requests,
+        ok=int(res.get("completed", 0)),
+        wall_s=wall,
+        cpu_s=cpu,
+        tokens=int(res.get("total_output_tokens", 0)),
+        ttft_ms=(
+            float(res.get("p50_ttft_ms", res.get("median_ttft_ms", np.nan))),
+            float(res.get("p99_ttft_ms", np.nan)),
+        ),
+        itl_ms=(
+            float(res.get("p50_itl_ms", res.get("median_itl_ms", np.nan))),
+            float(res.get("p99_itl_ms", np.nan)),
+        ),
+        ttft_err_ms=_pct(ttft_err),
+        itl_err_ms=(p_itl[0] - p_gap[0], p_itl[1] - p_gap[1]),
+        server_first_lag_ms=_pct(list(first.values())),
+        server_cpu_s=float(stats["cpu_s"]) - float(before["cpu_s"]),
+        extra={"duration_s": float(res.get("duration", wall)), "matched_ttft": len(ttft_err)},
+    )
+
+
+# ---- the comparison -----------------------------------------------------------------------------------------------
+def _marginal_cpu_per_token(small: PeerRun, big: PeerRun) -> float:
+    return (big.cpu_s - small.cpu_s) / max(1, big.tokens - small.tokens)
+
+
+def compare(concurrency: Sequence[int], waves: int, processes: int, server_workers: int) -> dict[str, Any]:
+    from harness.calibration import ScriptConfig, serve_in_process
+
+    vllm, tok = vllm_bin(), tokenizer_dir()
+    tools = ["EngineBench"] + (["vllm bench serve"] if vllm and tok else [])
+    out: dict[str, Any] = {"schema_version": 1, "kind": "peers", "points": [], "ceiling": [], "notes": []}
+    if len(tools) == 1:
+        out["notes"].append(f"vLLM bench serve skipped: vllm at {vllm} / tokenizer at {tok} not found")
+
+    def one(tool: str, url: str, c: int, n: int) -> PeerRun:
+        if tool == "EngineBench":
+            return run_enginebench(url, c, n, processes)
+        assert vllm is not None and tok is not None
+        return run_vllm(url, c, n, vllm, tok)
+
+    cfg = ScriptConfig(ttft=TTFT, itl=ITL, output_tokens=TOKENS, workers=server_workers, max_tracked=100_000)
+    with serve_in_process(cfg) as url:
+        for c in concurrency:
+            for tool in tools:
+                small = one(tool, url, c, c)
+                big = one(tool, url, c, waves * c)
+                row = asdict(big) | {"cpu_us_per_token": _marginal_cpu_per_token(small, big) * 1e6}
+                row["requests_per_s"] = big.requests_per_s
+                out["points"].append(row)
+                print(_line(row), flush=True)
+    ceiling_cfg = ScriptConfig(
+        ttft=0.0, itl=0.0, output_tokens=TOKENS, workers=server_workers, max_tracked=100_000
+    )
+    with serve_in_process(ceiling_cfg) as url:
+        c = max(concurrency)
+        for tool in tools:
+            run = one(tool, url, c, waves * c)
+            row = {"tool": tool, "concurrency": c, "requests": run.requests, "ok": run.ok}
+            row |= {
+                "requests_per_s": run.requests_per_s,
+                "tokens_per_s": run.tokens / run.extra["duration_s"],
+            }
+            row |= {
+                "client_cpu_util": run.cpu_s / run.wall_s,
+                "server_cpu_util": (run.server_cpu_s or 0.0) / run.extra["duration_s"],
+            }
+            out["ceiling"].append(row)
+            print(
+                f"ceiling {tool}: {row['requests_per_s']:.1f} req/s, {row['tokens_per_s']:,.0f} tok/s",
+                flush=True,
+            )
+    return out
+
+
+def _line(r: Mapping[str, Any]) -> str:
+    f = "{:.2f} / {:.2f}".format
+    return (
+        f"{r['tool']:<17} c={r['concurrency']:<4} ok {r['ok']}/{r['requests']}  TTFT {f(*r['ttft_ms'])}  "
+        f"ITL {f(*r['itl_ms'])}  TTFT err {f(*r['ttft_err_ms'])}  ITL err {f(*r['itl_err_ms'])}  "
+        f"server lag {f(*r['server_first_lag_ms'])}  CPU {r['cpu_us_per_token']:.1f} µs/token  "
+        f"{r['requests_per_s']:.1f} req/s"
+    )
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """A Markdown table for the README, and the targets judged."""
+    lines = [
+        "| client | streams | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TTFT error p50 / p99 (ms) | ITL error p50 / p99 (ms) "
+        "| server lag p50 / p99 (ms) | client CPU µs / token | req/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    f = "{:.2f} / {:.2f}".format
+    for r in result["points"]:
+        lines.append(
+            f"| {r['tool']} | {r['concurrency']} | {f(*r['ttft_ms'])} | {f(*r['itl_ms'])} | {f(*r['ttft_err_ms'])} "
+            f"| {f(*r['itl_err_ms'])} | {f(*r['server_first_lag_ms'])} | {r['cpu_us_per_token']:.1f} "
+            f"| {r['requests_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "| client | ceiling req/s | streamed tok/s | client CPU (cores) | server CPU (cores) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["ceiling"]:
+        lines.append(
+            f"| {r['tool']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['client_cpu_util']:.2f} "
+            f"| {r['server_cpu_util']:.2f} |"
+        )
+    lines += ["", *judge(result)]
+    return "\n".join(lines)
+
+
+def judge(result: Mapping[str, Any]) -> list[str]:
+    """The issue's targets, each PASS / FAIL / n/a with the numbers."""
+    out = []
+    pts = {(r["tool"], r["concurrency"]): r for r in result["points"]}
+    top = max((c for _, c in pts), default=None)
+    eb = pts.get(("EngineBench", top))
+    vb = pts.get(("vllm bench serve", top))
+    if eb:
+        p50, p99 = eb["ttft_err_ms"]
+        i50, i99 = eb["itl_err_ms"]
+        ok = max(abs(p50), abs(i50)) <= 1.0 and max(p99, i99) <= 2.0
+        out.append(
+            f"- timing error at {top} streams <= 1 ms p50, <= 2 ms p99: {'PASS' if ok else 'FAIL'} "
+            f"(TTFT {p50:.2f} / {p99:.2f} ms, ITL {i50:.2f} / {i99:.2f} ms)"
+        )
+    if eb and vb:
+        ratio = eb["cpu_us_per_token"] / vb["cpu_us_per_token"]
+        out.append(
+            f"- CPU per streamed token <= 2/3 of vLLM bench serve's: {'PASS' if ratio <= 2 / 3 else 'FAIL'} (ratio {ratio:.2f})"
+        )
+    ceil = {r["tool"]: r["requests_per_s"] for r in result["ceiling"]}
+    if len(ceil) == 2:
+        a, b = ceil["EngineBench"], ceil["vllm bench serve"]
+        out.append(
+            f"- higher ceiling than vLLM bench serve: {'PASS' if a > b else 'FAIL'} ({a:.1f} vs {b:.1f} req/s)"
+        )
+    if not out or len(out) < 3:
+        out.append("- targets needing vLLM bench serve: n/a (not installed here)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    child = sub.add_parser("child", help=argparse.SUPPRESS)
+    child.add_argument("--url", required=True)
+    child.add_argument("--concurrency", type=int, required=True)
+    child.add_argument("--requests", type=int, required=True)
+    child.add_argument("--processes", type=int, default=1)
+    child.add_argument("--out", type=Path, required=True)
+    p.add_argument("--concurrency", default="64,256")
+    p.add_argument("--waves", type=int, default=4, help="requests per measured run = waves x concurrency")
+    p.add_argument("--processes", type=int, default=1, help="EngineBench client processes")
+    p.add_argument("--server-workers", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.cmd == "child":
+        _child(a.url, a.concurrency, a.requests, a.processes, a.out)
+        return
+    conc = [int(x) for x in a.concurrency.split(",")]
+    result = compare(conc, a.waves, a.processes, a.server_workers)
+    print(render(result))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`bench run` end to end, as a user runs it: a real `bench` process, real HTTP to the scripted server on loopback
+(in its own process, with exactly known timing), a real run directory on disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from harness.calibration import Faults, ScriptConfig, serve_in_process
+from harness.rundir import RunDir
+from harness.summary import summarize_run
+
+BENCH = [sys.executable, "-m", "harness.cli"]
+
+
+def bench(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BENCH, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serve_in_process(ScriptConfig(ttft=0.05, itl=0.005, output_tokens=32)) as url:
+        yield url
+
+
+def test_run_writes_a_self_describing_run_directory(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = bench(
+        "run", "--endpoint", f"scripted={server}", "--workload", "synthetic", "--set", "output_tokens=16",
+        "--concurrency", "1,4", "--requests", "12", "--warmup", "2", "--slo", "ttft_p95=500ms", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"run directory: {out}" in r.stdout
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["schema_version"] == 1 and manifest["status"] == "complete"
+    assert manifest["workload"]["name"] == "synthetic" and manifest["workload"]["fingerprint"].startswith(
+        "sha256:"
+    )
+    assert manifest["engines"][0]["mode"] == "attached" and manifest["engines"][0]["version"] == "scripted-1"
+    assert manifest["load"]["points"] == ["concurrency=1", "concurrency=4"]
+    assert manifest["slo"] == {"ttft_p95_ms": 500.0}
+
+    records = list(RunDir.open(out).iter_records())
+    by_point = {p: [r for r in records if r.point == p] for p in ("concurrency=1", "concurrency=4")}
+    for recs in by_point.values():
+        assert sum(r.phase == "warmup" for r in recs) == 2
+        assert sum(r.phase == "measure" for r in recs) == 12
+        assert all(r.status == "ok" and r.output_tokens == 16 for r in recs)
+
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    points = {p["point"]: p for p in summary["points"]}
+    ttft = points["concurrency=1"]["ttft_ms"]
+    # the scripted server's first token comes 50 ms after the request; loopback and parsing add little
+    assert 50.0 <= ttft["p50"] <= 65.0, ttft
+    assert points["concurrency=1"]["requests"]["ok"] == 12
+    # summary.json is rebuilt from the records alone
+    rebuilt = summarize_run(out).model_dump(mode="json")
+    assert [p["ttft_ms"] for p in rebuilt["points"]] == [p["ttft_ms"] for p in summary["points"]]
+
+
+def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path: Path) -> None:
+    cases = [
+        (["run", "--endpoint", "x=http://127.0.0.1:9", "--concurrency", "0"], "concurrency"),
+        (["run", "--endpoint", "x=http://127.0.0.1:9", "--workload", "no-such-workload"], "no-such-workload"),
+        (["run", "--endpoint", "ftp://x"], "http://"),
+        (["run", "--engines", "nosuchengine"], "unknown engine"),
+        (["run", "--endpoint", "x=http://127.0.0.1:9", "--slo", "ttft_p95=fast"], "ttft_p95"),
+    ]
+    for args, needle in cases:
+        r = bench(*args, "--out", str(tmp_path / "never"))
+        assert r.returncode != 0
+        assert needle in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert len([line for line in r.stderr.strip().splitlines() if line.strip()]) <= 2, r.stderr
+        assert not (tmp_path / "never").exists()
+
+
+def test_unreachable_endpoint_fails_without_claiming_success(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = bench("run", "--endpoint", "x=http://127.0.0.1:9", "--workload", "synthetic", "--out", str(out))
+    assert r.returncode == 3
+    assert "cannot reach x" in r.stdout + r.stderr
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["status"] == "failed"
+    assert not (out / "summary.json").exists()
+
+
+def test_gpu_only_engine_is_skipped_with_its_reason(tmp_path: Path, server: str) -> None:
+    out = tmp_path / "run"
+    r = bench(
+        "run", "--engines", "tgi", "--endpoint", f"scripted={server}", "--workload", "synthetic",
+        "--set", "output_tokens=8", "--requests", "4", "--warmup", "0", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "tgi skipped" in r.stdout and "--endpoint tgi=" in r.stdout
+    assert {p["engine"] for p in orjson.loads((out / "summary.json").read_bytes())["points"]} == {"scripted"}
+
+
+def test_failures_are_kept_and_counted_by_kind(tmp_path: Path) -> None:
+    faults = Faults(status={500: 0.3})
+    with serve_in_process(ScriptConfig(ttft=0.01, itl=0.002, output_tokens=8, faults=faults)) as url:
+        out = tmp_path / "run"
+        r = bench(
+            "run", "--endpoint", f"s={url}", "--workload", "synthetic", "--set", "output_tokens=8",
+            "--concurrency", "4", "--requests", "60", "--warmup", "0", "--out", str(out),
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    records = list(RunDir.open(out).iter_records())
+    failed = [x for x in records if x.status != "ok"]
+    assert failed and all(x.status == "http_error" and x.http_status == 500 and x.error for x in failed)
+    point = orjson.loads((out / "summary.json").read_bytes())["points"][0]
+    assert point["errors"] == {"http_error": len(failed)}
+    assert point["verdict"]["status"] == "INVALID"
+    assert any("error" in reason["message"] for reason in point["verdict"]["reasons"])
+
+
+def test_sigint_mid_run_keeps_every_finished_record(tmp_path: Path) -> None:
+    with serve_in_process(ScriptConfig(ttft=0.02, itl=0.01, output_tokens=20)) as url:
+        out = tmp_path / "run"
+        proc = subprocess.Popen(
+            [*BENCH, "run", "--endpoint", f"s={url}", "--workload", "synthetic", "--set", "output_tokens=20",
+             "--concurrency", "2", "--requests", "1000", "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        recs = out / "records.jsonl"
+        while time.monotonic() < deadline:
+            if recs.exists() and recs.read_bytes().count(b"\n") >= 10:
+                break
+            time.sleep(0.2)
+        before = {orjson.loads(line)["request_id"] for line in recs.read_bytes().splitlines()}
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    records = list(RunDir.open(out).iter_records())
+    assert len({r.request_id for r in records}) == len(records)
+    kept = {r.request_id for r in records}
+    assert before <= kept  # every record finished before the signal is still there
+    cancelled = [r for r in records if r.request_id not in before]
+    assert all(r.status in ("ok", "cancelled") for r in cancelled)
+    assert all(r.error for r in cancelled if r.status == "cancelled")
+    assert summarize_run(out).points[0].requests.ok >= len(before) - 4  # the first 4 are warm-up
+    assert orjson.loads((out / "manifest.json").read_bytes())["status"] == "interrupted"
