@@ -112,7 +112,8 @@ class MetricMap:
     """Engine metric name -> canonical name. `labels` selects series (e.g. {"finished_reason": ...} is summed)."""
 
     names: Mapping[str, str]
-    scale: Mapping[str, float] = field(default_factory=dict)  # canonical -> multiplier (e.g. percent -> fraction)
+    # canonical -> multiplier (e.g. percent -> fraction)
+    scale: Mapping[str, float] = field(default_factory=dict)
     # canonical -> other canonical names added to it, where the engine splits what the canonical name means
     # (llama.cpp counts prompt tokens without the cached ones: prompt_tokens_total += prompt_tokens_cached_total)
     plus: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

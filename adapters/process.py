@@ -258,8 +258,19 @@ class Endpoint:
             "version": self.version,
             "model": self.model,
             "cold_start_s": self.cold_start_s,
-            "config": dataclasses.asdict(self.config) if self.config else None,
+            "config": _public_config(self.config) if self.config else None,
         }
+
+
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+
+def _public_config(cfg: EngineConfig) -> dict[str, Any]:
+    """The config as written to the manifest, with secret-looking environment values masked."""
+    out = dataclasses.asdict(cfg)
+    out["env"] = {k: "***" if any(w in k.upper() for w in _SECRET_WORDS) else v for k, v in cfg.env.items()}
+    out["extra_args"] = list(cfg.extra_args)
+    return out
 
 
 def served_model_from(payload: Mapping[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ from adapters.base import EngineConfig, EngineInfo, FunctionAdapter, HttpCall, M
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
 
-__all__ = ["ADAPTER", "INFO", "METRICS", "TOKEN_TEXT", "make_adapter", "parse_event"]
+__all__ = ["ADAPTER", "INFO", "METRICS", "TOKEN_TEXT", "default_config", "make_adapter", "parse_event"]
 
 TOKEN_TEXT = " the"
 
@@ -59,11 +59,15 @@ def launch_env(cfg: EngineConfig) -> dict[str, str]:
 def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
     from harness.errors import ConfigError
 
-    raise ConfigError("the scripted server has no container image; run it natively (python -m harness.calibration)")
+    raise ConfigError(
+        "the scripted server has no container image; run it natively (python -m harness.calibration)"
+    )
 
 
 def build(spec: RequestSpec, model: str, stream: bool) -> HttpCall:
-    return build_openai(spec, model, stream, pin_fields={"ignore_eos": True}, extra={"request_id": spec.request_id})
+    return build_openai(
+        spec, model, stream, pin_fields={"ignore_eos": True}, extra={"request_id": spec.request_id}
+    )
 
 
 def version_from(payload: Mapping[str, Any]) -> str | None:
@@ -90,6 +94,11 @@ def parse_event(data: bytes, token_text: str = TOKEN_TEXT) -> StreamDelta | None
         return d
     n = max(1, d.text.count(token_text))
     return StreamDelta(d.text, n, True, d.finish_reason, d.usage, d.error, d.extra)  # not replace(): hot path
+
+
+def default_config() -> EngineConfig:
+    """How `bench` launches it by default (port 0: a free one); extra_args can set `--ttft`, `--itl`, ..."""
+    return EngineConfig(model="scripted", served_model_name="scripted", port=0)
 
 
 def make_adapter(token_text: str = TOKEN_TEXT) -> FunctionAdapter:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 __all__ = ["PeerRun", "main", "run_enginebench", "run_vllm", "vllm_bin"]
 
@@ -84,19 +85,64 @@ def _pct(x: Sequence[float] | np.ndarray, scale: float = 1000.0) -> tuple[float,
     return (float(p[0]), float(p[1]))
 
 
-def _measured(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[int, float, float, str]:
-    """Run `argv`; (exit code, CPU seconds of its whole process tree, wall seconds, tail of its output)."""
-    t = time.perf_counter()
+@dataclass(frozen=True)
+class _Measured:
+    code: int
+    cpu_s: float  # the client's process tree while the server was serving its requests (start-up excluded)
+    wall_s: float  # the same window
+    cpu_total_s: float  # the whole run, start-up and teardown included (rusage)
+    tail: str
+    server_cpu_s: float  # the scripted server's CPU in the same window
+
+
+def _tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process, its reaped children and its live descendants."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + (t.children_user + t.children_system if p is proc else 0.0)
+    return total
+
+
+def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | None = None) -> _Measured:
+    """Run `argv`, polling the scripted server: the client's CPU is taken from when the server has seen its second
+    request (vLLM bench sends one test request first) until it has finished `total` of them."""
+    from harness.calibration import fetch_stats
+
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        ps = psutil.Process(proc.pid)
+        start: tuple[float, float, float] | None = None
+        end: tuple[float, float, float] | None = None
+        last = (time.perf_counter(), 0.0, 0.0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:  # exited (and reaped here, so its rusage covers the whole tree)
+                break
+            time.sleep(0.02)
+            try:
+                cpu = _tree_cpu(ps)
+                stats = fetch_stats(url, timeout=5.0, brief=True)
+            except (psutil.Error, OSError):
+                continue
+            last = (time.perf_counter(), cpu, float(stats["cpu_s"]))
+            if start is None and stats["requests"] >= 2:
+                start = last
+            if end is None and stats["streams_done"] >= total:
+                end = last
         proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t
+        cpu_total = usage.ru_utime + usage.ru_stime
         out.seek(0)
         tail = out.read()[-3000:].decode("utf-8", "replace")
-    return proc.returncode, usage.ru_utime + usage.ru_stime, wall, tail
+    start = start or last
+    end = end or last
+    wall = max(end[0] - start[0], 1e-9)
+    return _Measured(proc.returncode, end[1] - start[1], wall, cpu_total, tail, end[2] - start[2])
 
 
 def _server_truth(stats: Mapping[str, Any]) -> tuple[dict[str, float], list[float]]:
@@ -114,7 +160,7 @@ def _server_truth(stats: Mapping[str, Any]) -> tuple[dict[str, float], list[floa
 
 
 # ---- EngineBench --------------------------------------------------------------------------------------------------
-def _child(url: str, concurrency: int, requests: int, processes: int, out: Path) -> None:
+def _child(url: str, concurrency: int, requests: int, processes: int, out: Path, connection: str) -> None:
     """The EngineBench client as a child process: run one closed-loop point, write its records."""
     import orjson
 
@@ -126,7 +172,13 @@ def _child(url: str, concurrency: int, requests: int, processes: int, out: Path)
     from workloads.arrival import LoadPoint
 
     records: list[RequestRecord] = []
-    target = Target("scripted", url, make_adapter(), "scripted")
+    target = Target(
+        "scripted",
+        url,
+        make_adapter(),
+        "scripted",
+        connection="keepalive" if connection == "keepalive" else "fresh",
+    )
     stop = StopRule(requests=requests, stall_timeout_s=60.0)
     run_start = time.perf_counter()
     outcome = asyncio.run(
@@ -144,14 +196,15 @@ def _child(url: str, concurrency: int, requests: int, processes: int, out: Path)
     out.write_bytes(orjson.dumps(doc))  # orjson writes the (slots) dataclasses itself, fast
 
 
-def run_enginebench(url: str, concurrency: int, requests: int, processes: int = 1) -> PeerRun:
+def run_enginebench(
+    url: str, concurrency: int, requests: int, processes: int = 1, connection: str = "fresh"
+) -> PeerRun:
     from harness.calibrate import match_errors
     from harness.calibration import fetch_stats, reset_stats
     from harness.metrics import itl_samples, ttft
     from harness.records import RequestRecord
 
     reset_stats(url)
-    before = fetch_stats(url)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "records.json"
         argv = [
@@ -165,9 +218,10 @@ def run_enginebench(url: str, concurrency: int, requests: int, processes: int = 
             str(concurrency),
         ]
         argv += ["--requests", str(requests), "--processes", str(processes), "--out", str(out)]
-        code, cpu, wall, tail = _measured(argv)
-        if code != 0:
-            raise RuntimeError(f"EngineBench child failed ({code}): {tail}")
+        argv += ["--connection", connection]
+        m = _measured(argv, url, requests)
+        if m.code != 0:
+            raise RuntimeError(f"EngineBench child failed ({m.code}): {m.tail}")
         doc = json.loads(out.read_text())
     stats = fetch_stats(url, detail=True)
     recs = [RequestRecord.from_dict(r) for r in doc["records"]]
@@ -176,21 +230,21 @@ def run_enginebench(url: str, concurrency: int, requests: int, processes: int = 
     _, gaps = _server_truth(stats)
     itls = [s for r in ok for s in itl_samples(r)]
     p_itl, p_gap = _pct(itls), _pct(gaps)
-    span = max(r.done or 0.0 for r in ok) - min(r.scheduled for r in ok) if ok else wall
+    span = max(r.done or 0.0 for r in ok) - min(r.scheduled for r in ok) if ok else m.wall_s
     return PeerRun(
-        tool="EngineBench",
+        tool="EngineBench" if connection == "fresh" else f"EngineBench ({connection})",
         concurrency=concurrency,
         requests=len(recs),
         ok=len(ok),
-        wall_s=wall,
-        cpu_s=cpu,
+        wall_s=m.wall_s,
+        cpu_s=m.cpu_s,
         tokens=sum(sum(r.chunk_tokens) for r in ok),
         ttft_ms=_pct([t for r in ok if (t := ttft(r)) is not None]),
         itl_ms=p_itl,
         ttft_err_ms=_pct(errs["ttft"]),
         itl_err_ms=(p_itl[0] - p_gap[0], p_itl[1] - p_gap[1]),
         server_first_lag_ms=_pct([x for x in _server_truth(stats)[0].values()]),
-        server_cpu_s=float(stats["cpu_s"]) - float(before["cpu_s"]),
+        server_cpu_s=m.server_cpu_s,
         extra={
             "duration_s": span,
             "itl_err_matched_ms": _pct(errs["itl"]),
@@ -204,7 +258,6 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
     from harness.calibration import fetch_stats, reset_stats
 
     reset_stats(url)
-    before = fetch_stats(url)
     prefix = f"vb{concurrency}-{requests}-"
     with tempfile.TemporaryDirectory() as d:
         argv = [str(vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", url]
@@ -222,9 +275,9 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
         argv += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
         argv += ["--save-result", "--save-detailed", "--result-dir", d, "--result-filename", "r.json"]
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
-        code, cpu, wall, tail = _measured(argv, env)
-        if code != 0:
-            raise RuntimeError(f"vllm bench serve failed ({code}): {tail}")
+        m = _measured(argv, url, requests + 1, env)  # + its initial test request
+        if m.code != 0:
+            raise RuntimeError(f"vllm bench serve failed ({m.code}): {m.tail}")
         res = json.loads((Path(d) / "r.json").read_text())
     stats = fetch_stats(url, detail=True)
     first, gaps = _server_truth(stats)
@@ -242,8 +295,8 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
         concurrency=concurrency,
         requests=requests,
         ok=int(res.get("completed", 0)),
-        wall_s=wall,
-        cpu_s=cpu,
+        wall_s=m.wall_s,
+        cpu_s=m.cpu_s,
         tokens=int(res.get("total_output_tokens", 0)),
         ttft_ms=(
             float(res.get("p50_ttft_ms", res.get("median_ttft_ms", np.nan))),
@@ -256,28 +309,33 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
         ttft_err_ms=_pct(ttft_err),
         itl_err_ms=(p_itl[0] - p_gap[0], p_itl[1] - p_gap[1]),
         server_first_lag_ms=_pct(list(first.values())),
-        server_cpu_s=float(stats["cpu_s"]) - float(before["cpu_s"]),
-        extra={"duration_s": float(res.get("duration", wall)), "matched_ttft": len(ttft_err)},
+        server_cpu_s=m.server_cpu_s,
+        extra={
+            "duration_s": float(res.get("duration", m.wall_s)),
+            "matched_ttft": len(ttft_err),
+            "cpu_total_s": m.cpu_total_s,
+        },
     )
 
 
 # ---- the comparison -----------------------------------------------------------------------------------------------
-def _marginal_cpu_per_token(small: PeerRun, big: PeerRun) -> float:
-    return (big.cpu_s - small.cpu_s) / max(1, big.tokens - small.tokens)
-
-
-def compare(concurrency: Sequence[int], waves: int, processes: int, server_workers: int) -> dict[str, Any]:
+def compare(
+    concurrency: Sequence[int], waves: int, processes: int, server_workers: int, keepalive: bool = True
+) -> dict[str, Any]:
+    """Both clients at each concurrency (TTFT 50 ms, ITL 5 ms), then the ceiling (TTFT = ITL = 0)."""
     from harness.calibration import ScriptConfig, serve_in_process
 
     vllm, tok = vllm_bin(), tokenizer_dir()
-    tools = ["EngineBench"] + (["vllm bench serve"] if vllm and tok else [])
+    tools = ["EngineBench"] + (["EngineBench (keepalive)"] if keepalive else [])
+    tools += ["vllm bench serve"] if vllm and tok else []
     out: dict[str, Any] = {"schema_version": 1, "kind": "peers", "points": [], "ceiling": [], "notes": []}
-    if len(tools) == 1:
+    if not (vllm and tok):
         out["notes"].append(f"vLLM bench serve skipped: vllm at {vllm} / tokenizer at {tok} not found")
+    out["host"] = {"cpus": os.cpu_count(), "cpu_pressure": _pressure()}
 
     def one(tool: str, url: str, c: int, n: int) -> PeerRun:
-        if tool == "EngineBench":
-            return run_enginebench(url, c, n, processes)
+        if tool.startswith("EngineBench"):
+            return run_enginebench(url, c, n, processes, "keepalive" if "keepalive" in tool else "fresh")
         assert vllm is not None and tok is not None
         return run_vllm(url, c, n, vllm, tok)
 
@@ -285,10 +343,9 @@ def compare(concurrency: Sequence[int], waves: int, processes: int, server_worke
     with serve_in_process(cfg) as url:
         for c in concurrency:
             for tool in tools:
-                small = one(tool, url, c, c)
-                big = one(tool, url, c, waves * c)
-                row = asdict(big) | {"cpu_us_per_token": _marginal_cpu_per_token(small, big) * 1e6}
-                row["requests_per_s"] = big.requests_per_s
+                run = one(tool, url, c, waves * c)
+                row = asdict(run) | {"cpu_us_per_token": run.cpu_s / max(1, run.tokens) * 1e6}
+                row["requests_per_s"] = run.requests_per_s
                 out["points"].append(row)
                 print(_line(row), flush=True)
     ceiling_cfg = ScriptConfig(
@@ -303,23 +360,31 @@ def compare(concurrency: Sequence[int], waves: int, processes: int, server_worke
                 "requests_per_s": run.requests_per_s,
                 "tokens_per_s": run.tokens / run.extra["duration_s"],
             }
-            row |= {
-                "client_cpu_util": run.cpu_s / run.wall_s,
-                "server_cpu_util": (run.server_cpu_s or 0.0) / run.extra["duration_s"],
-            }
+            row |= {"client_cpu_util": run.cpu_s / run.wall_s}
+            row |= {"server_cpu_util": (run.server_cpu_s or 0.0) / run.wall_s}
             out["ceiling"].append(row)
             print(
                 f"ceiling {tool}: {row['requests_per_s']:.1f} req/s, {row['tokens_per_s']:,.0f} tok/s",
                 flush=True,
             )
+    out["host"]["cpu_pressure_after"] = _pressure()
     return out
+
+
+def _pressure() -> str | None:
+    """The machine's CPU pressure (Linux PSI): how often runnable tasks waited for a CPU."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _line(r: Mapping[str, Any]) -> str:
     f = "{:.2f} / {:.2f}".format
     return (
         f"{r['tool']:<17} c={r['concurrency']:<4} ok {r['ok']}/{r['requests']}  TTFT {f(*r['ttft_ms'])}  "
-        f"ITL {f(*r['itl_ms'])}  TTFT err {f(*r['ttft_err_ms'])}  ITL err {f(*r['itl_err_ms'])}  "
+        f"ITL {f(*r['itl_ms'])}  TTFT err {f(*r['ttft_err_ms'])}  "
+        f"ITL err {f(*r['extra'].get('itl_err_matched_ms', r['itl_err_ms']))}  "
         f"server lag {f(*r['server_first_lag_ms'])}  CPU {r['cpu_us_per_token']:.1f} µs/token  "
         f"{r['requests_per_s']:.1f} req/s"
     )
@@ -334,9 +399,12 @@ def render(result: Mapping[str, Any]) -> str:
     ]
     f = "{:.2f} / {:.2f}".format
     for r in result["points"]:
+        itl_err = r["extra"].get(
+            "itl_err_matched_ms", r["itl_err_ms"]
+        )  # per chunk where the client allows it
         lines.append(
             f"| {r['tool']} | {r['concurrency']} | {f(*r['ttft_ms'])} | {f(*r['itl_ms'])} | {f(*r['ttft_err_ms'])} "
-            f"| {f(*r['itl_err_ms'])} | {f(*r['server_first_lag_ms'])} | {r['cpu_us_per_token']:.1f} "
+            f"| {f(*itl_err)} | {f(*r['server_first_lag_ms'])} | {r['cpu_us_per_token']:.1f} "
             f"| {r['requests_per_s']:.1f} |"
         )
     lines += [
@@ -350,6 +418,12 @@ def render(result: Mapping[str, Any]) -> str:
             f"| {r['server_cpu_util']:.2f} |"
         )
     lines += ["", *judge(result)]
+    host = result.get("host") or {}
+    if host:
+        lines += [
+            "",
+            f"CPUs: {host.get('cpus')}; CPU pressure before: {host.get('cpu_pressure')}; after: {host.get('cpu_pressure_after')}",
+        ]
     return "\n".join(lines)
 
 
@@ -358,28 +432,32 @@ def judge(result: Mapping[str, Any]) -> list[str]:
     out = []
     pts = {(r["tool"], r["concurrency"]): r for r in result["points"]}
     top = max((c for _, c in pts), default=None)
-    eb = pts.get(("EngineBench", top))
     vb = pts.get(("vllm bench serve", top))
-    if eb:
+    for (tool, c), eb in pts.items():
+        if c != top or not tool.startswith("EngineBench"):
+            continue
         p50, p99 = eb["ttft_err_ms"]
-        i50, i99 = eb["itl_err_ms"]
+        i50, i99 = eb["extra"].get("itl_err_matched_ms", eb["itl_err_ms"])  # per chunk, matched to the server
         ok = max(abs(p50), abs(i50)) <= 1.0 and max(p99, i99) <= 2.0
         out.append(
-            f"- timing error at {top} streams <= 1 ms p50, <= 2 ms p99: {'PASS' if ok else 'FAIL'} "
+            f"- {tool}: timing error at {top} streams <= 1 ms p50, <= 2 ms p99: {'PASS' if ok else 'FAIL'} "
             f"(TTFT {p50:.2f} / {p99:.2f} ms, ITL {i50:.2f} / {i99:.2f} ms)"
         )
-    if eb and vb:
-        ratio = eb["cpu_us_per_token"] / vb["cpu_us_per_token"]
-        out.append(
-            f"- CPU per streamed token <= 2/3 of vLLM bench serve's: {'PASS' if ratio <= 2 / 3 else 'FAIL'} (ratio {ratio:.2f})"
-        )
+        if vb:
+            ratio = eb["cpu_us_per_token"] / vb["cpu_us_per_token"]
+            verdict = "PASS" if ratio <= 2 / 3 else "FAIL"
+            out.append(
+                f"- {tool}: CPU per streamed token <= 2/3 of vLLM bench serve's: {verdict} (ratio {ratio:.2f})"
+            )
     ceil = {r["tool"]: r["requests_per_s"] for r in result["ceiling"]}
-    if len(ceil) == 2:
-        a, b = ceil["EngineBench"], ceil["vllm bench serve"]
-        out.append(
-            f"- higher ceiling than vLLM bench serve: {'PASS' if a > b else 'FAIL'} ({a:.1f} vs {b:.1f} req/s)"
-        )
-    if not out or len(out) < 3:
+    theirs = ceil.get("vllm bench serve")
+    for tool, ours in ceil.items():
+        if tool.startswith("EngineBench") and theirs is not None:
+            verdict = "PASS" if ours > theirs else "FAIL"
+            out.append(
+                f"- {tool}: higher ceiling than vLLM bench serve: {verdict} ({ours:.1f} vs {theirs:.1f} req/s)"
+            )
+    if theirs is None:
         out.append("- targets needing vLLM bench serve: n/a (not installed here)")
     return out
 
@@ -393,14 +471,19 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--requests", type=int, required=True)
     child.add_argument("--processes", type=int, default=1)
     child.add_argument("--out", type=Path, required=True)
+    child.add_argument("--connection", default="fresh")
     p.add_argument("--concurrency", default="64,256")
     p.add_argument("--waves", type=int, default=4, help="requests per measured run = waves x concurrency")
     p.add_argument("--processes", type=int, default=1, help="EngineBench client processes")
     p.add_argument("--server-workers", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--render", type=Path, default=None, help="only print the tables of a saved --json result")
     a = p.parse_args(argv)
+    if a.render:
+        print(render(json.loads(a.render.read_text())))
+        return
     if a.cmd == "child":
-        _child(a.url, a.concurrency, a.requests, a.processes, a.out)
+        _child(a.url, a.concurrency, a.requests, a.processes, a.out, a.connection)
         return
     conc = [int(x) for x in a.concurrency.split(",")]
     result = compare(conc, a.waves, a.processes, a.server_workers)

@@ -15,10 +15,9 @@ in the frames are milliseconds (columns end in `_ms`), rates are per second.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ __all__ = [
     "records_frame",
     "sensitivity_frame",
     "telemetry_frame",
+    "telemetry_skipped",
 ]
 
 LATENCY_METRICS = ("ttft", "itl", "tpot", "e2e")
@@ -79,7 +79,9 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     try:
         obj = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise SchemaError(f"{f} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
+        raise SchemaError(
+            f"{f} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged"
+        ) from None
     check_schema(obj, str(f))
     return dict(obj)
 
@@ -256,62 +258,92 @@ def itl_frame(runs: Iterable[PathLike | Run], *, max_per_point: int | None = Non
     return pd.concat(frames, ignore_index=True)
 
 
-def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif prefix:
-        out[prefix] = obj
+def _engine_names(run: Run) -> dict[str, str]:
+    """Telemetry file stem -> engine name (the writer sanitises names into file names)."""
+    from harness.telemetry import telemetry_path
+
+    names = [str(e.get("name")) for e in run.manifest.get("engines") or [] if e.get("name")]
+    names += [str(p.get("engine")) for p in run.summary.get("points") or []]
+    return {telemetry_path(run.path, n).stem: n for n in names}
 
 
-def _wall(value: Any) -> float | None:
-    if isinstance(value, str):
-        try:
-            return dt.datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            return None
-    return _num(value)
+def _sample_rows(line: Mapping[str, Any]) -> Iterator[tuple[str, str, float, str]]:
+    """(group, metric, value, unit) of one telemetry line: memory, engine CPU/GPU, and the engine's own metrics."""
+    from adapters.prometheus import kind_of
+
+    proc = line.get("process") or {}
+    if _num(proc.get("rss_bytes")) is not None and proc.get("processes"):
+        yield "memory", "engine RSS", float(proc["rss_bytes"]), "bytes"
+    if _num(proc.get("cpu_cores")) is not None:
+        yield "server", "engine CPU (cores)", float(proc["cpu_cores"]), "cores"
+    gpus = [g for g in line.get("gpus") or [] if isinstance(g, Mapping)]
+    used = [_num(g.get("memory_used_bytes")) for g in gpus]
+    if gpus and all(u is not None for u in used):
+        yield "memory", "GPU memory used", float(sum(u for u in used if u is not None)), "bytes"
+    util = [u for u in (_num(g.get("util_gpu")) for g in gpus) if u is not None]
+    if util:
+        yield "server", "GPU utilization", sum(util) / len(util), "fraction"
+    power = [w for w in (_num(g.get("power_w")) for g in gpus) if w is not None]
+    if power:
+        yield "server", "GPU power (W)", float(sum(power)), "W"
+    for name, value in (line.get("engine") or {}).items():
+        v = _num(value)
+        if v is not None:
+            yield "counter" if kind_of(str(name)) == "counter" else "server", str(name), v, ""
 
 
 def telemetry_frame(runs: Iterable[PathLike | Run]) -> pd.DataFrame:
-    """Every line of every `RUN_DIR/telemetry/*.jsonl`, flattened (nested keys joined with "."), long-form rows.
+    """The periodic telemetry samples of every run (`harness.telemetry.read_telemetry`), one row per value.
 
-    Adds `run_id`, `workload`, `source` (the file's stem) and `t_s`: seconds since the run's start, from the
-    line's own run-relative time (`t`, `t_s`, `time_s`, `elapsed_s`) or else its wall clock (`at`, `wall`,
-    `timestamp`) against the manifest's clock anchor. Empty when no run has telemetry.
+    Columns: run_id, workload, engine, point, `t_s` (seconds since the run's start, the records' clock), group
+    (`memory`: engine RSS / GPU memory used in bytes; `server`: engine CPU, GPU utilization and power, the engine's
+    own gauges; `counter`: the engine's counters, cumulative), metric, value, unit. Empty when nothing was sampled.
     """
     import pandas as pd
 
-    rows: list[dict[str, Any]] = []
+    from harness.telemetry import read_telemetry
+
+    cols = ["run_id", "workload", "engine", "point", "t_s", "group", "metric", "value", "unit"]
+    rows: list[tuple[Any, ...]] = []
     for run in load_runs(runs):
-        folder = run.path / "telemetry"
-        if not folder.is_dir():
-            continue
-        anchor = _num((run.manifest.get("clock_anchor") or {}).get("wall"))
-        for f in sorted(folder.glob("*.jsonl")):
-            with open(f, "rb") as fh:
-                for i, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        if not line.endswith(b"\n"):
-                            break  # a partial last line: the sampler was stopped mid-write
-                        raise SchemaError(f"{f} line {i} is not JSON; the file is damaged") from None
-                    if not isinstance(obj, dict):
-                        continue
-                    check_schema(obj, f"{f} line {i}")
-                    flat: dict[str, Any] = {}
-                    _flatten("", obj, flat)
-                    t = next((_num(obj.get(k)) for k in ("t", "t_s", "time_s", "elapsed_s") if k in obj), None)
-                    if t is None and anchor is not None:
-                        wall = next((_wall(obj.get(k)) for k in ("wall", "timestamp", "at") if k in obj), None)
-                        t = None if wall is None else wall - anchor
+        names = _engine_names(run)
+        for stem, lines in read_telemetry(run.path).items():
+            engine = names.get(stem, stem)
+            for line in lines:
+                if line.get("kind") != "sample" or _num(line.get("t")) is None:
+                    continue
+                for group, metric, value, unit in _sample_rows(line):
                     rows.append(
-                        {"run_id": run.run_id, "workload": run.workload, "source": f.stem, "t_s": t, **flat}
+                        (
+                            run.run_id,
+                            run.workload,
+                            engine,
+                            line.get("point"),
+                            line["t"],
+                            group,
+                            metric,
+                            value,
+                            unit,
+                        )
                     )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def telemetry_skipped(runs: Iterable[PathLike | Run]) -> pd.DataFrame:
+    """Why a telemetry source was not recorded: one row per (run, engine, source) with the sampler's reason."""
+    import pandas as pd
+
+    from harness.telemetry import read_telemetry
+
+    rows: dict[tuple[str, str, str], str] = {}
+    for run in load_runs(runs):
+        names = _engine_names(run)
+        for stem, lines in read_telemetry(run.path).items():
+            for line in lines:
+                if line.get("kind") == "source_skipped":
+                    key = (run.run_id, names.get(stem, stem), str(line.get("source")))
+                    rows.setdefault(key, str(line.get("reason") or ""))
+    return pd.DataFrame([(*k, v) for k, v in rows.items()], columns=["run_id", "engine", "source", "reason"])
 
 
 def decision(
@@ -393,7 +425,16 @@ def plan_frame(decision: Mapping[str, Any]) -> pd.DataFrame:
     """The hybrid plan: one row per use case with the chosen engine, settings, replicas and $/month."""
     import pandas as pd
 
-    cols = ["use_case", "status", "engine", "load_kind", "load_per_replica", "replicas", "usd_per_month", "note"]
+    cols = [
+        "use_case",
+        "status",
+        "engine",
+        "load_kind",
+        "load_per_replica",
+        "replicas",
+        "usd_per_month",
+        "note",
+    ]
     plan = decision.get("plan") or {}
     rows = []
     for a in plan.get("assignments") or []:

@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,26 +33,31 @@ from harness.calibration import (
     reset_stats,
     serve_in_process,
 )
-from harness.client import Connection, Target
+from harness.client import Codec, Connection, Target
 from harness.records import RequestRecord
 from workloads.spec import RequestSpec
+
+if TYPE_CHECKING:
+    from harness.runner import PointOutcome
 
 __all__ = [
     "CalibrationConfig",
     "CalibrationResult",
     "ErrorStats",
     "PointCalibration",
+    "ServerCeilingPoint",
     "calibrate",
     "calibration_specs",
     "match_errors",
     "render_table",
     "run_calibration",
+    "server_ceiling",
 ]
 
 
-STARVED = (
-    0.25  # a process runnable but waiting for a CPU this fraction of the time is starved by other processes
-)
+# a process runnable but waiting for a CPU this fraction of a point's time was starved by other processes: its
+# timing errors are the machine's, not the harness's (short multi-ms stalls are common well below 25%)
+STARVED = 0.10
 
 
 @dataclass(frozen=True)
@@ -179,13 +184,12 @@ def match_errors(
 
 
 async def _run_one_point(
-    url: str, cfg: CalibrationConfig, conc: int, run_start: float
-) -> tuple[list[RequestRecord], Any, float]:
-    from adapters.scripted import make_adapter
+    url: str, cfg: CalibrationConfig, codec: Codec, conc: int, run_start: float
+) -> tuple[list[RequestRecord], PointOutcome, float]:
     from harness.runner import StopRule, run_point
     from workloads.arrival import LoadPoint
 
-    target = Target("scripted", url, make_adapter(), "scripted", connection=cfg.connection)
+    target = Target("scripted", url, codec, "scripted", connection=cfg.connection)
     records: list[RequestRecord] = []
     measured = max(cfg.min_requests, cfg.waves * conc)
     stop = StopRule(requests=measured, warmup=cfg.warmup_waves * conc, cooldown=conc, stall_timeout_s=30.0)
@@ -200,7 +204,7 @@ def _point(
     cfg: CalibrationConfig,
     conc: int,
     records: list[RequestRecord],
-    outcome: Any,
+    outcome: PointOutcome,
     stats: Mapping[str, Any],
     server_cpu_s: float | None,
     waits: tuple[float | None, float | None],
@@ -271,7 +275,7 @@ def _point(
 
 
 async def _calibrate_at(
-    url: str, cfg: CalibrationConfig, progress: Callable[[PointCalibration], None]
+    url: str, cfg: CalibrationConfig, codec: Codec, progress: Callable[[PointCalibration], None]
 ) -> list[PointCalibration]:
     run_start = time.perf_counter()
     points = []
@@ -279,7 +283,7 @@ async def _calibrate_at(
         await asyncio.to_thread(reset_stats, url)
         before = await asyncio.to_thread(fetch_stats, url)
         wait0 = cpu_wait_s()
-        records, outcome, wall = await _run_one_point(url, cfg, conc, run_start)
+        records, outcome, wall = await _run_one_point(url, cfg, codec, conc, run_start)
         wait1 = cpu_wait_s()
         stats = await asyncio.to_thread(fetch_stats, url, True)
         cpu = _delta(before.get("cpu_s"), stats.get("cpu_s"))
@@ -299,10 +303,14 @@ def _delta(a: Any, b: Any) -> float | None:
 
 
 def calibrate(
-    url: str, cfg: CalibrationConfig, progress: Callable[[PointCalibration], None] = lambda p: None
+    url: str,
+    cfg: CalibrationConfig,
+    codec: Codec,
+    progress: Callable[[PointCalibration], None] = lambda p: None,
 ) -> CalibrationResult:
-    """Calibrate against a scripted server already serving at `url` (configured like `cfg`)."""
-    points = asyncio.run(_calibrate_at(url, cfg, progress))
+    """Calibrate against a scripted server already serving at `url` (configured like `cfg`), talking to it with
+    `codec` (the composition root passes `adapters.scripted.make_adapter()`: harness/ knows no engine)."""
+    points = asyncio.run(_calibrate_at(url, cfg, codec, progress))
     good = [p for p in points if not p.saturated]
     bad = [p for p in points if p.saturated]
     best = max(good, key=lambda p: p.tokens_per_s, default=None)
@@ -320,7 +328,7 @@ def calibrate(
 
 
 def run_calibration(
-    cfg: CalibrationConfig, progress: Callable[[PointCalibration], None] = lambda p: None
+    cfg: CalibrationConfig, codec: Codec, progress: Callable[[PointCalibration], None] = lambda p: None
 ) -> CalibrationResult:
     """Start the scripted server in its own process, calibrate against it, stop it."""
     script = ScriptConfig(
@@ -332,7 +340,7 @@ def run_calibration(
         workers=cfg.server_workers,
     )
     with serve_in_process(script) as url:
-        return calibrate(url, cfg, progress)
+        return calibrate(url, cfg, codec, progress)
 
 
 def render_table(result: CalibrationResult) -> Any:
@@ -373,3 +381,97 @@ def render_table(result: CalibrationResult) -> Any:
             "saturated" if p.saturated else "ok",
         )
     return t
+
+
+# ---- the scripted server's own ceiling --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerCeilingPoint:
+    streams: int
+    chunks_per_s: float  # chunk writes the server achieved
+    scripted_chunks_per_s: float  # what the script asks for: streams / itl
+    lag: ErrorStats  # achieved - scripted, every chunk
+    server_cpu: float  # fraction of one core
+    server_cpu_wait: float | None
+
+
+async def _raw_streams(host: str, port: int, streams: int, tokens: int, duration_s: float) -> int:
+    """A minimal keep-alive load: `streams` connections each asking for stream after stream, reading raw bytes."""
+    body = (
+        b'{"prompt":"x","stream":true,"ignore_eos":true,"max_tokens":%d}' % tokens  # no SSE parsing: cheap
+    )
+    request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    end = time.perf_counter() + duration_s
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        reader, writer = await asyncio.open_connection(host, port)
+        while time.perf_counter() < end:
+            writer.write(request)
+            tail = b""
+            while not tail.endswith(b"\r\n0\r\n\r\n"):
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                tail = (tail + data)[-16:]
+            done += 1
+        writer.close()
+
+    await asyncio.gather(*(one() for _ in range(streams)))
+    return done
+
+
+def _raw_load_process(url: str, streams: int, tokens: int, duration_s: float) -> None:
+    host, port = url.rsplit("//", 1)[1].split(":")
+    asyncio.run(_raw_streams(host, int(port), streams, tokens, duration_s))
+
+
+def server_ceiling(
+    streams: Sequence[int] = (64, 256, 512),
+    itl: float = 0.005,
+    duration_s: float = 3.0,
+    load_processes: int = 2,
+) -> list[ServerCeilingPoint]:
+    """Drive the scripted server (its own process) with a raw byte-counting load (`load_processes` processes) and
+    report, per number of streams, the chunk rate it achieved, its lag and its CPU: its ceiling is where the lag
+    grows or its CPU reaches a core."""
+    import multiprocessing as mp
+
+    out = []
+    ctx = mp.get_context("spawn")
+    with serve_in_process(ScriptConfig(ttft=itl, itl=itl, output_tokens=64, max_tracked=1000)) as url:
+        for n in streams:
+            shares = [n // load_processes + (i < n % load_processes) for i in range(load_processes)]
+            procs = [
+                ctx.Process(target=_raw_load_process, args=(url, k, 64, duration_s + 30)) for k in shares if k
+            ]
+            for p in procs:
+                p.start()
+            give_up = time.perf_counter() + 60.0
+            while fetch_stats(url, brief=True)["requests"] < 2 * n:  # every stream connected and streaming
+                if time.perf_counter() > give_up or not any(p.is_alive() for p in procs):
+                    raise RuntimeError(f"the raw load of {n} streams did not get going within 60 s")
+                time.sleep(0.05)
+            reset_stats(url)  # the window starts with the load in full swing
+            before = fetch_stats(url, brief=True)
+            t = time.perf_counter()
+            time.sleep(duration_s)
+            wall = time.perf_counter() - t
+            stats = fetch_stats(url)
+            for p in procs:
+                p.terminate()
+                p.join()
+            lag = stats["lag_ms"]
+            cpu = _delta(before.get("cpu_s"), stats.get("cpu_s")) or 0.0
+            wait = _delta(before.get("cpu_wait_s"), stats.get("cpu_wait_s"))
+            out.append(
+                ServerCeilingPoint(
+                    streams=n,
+                    chunks_per_s=lag["count"] / wall,
+                    scripted_chunks_per_s=n / itl,
+                    lag=ErrorStats(lag["count"], None, lag["p50"], lag["p99"], lag["max"], lag["mean"]),
+                    server_cpu=cpu / wall,
+                    server_cpu_wait=None if wait is None else wait / wall,
+                )
+            )
+    return out

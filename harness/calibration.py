@@ -12,15 +12,20 @@ A body field `"scripted": {"ttft", "itl", "tokens_per_chunk", "output_tokens", "
 
 The server never hides its own lateness: for every chunk it records the delay it really achieved (write time minus
 scripted time), per request id (body `request_id`, else header `X-Request-Id`, else generated) and in aggregate, at
-`GET /calibration/stats` (`?detail=1` for per-request lags, `POST /calibration/reset` to clear). Client timing
-error is then measured minus truth minus that lag. It is a raw `asyncio.Protocol` HTTP/1.1 server (keep-alive,
-chunked bodies) with one timer heap for all streams: everything due is written in one pass, and chunks of a stream
-that fell behind are coalesced into one write. In its own process (`serve_in_process`, `python -m
-harness.calibration`) it also waits with sub-millisecond precision (epoll alone rounds timeouts up to 1 ms).
+`GET /calibration/stats` (`?detail=1` for per-request lags, `?brief=1` for counters and CPU only; `POST
+/calibration/reset` clears). Client timing error is then measured minus truth minus that lag. Its stats also carry
+its CPU time and its run-queue wait (schedstat), so a server starved by other processes is visible.
+
+It is a raw `asyncio.Protocol` HTTP/1.1 server (keep-alive, chunked bodies) with one timer heap for all streams:
+everything due is written in one pass (yielding every 0.3 ms so new requests are read on time), and chunks of a
+stream that fell behind are coalesced into one write. In its own process (`serve_in_process`, `python -m
+harness.calibration`) it waits with sub-millisecond precision (epoll alone rounds timeouts up to 1 ms), and
+`workers` > 1 forks that many processes sharing the port (SO_REUSEPORT), each with a private control port so that
+the stats endpoint answers for all of them.
 
 Faults (`Faults`) are dealt deterministically (the kind furthest behind its share goes next), so a fraction f of n
-requests is faulted to within about one request: HTTP status codes, connection reset before a response, a stream cut mid-way, a stall,
-no `[DONE]`, a malformed chunk, an error event, a slow first byte.
+requests is faulted to within about one request: HTTP status codes, connection reset before a response, a stream
+cut mid-way, a stall, no `[DONE]`, a malformed chunk, an error event, a slow first byte.
 """
 
 from __future__ import annotations
@@ -185,10 +190,13 @@ class _Stats:
             self.per_request.pop(next(iter(self.per_request)))
         self.per_request[rid] = entry
 
-    def to_dict(self, detail: bool, raw: bool = False) -> dict[str, Any]:
+    def to_dict(self, detail: bool, raw: bool = False, brief: bool = False) -> dict[str, Any]:
+        """`brief`: counters and CPU only (cheap enough to poll while a client runs)."""
         out: dict[str, Any] = {"schema_version": 1, "kind": "scripted_stats", "requests": self.requests}
         out |= {"streams_done": self.streams_done, "faults": dict(self.faults), "workers": 1}
         out |= {"cpu_s": time.process_time(), "cpu_wait_s": cpu_wait_s()}
+        if brief:
+            return out
         if raw:  # for merging across worker processes
             out |= {"lags_raw": self.lags.tobytes().hex(), "first_lags_raw": self.first_lags.tobytes().hex()}
         else:
@@ -225,6 +233,8 @@ def _merge(parts: list[dict[str, Any]], detail: bool) -> dict[str, Any]:
             faults[k] = faults.get(k, 0) + int(v)
     out["faults"] = faults
     for key in ("lag", "first_lag"):
+        if any(f"{key}s_raw" not in p for p in parts):
+            continue
         merged = array("d")
         for p in parts:
             merged.frombytes(bytes.fromhex(p[f"{key}s_raw"]))
@@ -276,9 +286,10 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.stream is not None:
-            self.stream.done = True
         self.transport = None
+        if self.stream is not None and not self.stream.done:
+            self.stream.done = True  # the client went away mid-answer; its heap entry is skipped
+            self.server._end(self.stream)
 
     def data_received(self, data: bytes) -> None:
         t0 = time.monotonic()
@@ -445,7 +456,8 @@ class ScriptedServer:
             task.add_done_callback(self._tasks.discard)
             return None
         if method == "GET" and path == "/calibration/stats":
-            return conn.respond(200, self.stats.to_dict("detail=1" in query, raw="raw=1" in query))
+            brief = "brief=1" in query
+            return conn.respond(200, self.stats.to_dict("detail=1" in query, "raw=1" in query, brief))
         if method == "POST" and path == "/calibration/reset":
             self.stats.reset()
             return conn.respond(200, {"ok": True})
@@ -476,10 +488,10 @@ class ScriptedServer:
                 writer.close()
             self.stats.reset()
             return conn.respond(200, {"ok": True})
-        detail = "detail=1" in query
-        q = "?local=1&raw=1" + ("&detail=1" if detail else "")
+        detail, brief = "detail=1" in query, "brief=1" in query
+        q = "?local=1&raw=1" + ("&detail=1" if detail else "") + ("&brief=1" if brief else "")
         parts = await asyncio.gather(*(_get_json(host, port, path + q) for port in self._peers))
-        conn.respond(200, _merge([self.stats.to_dict(detail, raw=True), *parts], detail))
+        conn.respond(200, _merge([self.stats.to_dict(detail, True, brief), *parts], detail))
 
     def _pick_fault(self, req: Mapping[str, Any]) -> str | None:
         override = (req.get("scripted") or {}).get("fault") if isinstance(req.get("scripted"), dict) else None
@@ -679,7 +691,8 @@ class ScriptedServer:
             n = len(deadlines)
             lags = st.entry["lags"]
             j = i
-            while j < n and deadlines[j] <= now:
+            limit = st.stall_at if st.stall_at > i else n  # a stall interrupts even a stream that fell behind
+            while j < limit and deadlines[j] <= now:
                 lags.append(now - deadlines[j])
                 j += 1
             data = st.frames[i] if j == i + 1 else b"".join(st.frames[i:j])
@@ -882,9 +895,10 @@ def serve_in_process(cfg: ScriptConfig, *, nice: int | None = None) -> Iterator[
             proc.stdout.close()
 
 
-def fetch_stats(url: str, detail: bool = False, timeout: float = 30.0) -> dict[str, Any]:
-    """The server's achieved-vs-scripted delays (`GET /calibration/stats`); blocking, stdlib only."""
-    q = "?detail=1" if detail else ""
+def fetch_stats(url: str, detail: bool = False, timeout: float = 30.0, brief: bool = False) -> dict[str, Any]:
+    """The server's achieved-vs-scripted delays (`GET /calibration/stats`); blocking, stdlib only. `brief`: only
+    counters and CPU time (cheap to poll)."""
+    q = "?detail=1" if detail else "?brief=1" if brief else ""
     with urllib.request.urlopen(f"{url.rstrip('/')}/calibration/stats{q}", timeout=timeout) as r:
         return dict(orjson.loads(r.read()))
 

@@ -28,6 +28,7 @@ from harness.rundir import ClockAnchor, RunDir
 from harness.runner import PointOutcome, StopRule, run_point
 from harness.slo import Slo
 from harness.summary import Summary, rebuild_summary
+from harness.telemetry import EngineTelemetry
 from workloads.arrival import LoadPoint
 from workloads.registry import Workload, load_workload
 from workloads.spec import RequestSpec
@@ -219,6 +220,8 @@ async def _run_engine(
             cold = f" (cold start {ep.cold_start_s:.1f} s)" if ep.cold_start_s is not None else ""
             progress(f"{choice.name}: ready at {ep.base_url}, model {ep.model}, version {ep.version}{cold}")
             tokenizer = tokenizer_for(adapter, ep)
+            # telemetry (docs/telemetry.md): GPU, process tree and /metrics sampled around every load point
+            telemetry = EngineTelemetry.for_endpoint(run, choice.name, ep, adapter, anchor.perf)
             headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
             target = Target(choice.name, ep.base_url, adapter, ep.model, headers, cfg.stream)
             for point in cfg.points:
@@ -227,7 +230,17 @@ async def _run_engine(
                         break
                     outcome.points.append(
                         await _run_point(
-                            target, ep, workload, tokenizer, point, cfg, run, anchor, progress, repeat
+                            target,
+                            ep,
+                            workload,
+                            tokenizer,
+                            point,
+                            cfg,
+                            run,
+                            anchor,
+                            progress,
+                            repeat,
+                            telemetry,
                         )
                     )
             if not ep.alive():
@@ -254,6 +267,7 @@ async def _run_point(
     anchor: ClockAnchor,
     progress: Progress,
     repeat: int = 1,
+    telemetry: EngineTelemetry | None = None,
 ) -> PointOutcome:
     wanted = _wanted(cfg.stop, point)
     progress(f"{target.engine} {point.id}: preparing {wanted} requests with tokenizer {tokenizer.name}")
@@ -284,6 +298,7 @@ async def _run_point(
             progress(f"{target.engine} {point.id}: {done} requests finished")
 
     progress(f"{target.engine} {point.id}: running")
+    sampler = await telemetry.start_point(point.id, repeat if rep else None) if telemetry else None
     watch = asyncio.get_running_loop().create_task(_watch_engine(ep))
     try:
         task = asyncio.ensure_future(
@@ -301,6 +316,8 @@ async def _run_point(
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
+        if sampler is not None:
+            await sampler.stop()
     run.append_event(
         {
             "kind": "point_end",

@@ -14,7 +14,9 @@ while warm-up / measured requests are still in flight, so those finish under the
 - otherwise: the runner waits for the warm-up and measured requests to finish, then cancels leftover cool-down ones.
 
 Chat turns with `history_from` wait for that request's reply, extend its conversation with it as an assistant message,
-pause `think_time`, and count as due from then. Every finished record goes to `sink` at once.
+pause `think_time`, and count as due from then. Every finished record goes to `sink` at once. The client process's
+CPU is sampled every 0.5 s (a saturated client inflates TTFT and ITL). `run_point(..., processes=N)` splits the
+point across N OS processes sharing one start time (`run_point_multiprocess`, at the end of this module).
 """
 
 from __future__ import annotations
@@ -217,6 +219,7 @@ class _PointRun:
     worker_base: int = 0
     workers: int | None = None  # closed loop: this process's share of the point's concurrency
     fatal: Exception | None = None  # the sink failed
+    shared_budget: Any = None  # multiprocessing Array('q', [judged, failed]) shared by worker processes
     # set by the caller: stop now, cancel what is in flight, return normally
     abort: asyncio.Event | None = None
 
@@ -345,12 +348,14 @@ class _PointRun:
         if phase == "measure" and rec.status != "cancelled":
             self.measured_judged += 1
             self.measured_failed += not rec.ok
+            judged, failed = self.measured_judged, self.measured_failed
+            if self.shared_budget is not None:  # worker processes judge the budget on the whole point
+                with self.shared_budget.get_lock():
+                    self.shared_budget[0] += 1
+                    self.shared_budget[1] += not rec.ok
+                    judged, failed = self.shared_budget[0], self.shared_budget[1]
             budget = self.stop.error_budget
-            if (
-                budget is not None
-                and self.measured_judged >= self.stop.error_min_requests
-                and self.measured_failed > budget * self.measured_judged
-            ):
+            if budget is not None and judged >= self.stop.error_min_requests and failed > budget * judged:
                 self.close_window("error_budget")
         try:
             self.sink(rec)
@@ -663,7 +668,7 @@ def _split_jobs(
     ]  # fmt: skip
 
 
-def _child_main(job: _ChildJob, out: Any, go: Any, t0: Any) -> None:
+def _child_main(job: _ChildJob, out: Any, go: Any, t0: Any, budget: Any) -> None:
     """A worker process: say ready, wait for the common start, run the share, stream records back."""
     try:
         out.put(("ready", job.index, time.perf_counter()))
@@ -672,7 +677,11 @@ def _child_main(job: _ChildJob, out: Any, go: Any, t0: Any) -> None:
         def sink(rec: RequestRecord) -> None:
             out.put(("rec", orjson.dumps(rec.to_dict())))
 
-        child: dict[str, Any] = {"t0_fixed": t0.value, "worker_base": job.worker_base}
+        child: dict[str, Any] = {
+            "t0_fixed": t0.value,
+            "worker_base": job.worker_base,
+            "shared_budget": budget,
+        }
         if job.plan is not None:
             child.update(
                 plan=list(job.plan), plan_reason=job.plan_reason, plan_window_end=job.plan_window_end
@@ -711,12 +720,13 @@ async def run_point_multiprocess(
 
     Open loop: the parent computes the whole plan (send time and phase of every request, the measurement window) and
     deals it out; closed loop: the concurrency, the specs and the warm-up / request / cool-down counts are split in
-    proportion. All turns of a chat session go to one process. The error budget is judged per process on its share.
+    proportion. All turns of a chat session go to one process. The error budget is judged on the counts of all
+    processes together (shared counters); each process stops at its next finished request once it is spent.
     """
     jobs = _split_jobs(target, specs, point, stop, run_start, processes, keep_text)
     ctx = mp.get_context("spawn")
-    out, go, t0 = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_child_main, args=(job, out, go, t0), daemon=True) for job in jobs]
+    out, go, t0, budget = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0), ctx.Array("q", 2)
+    procs = [ctx.Process(target=_child_main, args=(job, out, go, t0, budget), daemon=True) for job in jobs]
     outcomes: dict[int, PointOutcome] = {}
     errors: list[str] = []
 

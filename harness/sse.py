@@ -52,32 +52,24 @@ class SSEParser:
             self._skip_lf = chunk[-1] == 0x0D
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf
+        buf += chunk
         if not self._bom_checked:
-            buf += chunk
             if len(buf) < 3 and _BOM.startswith(bytes(buf)):
                 return []
             self._bom_checked = True
             if buf.startswith(_BOM):
                 del buf[:3]
-            chunk, scan = bytes(buf), 0
-            buf.clear()
-        elif buf:  # an event is pending: join, and resume the search where the last one stopped
-            scan = self._scan
-            buf += chunk
-            chunk = bytes(buf)
-            buf.clear()
-        else:  # the common case, a read that starts on an event boundary: no copy into the buffer
-            scan = 0
         out: list[bytes] = []
         pos = 0
-        find = chunk.find
-        end = find(b"\n\n", scan)
+        find = buf.find
+        end = find(b"\n\n", self._scan)
         while end >= 0:
-            self._dispatch(chunk[pos:end], out)
+            self._dispatch(bytes(buf[pos:end]), out)
             pos = end + 2
             end = find(b"\n\n", pos)
-        if pos < len(chunk):
-            buf += chunk[pos:] if pos else chunk
+        if pos:
+            del buf[:pos]
+        # resume the next search here: a long event is scanned once, not once per read
         self._scan = len(buf) - 1 if buf else 0
         return out
 

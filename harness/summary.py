@@ -21,6 +21,7 @@ from harness.metrics import LatencyStats, stats_ms
 from harness.records import RequestRecord
 from harness.rundir import SCHEMA_VERSION, Manifest, RunDir
 from harness.slo import Goodput, Slo, goodput
+from harness.telemetry import TelemetrySummary, read_telemetry, summarize_telemetry, telemetry_path
 from harness.verdict import PointChecks, Verdict, VerdictPolicy, judge
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class PointSummary(BaseModel):
     stop_reason: str | None = None
     checks: PointChecks
     verdict: Verdict
+    # GPU / engine memory, KV cache, engine counters and client-vs-engine reconciliation, from RUN_DIR/telemetry/
+    telemetry: TelemetrySummary | None = None
 
 
 class Summary(BaseModel):
@@ -154,6 +157,7 @@ def summarize_point(
     *,
     slo: Slo | None = None,
     policy: VerdictPolicy | None = None,
+    telemetry: TelemetrySummary | None = None,
 ) -> PointSummary:
     """Statistics, goodput and verdict of one load point. Only `phase == "measure"` records enter statistics."""
     recs = list(records)
@@ -250,6 +254,7 @@ def summarize_point(
         stop_reason=end_event.get("stop_reason"),
         checks=checks,
         verdict=judge(checks, policy),
+        telemetry=telemetry,
     )
 
 
@@ -309,6 +314,7 @@ def summarize_run(
         warnings.simplefilter("always")
         records = list(rd.iter_records())
         events = list(rd.iter_events())
+        telemetry = read_telemetry(rd.path)
     notes.extend(str(w.message) for w in caught)
     if not records:
         notes.append(f"no request records in {rd.path / 'records.jsonl'}: nothing to summarize")
@@ -320,7 +326,16 @@ def summarize_run(
     for r in records:
         groups.setdefault((r.engine, r.point), []).append(r)
     points = [
-        summarize_point(recs, point_meta(manifest, engine, point, events), events, slo=slo, policy=policy)
+        summarize_point(
+            recs,
+            point_meta(manifest, engine, point, events),
+            events,
+            slo=slo,
+            policy=policy,
+            telemetry=summarize_telemetry(
+                telemetry.get(telemetry_path(rd.path, engine).stem, ()), point, recs
+            ),
+        )
         for (engine, point), recs in groups.items()
     ]
     return Summary(

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from adapters import llamacpp, registry, vllm
-from adapters.base import Adapter, EngineConfig, StreamDelta, Tokenizes
+from adapters.base import Adapter, EngineConfig, StreamDelta, Tokenizes, Usage
 from adapters.prometheus import Histogram, delta, scrape
 from harness.errors import ConfigError, EngineUnavailable
 from harness.sse import SSEParser
@@ -344,5 +344,81 @@ def load_expect(name: str) -> dict[str, object]:
 def test_install_refuses_engines_it_cannot_install() -> None:
     from harness.cli.engines import InstallConfig, run_install
 
-    with pytest.raises(ConfigError, match="cannot install tgi here: `bench engines install` knows vllm, llamacpp"):
+    with pytest.raises(
+        ConfigError, match="cannot install tgi here: `bench engines install` knows vllm, llamacpp"
+    ):
         run_install(InstallConfig(("vllm", "tgi")))
+
+
+STREAMS = FIXTURES / "streams"
+CPU_ENGINES = {"vllm": vllm.ADAPTER, "llamacpp": llamacpp.ADAPTER}
+
+
+def recorded(engine: str) -> dict[str, object]:
+    expected = orjson.loads((STREAMS / "expected.json").read_bytes())
+    if engine not in expected:
+        pytest.fail(f"no recording of {engine}: run tests/fixtures/streams/capture.py {engine}")
+    facts: dict[str, object] = expected[engine]
+    return facts
+
+
+@pytest.mark.parametrize("engine", list(CPU_ENGINES))
+def test_real_chat_stream(engine: str) -> None:
+    adapter, facts = CPU_ENGINES[engine], recorded(engine)
+    payloads = events(STREAMS / f"{engine}_chat_stream.sse")
+    text, tokens, deltas = fold(adapter, payloads)
+    nostream = facts["chat_nostream"]
+    assert isinstance(nostream, dict)
+    # known truth from outside this file: the non-streamed answer (temperature 0) and the engine's tokenizer
+    assert text == nostream["text"]
+    assert abs(nostream["tokenizer_count"] - 24) <= 1  # re-tokenizing decoded text may merge a pair
+    assert tokens == 24  # pinned with ignore_eos: one token per content chunk
+    assert deltas[0].tokens == 0 and deltas[0].text == ""  # role chunk (vLLM "" / llama.cpp null)
+    usage = [d.usage for d in deltas if d.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens == 24
+    assert usage[0].prompt_tokens == nostream["usage"]["prompt_tokens"]
+    assert usage[0].cached_tokens == 0  # nothing cached on the first request
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["length"]
+    whole = adapter.parse_response((STREAMS / f"{engine}_chat_nostream.json").read_bytes())
+    assert (whole.text, whole.tokens, whole.tokens_exact) == (text, 24, True)
+
+
+@pytest.mark.parametrize("engine", list(CPU_ENGINES))
+def test_real_completions_and_unpinned_streams(engine: str) -> None:
+    adapter = CPU_ENGINES[engine]
+    text, tokens, deltas = fold(adapter, events(STREAMS / f"{engine}_completions_stream.sse"))
+    last_usage = next(d.usage for d in reversed(deltas) if d.usage)
+    assert tokens == 24 == last_usage.completion_tokens and text.strip()
+    text, tokens, deltas = fold(adapter, events(STREAMS / f"{engine}_chat_stream_unpinned.sse"))
+    last_usage = next(d.usage for d in reversed(deltas) if d.usage)
+    finish = [d.finish_reason for d in deltas if d.finish_reason]
+    # unpinned, max_tokens 64: the model did not stop early in these recordings (see README)
+    assert finish == ["length"] and tokens == last_usage.completion_tokens == 64
+
+
+@pytest.mark.parametrize("engine", list(CPU_ENGINES))
+def test_real_metrics_agree_with_the_recorded_streams(engine: str) -> None:
+    """Between the two dumps exactly the four recorded requests ran: the counters must say so."""
+    adapter = CPU_ENGINES[engine]
+    metrics = FIXTURES / "metrics"
+    before = scrape((metrics / f"{engine}_before.prom").read_text(), adapter.metrics)
+    after = scrape((metrics / f"{engine}_after.prom").read_text(), adapter.metrics)
+    d = delta(before, after)
+    usages: list[Usage] = []
+    for name in ("chat_stream", "completions_stream", "chat_stream_unpinned"):
+        deltas = fold(adapter, events(STREAMS / f"{engine}_{name}.sse"))[2]
+        usages += [x.usage for x in deltas if x.usage]
+    whole = adapter.parse_response((STREAMS / f"{engine}_chat_nostream.json").read_bytes()).usage
+    assert whole is not None and len(usages) == 3
+    usages.append(whole)
+    completions = [u.completion_tokens or 0 for u in usages]
+    assert d["generation_tokens_total"] == sum(completions)
+    assert d["prompt_tokens_total"] == sum(u.prompt_tokens or 0 for u in usages)
+    assert after["requests_running"] == 0 and after["requests_waiting"] == 0
+    if engine == "vllm":
+        assert d["requests_finished_total"] == 4
+        for name in ("ttft_seconds", "itl_seconds", "e2e_seconds", "queue_seconds"):
+            h = d[name]
+            assert isinstance(h, Histogram) and h.buckets[-1][0] == math.inf
+            assert h.count == (4 if name != "itl_seconds" else sum(c - 1 for c in completions))
+        assert 0 <= after["kv_cache_usage"] <= 1  # type: ignore[operator]

@@ -6,11 +6,11 @@ Server and client clocks are both CLOCK_MONOTONIC, so the server's account of wh
 against when the client received it.
 
 Tolerances (chosen from runs on the shared 2-core machine; see the report of `bench calibrate`):
-- the server's own lag at low load: p50 <= 1 ms, p99 <= 10 ms, and a chunk never arrives before the server says it
-  wrote it;
+- the server's own lag at low load: p50 <= 1 ms, p99 <= 10 ms (same starvation rule), and, always, a chunk never
+  arrives before the server says it wrote it;
 - the harness's TTFT error (measured - scripted - server lag): p50 <= 2 ms, p99 <= 10 ms; ITL error per sample:
-  |p50| <= 0.5 ms, p99 <= 5 ms. At concurrency 64 and 256 these are only judged when neither process was starved of
-  CPU by *other* processes (schedstat run-queue wait > 25% of the time); otherwise the test skips and says so.
+  |p50| <= 0.5 ms, p99 <= 5 ms. A miss while the client or the server was starved of CPU by *other* processes
+  (schedstat run-queue wait > 10% of the time) is a skip that says so, never a pass; otherwise a miss fails.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.scripted import make_adapter
-from harness.calibrate import STARVED, CalibrationConfig, CalibrationResult, PointCalibration, run_calibration
+from harness.calibrate import (
+    STARVED,
+    CalibrationConfig,
+    CalibrationResult,
+    PointCalibration,
+    match_errors,
+    run_calibration,
+)
 from harness.calibration import (
     Faults,
     ScriptConfig,
@@ -229,37 +236,52 @@ async def test_server_hits_its_schedule_at_low_load() -> None:
                 times.append(time.monotonic())
 
     with serve_in_process(cfg) as url:
+        before = await asyncio.to_thread(fetch_stats, url, False, 30.0, True)
+        t = time.perf_counter()
         async with aiohttp.ClientSession() as s:
             for wave in range(3):
                 await asyncio.gather(*(one(s, url, f"w{wave}-{i}") for i in range(4)))
+        wall = time.perf_counter() - t
         stats = await asyncio.to_thread(fetch_stats, url, True)
     assert stats["lag_ms"]["count"] == 12 * 40
-    assert stats["lag_ms"]["p50"] <= 1.0 and stats["lag_ms"]["p99"] <= 10.0, stats["lag_ms"]
-    for rid, entry in stats["per_request"].items():
+    for rid, entry in stats["per_request"].items():  # the server's account is never ahead of the truth
         sched = chunk_schedule(entry["n"], entry["ttft"], entry["itl"], entry["tokens_per_chunk"])
         writes = [
             entry["t0"] + off + lag / 1000 for (off, _), lag in zip(sched, entry["lags_ms"], strict=True)
         ]
         assert arrivals[rid][0] >= writes[0] and arrivals[rid][-1] >= writes[-1]
+        assert min(entry["lags_ms"]) >= 0.0
+    if stats["cpu_wait_s"] is not None and (stats["cpu_wait_s"] - before["cpu_wait_s"]) / wall > STARVED:
+        pytest.skip(
+            f"the server waited for a CPU >{STARVED:.0%} of the time (other processes): lag {stats['lag_ms']}"
+        )
+    assert stats["lag_ms"]["p50"] <= 1.0 and stats["lag_ms"]["p99"] <= 10.0, stats["lag_ms"]
 
 
 @pytest.fixture(scope="module")
 def calibration() -> Iterator[CalibrationResult]:
-    yield run_calibration(CalibrationConfig(concurrency=(1, 64, 256), output_tokens=64, waves=2))
+    yield run_calibration(
+        CalibrationConfig(concurrency=(1, 64, 256), output_tokens=64, waves=2), make_adapter()
+    )
 
 
 def _judge(p: PointCalibration) -> None:
+    """Assert the tolerances; a miss while a process was starved of CPU by other processes is a skip, not a pass."""
+    assert p.ok == p.requests
+    e, i = p.ttft_error, p.itl_error
+    assert e.p50 is not None and e.p99 is not None and i.p50 is not None and i.p99 is not None
+    if e.p50 <= TTFT_P50_MS and e.p99 <= TTFT_P99_MS and abs(i.p50) <= ITL_P50_MS and i.p99 <= ITL_P99_MS:
+        return
     for who, wait in (("client", p.client_cpu_wait), ("server", p.server_cpu_wait)):
         if wait is not None and wait > STARVED:
             pytest.skip(
                 f"concurrency {p.concurrency}: the {who} waited for a CPU {wait:.0%} of the time (other processes "
-                f"on this machine); TTFT error p50 {p.ttft_error.p50:.2f} ms is not a judgement of the harness"
+                f"on this machine); TTFT error p50 {e.p50:.2f} ms is not a judgement of the harness"
             )
-    assert p.ok == p.requests
-    assert p.ttft_error.p50 is not None and p.ttft_error.p99 is not None
-    assert p.ttft_error.p50 <= TTFT_P50_MS and p.ttft_error.p99 <= TTFT_P99_MS, p
-    assert p.itl_error.p50 is not None and p.itl_error.p99 is not None
-    assert abs(p.itl_error.p50) <= ITL_P50_MS and p.itl_error.p99 <= ITL_P99_MS, p
+    pytest.fail(
+        f"concurrency {p.concurrency}: TTFT error {e.p50:.2f} / {e.p99:.2f} ms (p50 / p99), ITL error "
+        f"{i.p50:.2f} / {i.p99:.2f} ms; tolerances {TTFT_P50_MS} / {TTFT_P99_MS} and {ITL_P50_MS} / {ITL_P99_MS}"
+    )
 
 
 @pytest.mark.parametrize("concurrency", [1, 64, 256])
@@ -270,33 +292,44 @@ def test_measured_ttft_and_itl_match_the_script(calibration: CalibrationResult, 
 
 
 async def test_multi_token_chunks_give_per_token_itl() -> None:
-    """tokens_per_chunk=4, a chunk every 8 ms: 4 ITL samples of 2 ms per chunk; TPOT = (m-1)*itl/(n-1)."""
+    """tokens_per_chunk=4, a chunk every 8 ms: 4 ITL samples of 2 ms per chunk; TPOT = (m-1)*itl/(n-1).
+
+    A late read can merge two chunks into one record chunk of 8 tokens (8 samples of dt/8): still per-token
+    consistent, so the identities are asserted per record and the timing on the median of all samples, after
+    subtracting what the server says it added."""
     cfg = ScriptConfig(ttft=0.02, itl=0.008, output_tokens=32, tokens_per_chunk=4)
+    run_start = time.perf_counter()
     with serve_in_process(cfg) as url:
         target = Target("scripted", url, make_adapter(), "scripted", connection="keepalive")
         async with make_session(target) as session:
             recs = []
-            for i in range(4):
-                recs.append(
-                    await send_request(
-                        session,
-                        target,
-                        _spec(f"m{i}", 32),
-                        point="t",
-                        phase="measure",
-                        scheduled=0.0,
-                        run_start=time.perf_counter(),
-                        timeout=timeouts_for(True, 10.0, 30.0),
-                    )
+            for i in range(6):
+                rec = await send_request(
+                    session,
+                    target,
+                    _spec(f"m{i}", 32),
+                    point="t",
+                    phase="measure",
+                    scheduled=time.perf_counter() - run_start,
+                    run_start=run_start,
+                    timeout=timeouts_for(True, 10.0, 30.0),
                 )
+                recs.append(rec)
+        stats = await asyncio.to_thread(fetch_stats, url, True)
     for rec in recs:
         assert rec.ok and rec.output_tokens == 32 and sum(rec.chunk_tokens) == 32
-        assert rec.chunk_tokens == [4] * 8  # the adapter counts the tokens of a chunk exactly
-        samples = sorted(itl_samples(rec))
-        assert len(samples) == 28
-        assert abs(samples[len(samples) // 2] - 0.002) <= 0.0005  # itl / 4 per token
+        assert all(k % 4 == 0 for k in rec.chunk_tokens)  # the adapter counts a chunk's tokens exactly
+        samples = itl_samples(rec)
+        assert len(samples) == 32 - rec.chunk_tokens[0]
+        assert abs(sum(samples) - (rec.chunk_times[-1] - rec.chunk_times[0])) < 1e-9
         t = tpot(rec)
-        assert t is not None and abs(t - 7 * 0.008 / 31) <= 0.0005
+        assert t is not None and abs(t - (rec.chunk_times[-1] - rec.chunk_times[0]) / 31) < 1e-12
+    errors = match_errors(recs, stats["per_request"], run_start)
+    assert len(errors["itl"]) == sum(32 - r.chunk_tokens[0] for r in recs)
+    median_error = sorted(errors["itl"])[len(errors["itl"]) // 2]
+    assert abs(median_error) <= 0.0005  # per token: measured dt/k minus the server's achieved gap/k
+    all_samples = sorted(x for r in recs for x in itl_samples(r))
+    assert abs(all_samples[len(all_samples) // 2] - 0.002) <= 0.001  # itl / 4, server lag included
 
 
 async def test_worker_processes_share_the_port_and_merge_their_stats() -> None:
@@ -317,8 +350,10 @@ async def test_worker_processes_share_the_port_and_merge_their_stats() -> None:
 
 
 @pytest.mark.bench
+@pytest.mark.slow
 def test_peers_side_by_side() -> None:
-    """The issue's comparison with vLLM's own client (benchmarks/peers.py); ratios measured in one run."""
+    """The issue's comparison with vLLM's own client (benchmarks/peers.py); ratios measured in one run. About four
+    minutes. Timing errors are printed, not asserted: on a shared machine they measure its contention."""
     from benchmarks.peers import compare, judge, tokenizer_dir, vllm_bin
 
     if vllm_bin() is None or tokenizer_dir() is None:

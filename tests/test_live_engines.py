@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.live, pytest.mark.timeout(600)]
 MAX_TOKENS = 24
 # long enough (> one 128-token vLLM block) that a repeat can hit the prefix cache
 SHARED = "You are a careful assistant. " + " ".join(
-    f"Fact {i}: the number {i} squared is {i * i}." for i in range(40)
+    f"Fact {i}: the number {i} squared is {i * i}." for i in range(20)
 )
 
 
@@ -123,10 +123,18 @@ async def check_engine(name: str, tmp_path: Path, ready_timeout: float) -> dict[
             facts["prompt_tokens_shared"] = shared_tokens
             facts["cached_on_repeat"] = records[-1].cached_tokens
             facts["rss_mb_after"] = (ep.rss_bytes() or 0) >> 20
+            procs, _ = tree_and_listeners(ep)  # everything the engine spawned by now
+            facts["processes"] = len(procs)
+            stopping = time.perf_counter()
+        facts["stop_s"] = round(time.perf_counter() - stopping, 2)
         assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], (
             "engine left behind"
         )
         assert not listeners(port), f"something still listens on {port}"
+        argv_port = [
+            p.pid for p in psutil.process_iter(["cmdline"]) if str(port) in (p.info["cmdline"] or [])
+        ]
+        assert not argv_port, f"processes launched with port {port} survive: {argv_port}"
     except BaseException as e:
         registry.record_live_test(name, False, str(facts.get("version")), f"{type(e).__name__}: {e}"[:300])
         raise

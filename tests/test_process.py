@@ -260,3 +260,41 @@ def test_interrupting_bench_stops_the_engine(script: Path, tmp_path: Path, sig: 
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+FAKE_RUNTIME = textwrap.dedent(
+    """
+    import os, sys
+    calls, script, pidfile = sys.argv[1], sys.argv[2], sys.argv[3]
+    args = sys.argv[4:]
+    with open(calls, "a") as f:
+        f.write(" ".join(args[:3]) + "\\n")
+    if args[0] == "run":
+        port = args[args.index("-p") + 1].rsplit(":", 1)[1]
+        os.execv(sys.executable, [sys.executable, script, port, "0.1", pidfile])
+    """
+)
+
+
+async def test_container_mode_runs_the_image_argv_and_removes_the_container(
+    script: Path, tmp_path: Path
+) -> None:
+    """A stand-in container runtime: `run` serves like the image would, `rm -f NAME` is recorded."""
+    runtime = tmp_path / "fake-docker"
+    calls, pidfile = tmp_path / "calls", tmp_path / "pids"
+    runtime.write_text(
+        f'#!/bin/sh\nexec {sys.executable} {tmp_path / "rt.py"} {calls} {script} {pidfile} "$@"\n'
+    )
+    runtime.chmod(0o755)
+    (tmp_path / "rt.py").write_text(FAKE_RUNTIME)
+    cfg = EngineConfig(model="org/model", port=0, env={"HF_TOKEN": "secret"})
+    async with launched(
+        vllm.ADAPTER, cfg, tmp_path / "c.log", 30, container=True, runtime=str(runtime)
+    ) as ep:
+        assert ep.mode == "container" and ep.model == "fake-model"
+        assert ep.launch_argv[:3] == (str(runtime), "run", "--rm") and vllm.CPU_IMAGE in ep.launch_argv
+        assert ep.manifest_entry("vllm")["config"]["env"] == {"HF_TOKEN": "***"}
+        pids = tree_pids(pidfile)
+    port = ep.base_url.rsplit(":", 1)[1]
+    assert calls.read_text().splitlines() == ["run --rm --name", f"rm -f enginebench-vllm-{port}"]
+    assert not any(running(p) for p in pids)

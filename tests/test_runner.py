@@ -13,7 +13,7 @@ import pytest
 
 from harness.records import RequestRecord
 from harness.runner import PointOutcome, StopRule, Target, run_point
-from tests.test_client import ScriptedServer, script_spec, server, target_for
+from tests.test_client import ITL_MEAN_TOL_S, TTFT_TOL_S, ScriptedServer, script_spec, server, target_for
 from workloads.arrival import LoadPoint, send_times
 from workloads.spec import RequestSpec
 
@@ -244,3 +244,35 @@ async def test_abort_ends_the_point_and_returns(server: ScriptedServer) -> None:
     )
     assert outcome.stop_reason == "aborted" and len(records) == 2
     assert all(r.status == "cancelled" for r in records)
+
+
+async def test_ttft_and_itl_at_concurrency_8(server: ScriptedServer) -> None:
+    """Known truth: the server answers each request after 50 ms, then a token every 5 ms (absolute deadlines)."""
+    specs = [script_spec(f"r{i}", n=21, ttft=0.05, itl=0.005) for i in range(24)]
+    outcome, recs = await _run(
+        target_for(server.url), specs, LoadPoint("concurrency", 8, "closed"), StopRule(warmup=8)
+    )
+    measured = [r for r in recs if r.phase == "measure"]
+    assert len(measured) == 16 and all(r.ok for r in measured)
+    ttfts = sorted(r.chunk_times[0] - r.scheduled for r in measured)
+    assert ttfts[0] >= 0.05 and ttfts[len(ttfts) // 2] <= 0.05 + TTFT_TOL_S
+    for r in measured:
+        mean_itl = (r.chunk_times[-1] - r.chunk_times[0]) / (sum(r.chunk_tokens) - r.chunk_tokens[0])
+        assert abs(mean_itl - 0.005) <= ITL_MEAN_TOL_S
+    assert server.max_inflight == 8 and outcome.counts["warmup"] == 8
+
+
+async def test_multiprocess_error_budget_counts_all_processes(server: ScriptedServer) -> None:
+    specs = [script_spec(f"r{i}", mode="http500") for i in range(400)]
+    records: list[RequestRecord] = []
+    stop = StopRule(requests=400, error_budget=0.1, error_min_requests=6)
+    outcome = await run_point(
+        target_for(server.url),
+        specs,
+        LoadPoint("concurrency", 2, "closed"),
+        stop,
+        records.append,
+        time.perf_counter(),
+        processes=2,
+    )
+    assert outcome.stop_reason == "error_budget" and len(records) < 40

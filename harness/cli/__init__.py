@@ -28,21 +28,11 @@ def _register() -> None:
 def main() -> None:
     _register()
     try:
-        rc = app(standalone_mode=False)  # click returns a typer.Exit's code instead of exiting
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        # standalone mode: click reports usage errors itself (one line + usage) and exits with code 2
+        app()
     except BenchError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/]")
         sys.exit(130)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit | click.exceptions.Abort):
-            sys.exit(getattr(e, "exit_code", 1))
-        raise

@@ -87,6 +87,7 @@ def engines_table() -> list[dict[str, Any]]:
 
 def run_list() -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="Engines", title_justify="left")
@@ -96,24 +97,26 @@ def run_list() -> None:
     for row in engines_table():
         live = row["live_tested"]
         live_text = (
-            f"{'[green]passed[/]' if live['passed'] else '[red]failed[/]'} {live['when'][:10]} ({live['version']})"
+            f"{'[green]passed[/]' if live['passed'] else '[red]failed[/]'} {escape(str(live['when'])[:10])}"
+            f" ({escape(str(live['version']))})"
             if live
             else "never"
         )
-        installed = (yes if row["installed"] else no) + f"\n[dim]{row['reason']}[/]"
+        installed = (yes if row["installed"] else no) + f"\n[dim]{escape(row['reason'])}[/]"
         table.add_row(
-            f"{row['engine']}\n[dim]{row['display_name']}[/]",
+            f"{row['engine']}\n[dim]{escape(row['display_name'])}[/]",
             ", ".join(row["hardware"]),
             installed,
             yes if row["runnable"] else no,
             live_text,
-            row["maintenance"],
+            escape(row["maintenance"]),
         )
     Console().print(table)
 
 
 def run_install(config: InstallConfig) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from adapters import install as installer
     from harness.errors import ConfigError, EngineError
@@ -135,8 +138,8 @@ def run_install(config: InstallConfig) -> None:
         ) as spinner:
 
             def progress(message: str) -> None:
-                console.print(f"  {message}", highlight=False, soft_wrap=True)
-                spinner.update(message)
+                console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
+                spinner.update(escape(message))
 
             try:
                 installer.install(todo, progress)
@@ -145,4 +148,4 @@ def run_install(config: InstallConfig) -> None:
     for name in components:
         status = installer.status(name)
         mark = "[green]installed[/]" if status.installed else "[red]missing[/]"
-        console.print(f"{name}: {mark} {status.detail}", highlight=False, soft_wrap=True)
+        console.print(f"{name}: {mark} {escape(status.detail)}", highlight=False, soft_wrap=True)

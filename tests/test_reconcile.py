@@ -1,0 +1,170 @@
+"""Client vs engine reconciliation on crafted records and histograms whose answers are known by construction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from adapters.prometheus import Histogram, Value
+from harness.reconcile import ReconcilePolicy, bucket_interval, reconcile
+from harness.records import RequestRecord
+
+# vLLM's TTFT bucket bounds (seconds), the ones a real engine reports
+BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+def hist(observations: list[float], bounds: tuple[float, ...] = BOUNDS) -> Histogram:
+    """A cumulative histogram of `observations` (seconds), as Prometheus would expose it."""
+    les = (*bounds, math.inf)
+    buckets = tuple((le, float(sum(1 for o in observations if o <= le))) for le in les)
+    return Histogram(buckets, float(sum(observations)), float(len(observations)))
+
+
+def rec(
+    i: int, ttft_s: float, *, phase: str = "measure", out: int = 16, prompt: int = 100, **kw: Any
+) -> RequestRecord:
+    base: dict[str, Any] = {
+        "request_id": f"r{i}",
+        "engine": "e",
+        "point": "concurrency=2",
+        "phase": phase,
+        "scheduled": float(i),
+        "sent": float(i) + 0.0005,
+        "chunk_times": [i + ttft_s + 0.01 * k for k in range(out)],
+        "chunk_tokens": [1] * out,
+        "done": i + ttft_s + 0.01 * out,
+        "output_tokens": out,
+        "prompt_tokens": prompt,
+        "token_source": "server_usage",
+        "client_output_tokens": out,
+    }
+    base.update(kw)
+    return RequestRecord(**base)
+
+
+def engine_delta(
+    recs: list[RequestRecord], ttfts: list[float] | None = None, **override: float
+) -> dict[str, Value]:
+    ok = [r for r in recs if r.ok]
+    d: dict[str, Value] = {
+        "generation_tokens_total": float(sum(r.output_tokens or 0 for r in ok)),
+        "prompt_tokens_total": float(sum(r.prompt_tokens or 0 for r in ok)),
+        "requests_finished_total": float(len(ok)),
+    }
+    if ttfts is not None:
+        d["ttft_seconds"] = hist(ttfts)
+    d.update(override)
+    return d
+
+
+def test_bucket_interval_finds_the_bucket_holding_the_quantile() -> None:
+    h = hist([0.003, 0.007, 0.015, 0.015, 0.03, 0.03, 0.05, 0.07, 0.09, 0.2])  # 10 observations
+    assert bucket_interval(h, 0.5) == (0.02, 0.04)  # rank 5: the 5th and 6th observations are 0.03
+    assert bucket_interval(h, 0.9) == (0.08, 0.1)  # rank 9: 0.09
+    assert bucket_interval(h, 1.0) == (0.1, 0.25)
+    assert bucket_interval(h, 0.0) == (0.001, 0.005)  # the first non-empty bucket
+    over = hist([7.0, 8.0, 9.0])
+    assert bucket_interval(over, 0.5) == (5.0, math.inf)
+    assert bucket_interval(Histogram((), 0.0, 0.0), 0.5) is None
+
+
+def test_counts_agree_exactly_over_every_phase() -> None:
+    recs = [rec(i, 0.05, phase="warmup") for i in range(3)] + [rec(i, 0.05) for i in range(3, 23)]
+    recs += [rec(i, 0.05, phase="cooldown", out=7, prompt=33) for i in range(23, 25)]
+    r = reconcile(recs, engine_delta(recs, [0.045] * 25))
+    by = {c.metric: c for c in r.counts}
+    assert by["generation_tokens_total"].client == 23 * 16 + 2 * 7 == by["generation_tokens_total"].engine
+    assert by["prompt_tokens_total"].client == 23 * 100 + 2 * 33
+    assert by["requests_finished_total"].client == 25
+    assert all(c.verdict == "agree" and c.difference == 0 for c in r.counts)
+    assert r.status == "agree" and r.requests == 25 and r.failed == 0
+
+
+def test_a_count_mismatch_is_reported_with_its_likely_reason() -> None:
+    recs = [rec(i, 0.05) for i in range(10)]
+    r = reconcile(recs, engine_delta(recs, generation_tokens_total=170.0))
+    gen = next(c for c in r.counts if c.metric == "generation_tokens_total")
+    assert gen.verdict == "disagree" and gen.difference == -10.0
+    assert "10 fewer" in gen.reason and "other traffic" in gen.reason
+    assert r.status == "disagree"
+
+    # a request cut mid-stream: the engine generated 16 tokens, the client saw 5 of them
+    cut = rec(10, 0.05, status="read_error", output_tokens=None, token_source="none", client_output_tokens=5)
+    r = reconcile([*recs, cut], engine_delta(recs, generation_tokens_total=176.0))
+    gen = next(c for c in r.counts if c.metric == "generation_tokens_total")
+    assert gen.client == 165.0 and gen.difference == -11.0
+    assert "1 request(s) did not finish normally" in gen.reason
+    assert r.failed == 1
+
+
+def test_client_side_counts_are_named_as_a_reason() -> None:
+    recs = [rec(i, 0.05) for i in range(4)]
+    recs[0] = rec(0, 0.05, output_tokens=None, token_source="none", client_output_tokens=15)
+    r = reconcile(recs, engine_delta([rec(i, 0.05) for i in range(4)]))
+    gen = next(c for c in r.counts if c.metric == "generation_tokens_total")
+    assert gen.verdict == "disagree" and gen.difference == -1.0
+    assert "1 output count(s) are not the server's usage" in gen.reason
+
+
+def test_missing_engine_counters_are_unavailable_not_disagreements() -> None:
+    recs = [rec(i, 0.05) for i in range(5)]
+    r = reconcile(recs, {"generation_tokens_total": 80.0})
+    by = {c.metric: c for c in r.counts}
+    assert by["generation_tokens_total"].verdict == "agree"
+    assert by["prompt_tokens_total"].verdict == "unavailable" and by["prompt_tokens_total"].engine is None
+    assert all(t.verdict == "unavailable" and t.reason == "the engine has no TTFT histogram" for t in r.ttft)
+    assert r.status == "agree"
+    assert reconcile(recs, {}).status == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("client_s", "engine_s", "verdict", "outside_ms", "says"),
+    [
+        # inside the engine's bucket [40, 60] ms: agree, nothing outside
+        (0.050, 0.045, "agree", 0.0, "inside"),
+        # 10 ms above the bucket's upper bound (60 ms): within the 25 ms tolerance
+        (0.070, 0.045, "agree", 10.0, "within"),
+        # 140 ms above [80, 100] ms: beyond max(25 ms, 10% of 240 ms) -> disagree, with the reason
+        (0.240, 0.090, "disagree", 140.0, "time spent outside the engine"),
+        # the client below the engine's bucket [250, 500] ms by 150 ms: it cannot see a token first
+        (0.100, 0.300, "disagree", -150.0, "below"),
+        # the engine only says "more than 5 s": a client above that agrees
+        (6.0, 5.5, "agree", 0.0, "+Inf"),
+    ],
+)
+def test_ttft_against_the_histogram_resolution(
+    client_s: float, engine_s: float, verdict: str, outside_ms: float, says: str
+) -> None:
+    recs = [rec(i, client_s) for i in range(20)]
+    r = reconcile(recs, engine_delta(recs, [engine_s] * 20), ReconcilePolicy(quantiles=(0.5,)))
+    (check,) = r.ttft
+    assert check.client_ms == pytest.approx(client_s * 1000, abs=1e-6)
+    assert check.verdict == verdict, check.reason
+    assert check.outside_ms == pytest.approx(outside_ms, abs=1e-6)
+    assert says in check.reason
+    assert r.engine_ttft_count == 20 and r.client_ttft_count == 20
+
+
+def test_ttft_p50_and_p90_land_in_their_own_buckets() -> None:
+    # engine: 10 requests at 30 ms, 8 at 70 ms, 2 at 150 ms; client: the same plus 3 ms of network each
+    engine = [0.03] * 10 + [0.07] * 8 + [0.15] * 2
+    recs = [rec(i, t + 0.003) for i, t in enumerate(engine)]
+    r = reconcile(recs, engine_delta(recs, engine))
+    p50, p90 = r.ttft
+    assert (p50.engine_low_ms, p50.engine_high_ms) == (20.0, 40.0)  # rank 10 of 20: the 30 ms group
+    assert (p90.engine_low_ms, p90.engine_high_ms) == (60.0, 80.0)  # rank 18: the last 70 ms one
+    # client p50 (linear interpolation between 33 and 73 ms) = 53 ms: 13 ms above [20, 40], within tolerance
+    assert p50.client_ms == pytest.approx(53.0, abs=1e-6)
+    assert p50.outside_ms == pytest.approx(13.0, abs=1e-6) and p50.verdict == "agree"
+    # client p90: index 0.9 × 19 = 17.1, between 73 and 153 ms -> 81 ms, 1 ms above [60, 80]
+    assert p90.client_ms == pytest.approx(81.0, abs=1e-6) and p90.outside_ms == pytest.approx(1.0, abs=1e-6)
+    assert p50.engine_estimate_ms == pytest.approx(40.0, abs=1e-6)  # PromQL interpolation: rank 10 at 40
+    assert r.status == "agree"
+
+
+def test_a_count_difference_between_histogram_and_client_is_said() -> None:
+    recs = [rec(i, 0.05) for i in range(10)]
+    r = reconcile(recs, engine_delta(recs, [0.05] * 12), ReconcilePolicy(quantiles=(0.5,)))
+    assert "the engine observed 12 TTFTs, the client 10" in r.ttft[0].reason
