@@ -206,6 +206,10 @@ def install(names: Sequence[str], progress: Callable[[str], None]) -> None:
             for name, step in (("model", _install_model), ("vllm", _install_vllm), ("model-hf", _install_hf)):
                 if name in todo:
                     _timed(name, step, say)
+        except BaseException as exc:
+            if builder is not None and builder.is_alive():
+                say(f"failed: {exc}; waiting for the llama.cpp build to stop")
+            raise
         finally:
             if builder is not None:
                 builder.join()
@@ -266,6 +270,7 @@ def _timed(
     name: str, step: Callable[[Callable[[str], None]], dict[str, Any]], say: Callable[[str], None]
 ) -> None:
     started = time.monotonic()
+    _marker(name).unlink(missing_ok=True)  # whatever was there is being replaced: not ready until checked
     say(f"[{name}] installing")
     info = step(lambda line: say(f"[{name}] {line}"))
     seconds = round(time.monotonic() - started, 1)

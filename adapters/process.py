@@ -254,7 +254,7 @@ class Endpoint:
             "adapter": adapter,
             "mode": self.mode,
             "endpoint": self.base_url,
-            "launch_argv": list(self.launch_argv),
+            "launch_argv": [_mask_assignment(a) for a in self.launch_argv],
             "version": self.version,
             "model": self.model,
             "cold_start_s": self.cold_start_s,
@@ -265,10 +265,20 @@ class Endpoint:
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 
 
+def _secret(name: str) -> bool:
+    return any(w in name.upper() for w in _SECRET_WORDS)
+
+
+def _mask_assignment(arg: str) -> str:
+    """`-e HF_TOKEN=abc` in a container argv -> `HF_TOKEN=***`."""
+    name, eq, _ = arg.partition("=")
+    return f"{name}=***" if eq and not name.startswith("-") and _secret(name) else arg
+
+
 def _public_config(cfg: EngineConfig) -> dict[str, Any]:
     """The config as written to the manifest, with secret-looking environment values masked."""
     out = dataclasses.asdict(cfg)
-    out["env"] = {k: "***" if any(w in k.upper() for w in _SECRET_WORDS) else v for k, v in cfg.env.items()}
+    out["env"] = {k: "***" if _secret(k) else v for k, v in cfg.env.items()}
     out["extra_args"] = list(cfg.extra_args)
     return out
 

@@ -25,7 +25,7 @@ the stats endpoint answers for all of them.
 
 Faults (`Faults`) are dealt deterministically (the kind furthest behind its share goes next), so a fraction f of n
 requests is faulted to within about one request: HTTP status codes, connection reset before a response, a stream
-cut mid-way, a stall, no `[DONE]`, a malformed chunk, an error event, a slow first byte.
+cut mid-way, a stall, no `[DONE]`, a malformed chunk, an error event, a slow first byte, a huge event.
 """
 
 from __future__ import annotations
@@ -66,7 +66,17 @@ __all__ = [
     "serve_in_process",
 ]
 
-FAULT_KINDS = ("status", "reset", "cut", "stall", "no_done", "malformed", "error_event", "slow_first_byte")
+FAULT_KINDS = (
+    "status",
+    "reset",
+    "cut",
+    "stall",
+    "no_done",
+    "malformed",
+    "error_event",
+    "slow_first_byte",
+    "huge",
+)
 _SLICE_S = 0.0003  # longest run of writes before new requests get read
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required", 429: "Too Many Requests"}
 _REASONS |= {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
@@ -84,8 +94,10 @@ class Faults:
     malformed: float = 0.0  # one chunk mid-way is not valid JSON
     error_event: float = 0.0  # an `{"error": ...}` event mid-way, then `[DONE]`
     slow_first_byte: float = 0.0  # headers only after `slow_first_byte_s`; tokens shift with them
+    huge: float = 0.0  # one event mid-way (or the body) padded with `huge_bytes` the codec ignores
     stall_s: float = 3600.0
     slow_first_byte_s: float = 2.0
+    huge_bytes: int = 4 << 20
 
     def table(self) -> list[tuple[str, float]]:
         """(fault, fraction) in a fixed order, status codes as "status:CODE"."""
@@ -567,6 +579,8 @@ class ScriptedServer:
                 "created": created,
             }
             obj |= {"model": cfg.model, "choices": [choice], "usage": usage}
+            if fault == "huge":
+                obj["padding"] = "x" * cfg.faults.huge_bytes
             payload = orjson.dumps(obj)
             if fault == "malformed":
                 payload = payload[: len(payload) // 2].ljust(len(payload))
@@ -645,6 +659,9 @@ class ScriptedServer:
             data_f = cache[k]
             if j == 0 and chat:
                 data_f = _frame(chunk("", None, role=True) + chunk(cfg.token_text * k, None))
+            if j == last // 2 and fault == "huge":
+                event = orjson.loads(chunk(cfg.token_text * k, None)[len(b"data: ") :])
+                data_f = _frame(_sse(event | {"padding": "x" * cfg.faults.huge_bytes}))
             if j == last // 2 and fault == "malformed":
                 data_f = _frame(b'data: {"id": "' + oid.encode() + b'", "choices": [\n\n')
             if j == last // 2 and fault == "error_event":
@@ -844,6 +861,18 @@ def _run_workers(cfg: ScriptConfig) -> None:
     _run_loop(cfg, (listens[0], controls[0]), tuple(ports[1:]), 0)
 
 
+def _raise_open_files() -> None:
+    """One socket per stream: let this process hold as many as the OS allows (soft limit up to the hard one)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard)
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m harness.calibration --port P --ttft 0.05 --itl 0.005 [--config-json JSON]`."""
     p = argparse.ArgumentParser(prog="python -m harness.calibration", description=__doc__.split("\n\n")[0])
@@ -856,13 +885,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-chunk", type=int, default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--workers", type=int, default=None, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument(
+        "--faults", default=None, help='Faults as JSON, e.g. \'{"status": {"500": 0.1}, "cut": 0.05}\''
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cfg = ScriptConfig.from_json(a.config_json) if a.config_json else ScriptConfig(port=8000)
     names = ("host", "port", "ttft", "itl", "output_tokens", "tokens_per_chunk", "model", "workers")
     cfg = replace(cfg, **{k: getattr(a, k) for k in names if getattr(a, k) is not None})
+    if a.faults:
+        f = json.loads(a.faults)
+        f["status"] = {int(k): float(v) for k, v in (f.get("status") or {}).items()}
+        cfg = replace(cfg, faults=Faults(**f))
     if a.child:
         _die_with_parent()
+    _raise_open_files()
     if cfg.workers > 1:
         _run_workers(cfg)
     else:

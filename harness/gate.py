@@ -24,7 +24,7 @@ from harness.summary import PointSummary, point_meta, summarize_point
 from harness.verdict import VerdictPolicy
 from matrix.gate_stats import RATE_METRICS, GatePolicy, GateReport, PointData, compare_points, window_rates
 
-__all__ = ["GateConfig", "load_gate_policy", "load_points", "run_gate", "write_outputs"]
+__all__ = ["GateConfig", "load_gate_policy", "load_points", "point_data", "run_gate", "write_outputs"]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,11 @@ from adapters import registry
 from adapters.base import Adapter, EngineConfig
 from adapters.process import Endpoint, attached, launched
 from harness.client import Target
-from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable
+from harness.distributed import DistributedConfig, distributed_runner
+from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable, SchemaError
+from harness.limits import ensure_open_files
 from harness.records import RequestRecord
-from harness.rundir import ClockAnchor, RunDir
+from harness.rundir import ClockAnchor, Manifest, RunDir
 from harness.runner import PointOutcome, StopRule, run_point
 from harness.slo import Slo
 from harness.summary import Summary, rebuild_summary
@@ -34,10 +37,24 @@ from workloads.registry import Workload, load_workload
 from workloads.spec import RequestSpec
 from workloads.tokenizer import EngineTokenizer, LocalTokenizer, SimpleTokenizer, Tokenizer
 
-__all__ = ["EngineChoice", "EngineOutcome", "RunConfig", "RunResult", "execute", "parse_engines"]
+__all__ = [
+    "EngineChoice",
+    "EngineOutcome",
+    "ResumeState",
+    "RunConfig",
+    "RunResult",
+    "execute",
+    "parse_engines",
+    "resume_config",
+]
 
 Progress = Callable[[str], None]
 EXIT_OK, EXIT_ENGINE_FAILED, EXIT_NOTHING_RAN = 0, 3, 4
+# a point stopped because its error budget was spent, or not one of its measured requests succeeded: the numbers
+# are not a measurement of the engine, and a script must not take them for one (PITFALLS 8: exit 0 in a 500 storm)
+EXIT_REQUESTS_FAILED = 5
+# after an engine died, how long its in-flight requests get to fail on their own before the point is aborted
+ENGINE_GONE_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,11 @@ class RunConfig:
     resume: bool = False
     # --repeat N: run each load point N times back to back (see `_repeat_specs`); records carry tags["repeat"]
     repeat: int = 1
+    # --resume (see "resume" below): re-send requests that failed or were cancelled; what earlier segments did
+    resend_failed: bool = False
+    prior: ResumeState | None = None
+    # --distributed: each load point split across Locust workers (harness/distributed.py, docs/distributed.md)
+    distributed: DistributedConfig | None = None
 
 
 @dataclass
@@ -89,7 +111,13 @@ class RunResult:
             return EXIT_ENGINE_FAILED
         if not any(e.status == "ran" for e in self.engines):
             return EXIT_NOTHING_RAN
+        if any(_failed_point(p) for e in self.engines for p in e.points):
+            return EXIT_REQUESTS_FAILED
         return EXIT_OK
+
+
+def _failed_point(p: PointOutcome) -> bool:
+    return p.stop_reason == "error_budget" or (p.counts.get("measure", 0) > 0 and p.counts.get("ok", 0) == 0)
 
 
 def parse_engines(engines: str | None, endpoints: Sequence[str]) -> tuple[EngineChoice, ...]:
@@ -165,11 +193,29 @@ class _Specs:
         while len(specs) > made:
             yield from specs[made:]
             made = len(specs)
+            if self.workload.kind == "trace":  # a trace has no more rows than its file selected
+                return
             specs = self.workload.generate(made * 2, self.seed, tokenizer=self.tokenizer)
             self.topped_up += len(specs) - made
 
 
+def _points(workload: Workload, cfg: RunConfig) -> tuple[LoadPoint, ...]:
+    """The load points: the sweep given, or for a trace workload one open-loop point replaying its timestamps."""
+    if workload.kind != "trace":
+        return cfg.points
+    from workloads.traces import trace_times
+
+    times = trace_times(workload, cfg.seed)
+    if len(times) < 2 or times[-1] <= 0:
+        raise ConfigError(
+            f"trace workload {workload.name} selects {len(times)} requests; widen its sample or cap"
+        )
+    return (LoadPoint("rate", round(len(times) / times[-1], 4), "trace", seed=cfg.seed, times=tuple(times)),)
+
+
 def _wanted(stop: StopRule, point: LoadPoint) -> int:
+    if point.times is not None:
+        return len(point.times)
     if stop.requests is not None:
         return stop.warmup + stop.requests + stop.cooldown
     assert stop.duration_s is not None
@@ -224,10 +270,13 @@ async def _run_engine(
             telemetry = EngineTelemetry.for_endpoint(run, choice.name, ep, adapter, anchor.perf)
             headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
             target = Target(choice.name, ep.base_url, adapter, ep.model, headers, cfg.stream)
-            for point in cfg.points:
+            for point in _points(workload, cfg):
                 for repeat in range(1, cfg.repeat + 1):
                     if not ep.alive():
                         break
+                    if _resumed_done(cfg, choice.name, point, repeat):
+                        progress(f"{choice.name} {point.id}: finished before the resume; not run again")
+                        continue
                     outcome.points.append(
                         await _run_point(
                             target,
@@ -285,6 +334,7 @@ async def _run_point(
         }
     )
     done = 0
+    skip, stop = _resume_filter(cfg, (target.engine, point.id, str(repeat)))
 
     def sink(rec: RequestRecord) -> None:
         nonlocal done
@@ -292,6 +342,8 @@ async def _run_point(
             rec.error = f"{rec.error or rec.status}; engine died: {ep.death_reason() or 'process exited'}"
         if rep:
             rec.tags["repeat"] = str(repeat)
+        if cfg.prior is not None:
+            rec.tags["segment"] = str(cfg.prior.segment)
         run.append_record(rec)
         done += 1
         if done % 10 == 0:
@@ -300,22 +352,37 @@ async def _run_point(
     progress(f"{target.engine} {point.id}: running")
     sampler = await telemetry.start_point(point.id, repeat if rep else None) if telemetry else None
     watch = asyncio.get_running_loop().create_task(_watch_engine(ep))
-    try:
-        task = asyncio.ensure_future(
-            run_point(
-                target, _repeat_specs(specs, repeat), point, cfg.stop, sink, anchor.perf, keep_text=True
-            )
+    abort = asyncio.Event()
+    point_runner = (
+        run_point
+        if cfg.distributed is None
+        else distributed_runner(cfg.distributed, run.append_event, target.engine)
+    )
+    task = asyncio.ensure_future(
+        point_runner(
+            target,
+            _skipping(_repeat_specs(specs, repeat), skip),
+            point,
+            stop,
+            sink,
+            anchor.perf,
+            keep_text=True,
+            abort=abort,
         )
+    )
+    try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if watch.done() and not task.done():
-            # the engine is gone: give in-flight requests a moment to fail on their own, then stop the point
-            await asyncio.wait({task}, timeout=5.0)
-            if not task.done():
-                task.cancel()
+            # the engine is gone: in-flight requests fail on their own within moments (their sockets close); what
+            # is left is aborted cleanly: run_point returns with stop reason "aborted", leftovers `cancelled`
+            await asyncio.wait({task}, timeout=ENGINE_GONE_GRACE_S)
+            abort.set()
         outcome = await task
     finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+        for t in (watch, task):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(watch, task, return_exceptions=True)
         if sampler is not None:
             await sampler.stop()
     run.append_event(
@@ -392,16 +459,7 @@ def default_out(workload: str) -> Path:
     return Path("runs") / f"{stamp}-{Path(workload).stem}"
 
 
-async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
-    if not cfg.points:
-        raise ConfigError("no load points: give --concurrency or --rate")
-    if cfg.repeat < 1:
-        raise ConfigError(f"--repeat {cfg.repeat}: give a whole number >= 1 (times to run each load point)")
-    workload = load_workload(cfg.workload)
-    if cfg.overrides:
-        workload = workload.with_overrides(cfg.overrides)
-    run = RunDir.create(cfg.out, resume=cfg.resume)
-    anchor = ClockAnchor.now()
+def _start(run: RunDir, cfg: RunConfig, workload: Workload, anchor: ClockAnchor) -> None:
     run.start(
         run_id=run.path.name,
         command=list(cfg.command),
@@ -418,10 +476,29 @@ async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
         load=_load_block(cfg),
         slo=cfg.slo.to_dict(),
         settings={
-            "requested": {"engines": [dataclasses.asdict(e) for e in cfg.engines]},
+            "requested": {"engines": [_choice_dict(e) for e in cfg.engines]},
             "effective": {"stream": cfg.stream, "ready_timeout_s": cfg.ready_timeout_s},
+            # everything `bench run --resume` needs to carry on with the same settings (never the API key)
+            "run_config": _config_block(cfg),
         },
     )
+
+
+async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
+    if not cfg.points:
+        raise ConfigError("no load points: give --concurrency or --rate")
+    if cfg.repeat < 1:
+        raise ConfigError(f"--repeat {cfg.repeat}: give a whole number >= 1 (times to run each load point)")
+    workload = load_workload(cfg.workload)
+    if cfg.overrides:
+        workload = workload.with_overrides(cfg.overrides)
+    _raise_file_limit(cfg, progress)
+    run = RunDir.create(cfg.out, resume=cfg.resume)
+    if cfg.resume and run.has_manifest():
+        cfg, anchor = _begin_resume(run, cfg, progress)
+    else:
+        anchor = ClockAnchor.now()
+        _start(run, cfg, workload, anchor)
     progress(f"run directory: {run.path}")
     outcomes: list[EngineOutcome] = []
     status: Literal["complete", "failed", "interrupted"] = "complete"
@@ -447,6 +524,200 @@ async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
         )
         run.close()
     return RunResult(run.path, summary, outcomes)
+
+
+# -- open files ---------------------------------------------------------------------------------------------------
+
+
+def _raise_file_limit(cfg: RunConfig, progress: Progress) -> None:
+    """One socket per concurrent stream: raise the soft open-files limit before anything is written (harness.limits)."""
+    closed = [int(p.value) for p in cfg.points if p.closed_loop]
+    if not closed:
+        return
+    limit = ensure_open_files(max(closed))
+    if limit.raised:
+        progress(
+            f"open-files limit raised from {limit.soft_before} to {limit.soft} for concurrency {max(closed)}"
+        )
+
+
+# -- `bench run --resume DIR` ---------------------------------------------------------------------------------------
+# The manifest keeps the run's settings (`settings.run_config`); a resumed run re-uses them, never the API key (given
+# again). Clock: the manifest's anchor stays the run's anchor. The resumed segment's run start is re-based through
+# the wall clock (run_start_perf = perf_now - (wall_now - anchor.wall)), so every record's offsets are seconds since
+# the run's original start, growing across the gap; the segment's own anchor is in its `resume` event, and its
+# records carry tags["segment"] = "2", "3", ... (records of the first segment have no tag).
+# An (engine, point, repeat) whose `point_end` says it finished is not run again. In the others, request ids that
+# already have a record are skipped (with `resend_failed`, only those that ended ok), warm-up runs again (the engine
+# is new), and the measured quota counts the measured records kept.
+
+_FINISHED_REASONS = frozenset({"requests", "duration", "specs_exhausted", "error_budget"})
+Key = tuple[str, str, str]  # (engine, point id, repeat)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What the earlier segments of a resumed run did."""
+
+    segment: int
+    skip: Mapping[Key, frozenset[str]] = field(default_factory=dict)
+    measured: Mapping[Key, int] = field(default_factory=dict)
+    finished: frozenset[Key] = frozenset()
+
+
+def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
+    skip: dict[Key, set[str]] = {}
+    measured: Counter[Key] = Counter()
+    for rec in run.iter_records():
+        key = (rec.engine, rec.point, rec.tags.get("repeat", "1"))
+        if rec.ok or not resend_failed:
+            skip.setdefault(key, set()).add(rec.request_id)
+            measured[key] += rec.phase == "measure" and rec.status != "cancelled"
+    finished: set[Key] = set()
+    segment = 1
+    for ev in run.iter_events():
+        if ev.get("kind") == "point_end" and ev.get("stop_reason") in _FINISHED_REASONS:
+            finished.add((str(ev.get("engine")), str(ev.get("point")), str(ev.get("repeat", 1))))
+        elif ev.get("kind") == "resume":
+            segment = max(segment, int(ev.get("segment", 1)))
+    return ResumeState(
+        segment + 1, {k: frozenset(v) for k, v in skip.items()}, dict(measured), frozenset(finished)
+    )
+
+
+def _resumed_done(cfg: RunConfig, engine: str, point: LoadPoint, repeat: int) -> bool:
+    if cfg.prior is None:
+        return False
+    key = (engine, point.id, str(repeat))
+    if key in cfg.prior.finished:
+        return True
+    return cfg.stop.requests is not None and cfg.prior.measured.get(key, 0) >= cfg.stop.requests
+
+
+def _resume_filter(cfg: RunConfig, key: Key) -> tuple[frozenset[str], StopRule]:
+    if cfg.prior is None:
+        return frozenset(), cfg.stop
+    stop = cfg.stop
+    if stop.requests is not None:
+        stop = dataclasses.replace(stop, requests=max(1, stop.requests - cfg.prior.measured.get(key, 0)))
+    return cfg.prior.skip.get(key, frozenset()), stop
+
+
+def _skipping(specs: Iterable[RequestSpec], skip: frozenset[str]) -> Iterable[RequestSpec]:
+    return specs if not skip else (s for s in specs if s.request_id not in skip)
+
+
+def _begin_resume(run: RunDir, cfg: RunConfig, progress: Progress) -> tuple[RunConfig, ClockAnchor]:
+    manifest = run.load_manifest()
+    prior = _resume_state(run, cfg.resend_failed)
+    now = ClockAnchor.now()
+    anchor = ClockAnchor(
+        wall=manifest.clock_anchor.wall, perf=now.perf - (now.wall - manifest.clock_anchor.wall)
+    )
+    entry = {"segment": prior.segment, "at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}
+    resumes = [*(manifest.model_extra or {}).get("resumes", []), {**entry, "command": list(cfg.command)}]
+    run.write_manifest(
+        Manifest.model_validate(
+            {**manifest.model_dump(), "status": "running", "finished_at": None, "resumes": resumes}
+        )
+    )
+    run.append_event(
+        {
+            "kind": "resume",
+            "segment": prior.segment,
+            "clock_anchor": now.model_dump(),
+            "run_start_perf": anchor.perf,
+            "resend_failed": cfg.resend_failed,
+            "skipped_requests": sum(len(v) for v in prior.skip.values()),
+            "finished_points": [list(k) for k in sorted(prior.finished)],
+        }
+    )
+    progress(
+        f"resuming {run.path} as segment {prior.segment}: {sum(len(v) for v in prior.skip.values())} finished "
+        f"requests kept and skipped, {len(prior.finished)} finished points not run again"
+    )
+    return dataclasses.replace(cfg, prior=prior), anchor
+
+
+def _choice_dict(choice: EngineChoice) -> dict[str, Any]:
+    d = dataclasses.asdict(choice)
+    if choice.config is not None:  # secret-looking environment values never reach the manifest
+        d["config"]["env"] = {k: "***" if _secret_name(k) else v for k, v in choice.config.env.items()}
+        d["config"]["extra_args"] = list(choice.config.extra_args)
+    return d
+
+
+def _secret_name(name: str) -> bool:
+    return any(w in name.upper() for w in ("TOKEN", "KEY", "SECRET", "PASSWORD"))
+
+
+def _config_block(cfg: RunConfig) -> dict[str, Any]:
+    workload = cfg.workload
+    if Path(workload).is_file():  # a resume may start from another directory
+        workload = str(Path(workload).resolve())
+    return {
+        "engines": [_choice_dict(e) for e in cfg.engines],
+        "workload": workload,
+        "overrides": dict(cfg.overrides),
+        "points": [dataclasses.asdict(p) for p in cfg.points],
+        "stop": dataclasses.asdict(cfg.stop),
+        "seed": cfg.seed,
+        "slo": cfg.slo.to_dict(),
+        "stream": cfg.stream,
+        "ready_timeout_s": cfg.ready_timeout_s,
+        "repeat": cfg.repeat,
+    }
+
+
+def _choice_from(d: Mapping[str, Any]) -> EngineChoice:
+    raw = d.get("config")
+    config = None
+    if isinstance(raw, Mapping):
+        config = EngineConfig(**{**raw, "extra_args": tuple(raw.get("extra_args") or ())})
+    return EngineChoice(str(d["name"]), str(d["adapter"]), d.get("url"), config)
+
+
+def resume_config(
+    path: Path, *, api_key: str | None = None, command: Sequence[str] = (), resend_failed: bool = False
+) -> RunConfig:
+    """The RunConfig that continues the run in `path` with its own settings (`bench run --resume DIR`)."""
+    p = Path(path)
+    if not (p / "manifest.json").is_file():
+        raise ConfigError(
+            f"--resume {p}: no manifest.json there; give a run directory written by `bench run`"
+        )
+    manifest = RunDir.open(p).load_manifest()
+    if manifest.status == "complete":
+        raise ConfigError(
+            f"--resume {p}: that run is complete; nothing to resume (start a new one with --out)"
+        )
+    block = manifest.settings.get("run_config")
+    if not isinstance(block, Mapping):
+        raise ConfigError(
+            f"--resume {p}: its manifest has no settings.run_config (an older EngineBench wrote it); start a new run"
+        )
+    try:
+        return RunConfig(
+            engines=tuple(_choice_from(e) for e in block["engines"]),
+            workload=str(block["workload"]),
+            points=tuple(LoadPoint(**pt) for pt in block["points"]),
+            stop=StopRule(**block["stop"]),
+            out=p,
+            seed=int(block["seed"]),
+            slo=Slo.from_dict(block["slo"]),
+            overrides=dict(block["overrides"]),
+            stream=bool(block["stream"]),
+            ready_timeout_s=float(block["ready_timeout_s"]),
+            api_key=api_key,
+            command=tuple(command),
+            resume=True,
+            repeat=int(block["repeat"]),
+            resend_failed=resend_failed,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SchemaError(
+            f"--resume {p}: settings.run_config in its manifest is damaged ({e}); start a new run"
+        ) from None
 
 
 def execute(cfg: RunConfig, progress: Progress) -> RunResult:

@@ -475,6 +475,8 @@ def _deadlines(point: LoadPoint, t0: float) -> Iterator[float]:
         offsets = send_times(point, n)
         for off in offsets[done:]:
             yield t0 + float(off)
+        if len(offsets) < n:  # a finite schedule (a replayed trace) has ended
+            return
         done, n = n, n * 4
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness import metrics
+from harness.breakdown import Breakdown, PrefixReuse, breakdowns, prefix_reuse
 from harness.metrics import LatencyStats, stats_ms
 from harness.records import RequestRecord
 from harness.rundir import SCHEMA_VERSION, Manifest, RunDir
@@ -61,6 +62,7 @@ class PointMeta(BaseModel):
     engine: str
     point: str
     workload_fingerprint: str | None = None
+    workload_kind: str | None = None
     load: LoadInfo
 
 
@@ -112,6 +114,9 @@ class PointSummary(BaseModel):
     verdict: Verdict
     # GPU / engine memory, KV cache, engine counters and client-vs-engine reconciliation, from RUN_DIR/telemetry/
     telemetry: TelemetrySummary | None = None
+    # what the workload exists to show: TTFT by chat turn, by input length, shared prefix vs control
+    breakdowns: list[Breakdown] = Field(default_factory=list)
+    prefix_reuse: PrefixReuse | None = None
 
 
 class Summary(BaseModel):
@@ -206,6 +211,7 @@ def summarize_point(
         for r, c in zip(ok, out_counts, strict=True)
         if r.expected_output_tokens
     ]
+    found = breakdowns(recs, meta.workload_kind)
     checks = PointChecks(
         measured=completed,
         duration_s=duration,
@@ -255,6 +261,8 @@ def summarize_point(
         checks=checks,
         verdict=judge(checks, policy),
         telemetry=telemetry,
+        breakdowns=found,
+        prefix_reuse=prefix_reuse(found),
     )
 
 
@@ -286,7 +294,14 @@ def point_meta(
             fingerprint = ev.get("workload_fingerprint", fingerprint)
     if info.get("closed_loop") is None:
         info["closed_loop"] = info["kind"] == "concurrency" or info.get("arrival") == "closed"
-    return PointMeta(engine=engine, point=point, workload_fingerprint=fingerprint, load=LoadInfo(**info))
+    kind = manifest.workload.get("kind") if manifest else None
+    return PointMeta(
+        engine=engine,
+        point=point,
+        workload_fingerprint=fingerprint,
+        workload_kind=kind,
+        load=LoadInfo(**info),
+    )
 
 
 def _generated_by() -> str:

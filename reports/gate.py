@@ -54,6 +54,11 @@ def _ps(m: Mapping[str, Any]) -> str:
     return _p(m.get("p_value")) + ("" if rep is None else f" · r {_p(rep)}")
 
 
+def _ci(m: Mapping[str, Any]) -> str:
+    ci = m.get("ci")
+    return "" if not ci else f" (bootstrap CI of the candidate/baseline ratio {ci[0]:.3f}–{ci[1]:.3f})"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -111,7 +116,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
                 f"| {_ps(m)} | {_threshold(m)} | {verdict} |"
             )
         notes = [
-            f"{m['metric']}: {m['reason']}" for m in point["metrics"] if m["reason"] != "within threshold"
+            f"{m['metric']}: {m['reason']}{_ci(m)}"
+            for m in point["metrics"]
+            if m["reason"] != "within threshold"
         ]
         if notes:
             lines += ["", *(f"- {_cell(n)}" for n in notes)]

@@ -251,11 +251,12 @@ async def test_server_hits_its_schedule_at_low_load() -> None:
         ]
         assert arrivals[rid][0] >= writes[0] and arrivals[rid][-1] >= writes[-1]
         assert min(entry["lags_ms"]) >= 0.0
+    lag = stats["lag_ms"]
+    if lag["p50"] <= 1.0 and lag["p99"] <= 10.0:
+        return
     if stats["cpu_wait_s"] is not None and (stats["cpu_wait_s"] - before["cpu_wait_s"]) / wall > STARVED:
-        pytest.skip(
-            f"the server waited for a CPU >{STARVED:.0%} of the time (other processes): lag {stats['lag_ms']}"
-        )
-    assert stats["lag_ms"]["p50"] <= 1.0 and stats["lag_ms"]["p99"] <= 10.0, stats["lag_ms"]
+        pytest.skip(f"the server waited for a CPU >{STARVED:.0%} of the time (other processes): lag {lag}")
+    pytest.fail(f"server lag p50 {lag['p50']:.2f} ms / p99 {lag['p99']:.2f} ms > 1 / 10 ms at low load")
 
 
 @pytest.fixture(scope="module")

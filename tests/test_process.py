@@ -293,7 +293,9 @@ async def test_container_mode_runs_the_image_argv_and_removes_the_container(
     ) as ep:
         assert ep.mode == "container" and ep.model == "fake-model"
         assert ep.launch_argv[:3] == (str(runtime), "run", "--rm") and vllm.CPU_IMAGE in ep.launch_argv
-        assert ep.manifest_entry("vllm")["config"]["env"] == {"HF_TOKEN": "***"}
+        entry = ep.manifest_entry("vllm")
+        assert entry["config"]["env"] == {"HF_TOKEN": "***"} and "HF_TOKEN=secret" in ep.launch_argv
+        assert "HF_TOKEN=***" in entry["launch_argv"] and "HF_TOKEN=secret" not in entry["launch_argv"]
         pids = tree_pids(pidfile)
     port = ep.base_url.rsplit(":", 1)[1]
     assert calls.read_text().splitlines() == ["run --rm --name", f"rm -f enginebench-vllm-{port}"]

@@ -643,6 +643,7 @@ def test_real_llama_quantize_makes_a_variant(tmp_path: Path) -> None:
     w = load_workload("quantized").with_overrides(
         {
             "source_model": str(GGUF),
+            "reference": "Q4_1",
             "variants": [{"name": "Q4_1", "file_type": "Q4_1"}, {"name": "Q4_0", "file_type": "Q4_0"}],
         }
     )

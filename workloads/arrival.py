@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
@@ -24,7 +24,7 @@ from harness.errors import ConfigError
 __all__ = ["Arrival", "LoadKind", "LoadPoint", "parse_sweep", "point_seed", "send_times"]
 
 LoadKind = Literal["concurrency", "rate"]
-Arrival = Literal["closed", "constant", "poisson", "gamma"]
+Arrival = Literal["closed", "constant", "poisson", "gamma", "trace"]
 _OPEN: tuple[str, ...] = ("constant", "poisson", "gamma")
 DEFAULT_RATE_ARRIVAL: Arrival = "poisson"
 
@@ -42,6 +42,9 @@ class LoadPoint:
     arrival: Arrival
     burstiness: float = 1.0
     seed: int = 0
+    # arrival "trace": the send times (seconds from the point's start) of a replayed request trace; `value` is
+    # then the trace's mean rate, for display
+    times: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind == "concurrency":
@@ -49,6 +52,11 @@ class LoadPoint:
                 raise ConfigError(f"a concurrency point is closed-loop; got arrival {self.arrival!r}")
             if self.value < 1 or not float(self.value).is_integer():
                 raise ConfigError(f"concurrency must be a whole number >= 1, got {self.value!r}")
+        elif self.arrival == "trace":
+            if not self.times:
+                raise ConfigError(
+                    "a trace point needs the trace's send times; the trace selected no requests"
+                )
         else:
             if self.arrival not in _OPEN:
                 raise ConfigError(
@@ -105,6 +113,8 @@ def send_times(point: LoadPoint, n: int) -> npt.NDArray[np.float64]:
         )
     if n <= 0:
         return np.zeros(0, dtype=np.float64)
+    if point.times is not None:
+        return np.asarray(point.times[:n], dtype=np.float64)
     rate = float(point.value)
     if point.arrival == "constant":
         return np.arange(n, dtype=np.float64) / rate

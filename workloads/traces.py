@@ -42,6 +42,7 @@ __all__ = [
     "read_trace",
     "select_rows",
     "trace_schedule",
+    "trace_times",
 ]
 
 GENERATOR_VERSION = 1
@@ -219,3 +220,19 @@ def infer_sessions(rows: Sequence[TraceRow], block_tokens: int = 512) -> list[in
 def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
     """The first `n` kept rows (fewer when the trace has fewer); their send times come from `trace_schedule`."""
     return trace_schedule(workload, tokenizer, n, seed)[1]
+
+
+def trace_times(workload: Workload, seed: int | None = None) -> list[float]:
+    """The send times (seconds from the first kept request, after `speedup`) of every request the replay keeps,
+    without building prompts: the schedule of the trace's open-loop load point."""
+    spec = workload.params
+    if not isinstance(spec, TraceSpec):
+        raise ConfigError(
+            f"workload {workload.name} is a {spec.kind} workload, not a trace: it has no schedule"
+        )
+    rows = select_rows(
+        read_trace(spec.format, workload.resolve_path(spec.trace_path)),
+        spec,
+        spec.seed if seed is None else seed,
+    )
+    return [(r.time_s - rows[0].time_s) / spec.speedup for r in rows] if rows else []

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from harness.cli._app import app
+
+if TYPE_CHECKING:
+    from harness.orchestrate import RunConfig
 
 __all__ = ["run"]
 
@@ -32,6 +35,53 @@ def _api_key(env_name: str | None, key_file: Path | None) -> str | None:
     return None
 
 
+# -- reliability: secrets out of the recorded command line; `--resume DIR` ------------------------------------------
+_SECRET_OPTIONS = ("--api-key", "--token", "--password")
+# options that shape a run: with --resume they come from the run's manifest and must not be given again
+_RUN_SHAPING = (
+    "engines", "endpoint", "workload", "concurrency", "rate", "arrival", "burstiness", "requests", "duration",
+    "warmup", "cooldown", "error_budget", "seed", "slo", "out", "set_", "stream", "stall_timeout",
+    "request_timeout", "ready_timeout", "repeat",
+)  # fmt: skip
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line as recorded in the manifest: values of secret options (`--api-key X`, `--api-key=X`, but
+    not `--api-key-env NAME` / `--api-key-file PATH`, which name where the key is) and URL passwords become ***."""
+    import re
+
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        secret = name.startswith(_SECRET_OPTIONS) and not name.endswith(("-env", "-file"))
+        if secret and eq:
+            out.append(f"{name}=***")
+            continue
+        if secret:
+            hide_next = True
+        out.append(re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", arg))
+    return out
+
+
+def _refuse_with_resume(ctx: typer.Context, resume: Path) -> None:
+    from click.core import ParameterSource
+
+    from harness.errors import ConfigError
+
+    for name in _RUN_SHAPING:
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            flag = "--" + name.rstrip("_").replace("_", "-")
+            raise ConfigError(
+                f"--resume {resume} re-uses that run's own settings; drop {flag} "
+                "(or start a new run with --out to change it)"
+            )
+
+
 def _overrides(items: list[str]) -> dict[str, object]:
     import yaml
 
@@ -48,6 +98,7 @@ def _overrides(items: list[str]) -> dict[str, object]:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     engines: Annotated[
         str | None, typer.Option(help="Engines to launch here, comma-separated (see `bench engines`).")
     ] = None,
@@ -105,22 +156,89 @@ def run(
     repeat: Annotated[
         int, typer.Option(help="Run each load point this many times back to back (for `bench gate`).")
     ] = 1,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue an interrupted run in this directory with its own settings."),
+    ] = None,
+    resend_failed: Annotated[
+        bool, typer.Option(help="With --resume: send again the requests that failed or were cancelled.")
+    ] = False,
+    # --distributed (docs/distributed.md): load points split across Locust workers, here and/or on other machines
+    distributed: Annotated[
+        bool, typer.Option(help="Split each load point across Locust worker processes (see --workers).")
+    ] = False,
+    workers: Annotated[int, typer.Option(help="With --distributed: worker processes in all.")] = 2,
+    local_workers: Annotated[
+        int | None,
+        typer.Option(help="With --distributed: how many to start here (default all); the rest run `bench worker`."),
+    ] = None,
+    master_bind: Annotated[
+        str, typer.Option(help="With --distributed: HOST[:PORT] the master listens on (0.0.0.0 for other machines).")
+    ] = "127.0.0.1:5557",
 ) -> None:
     """Launch or attach to each engine, replay the workload at each load point, and write a run directory."""
-    from rich.console import Console
+    from harness.orchestrate import resume_config
 
-    from harness.orchestrate import RunConfig, default_out, execute, parse_engines
+    if resume is not None:
+        _refuse_with_resume(ctx, resume)
+        cfg = resume_config(
+            resume,
+            api_key=_api_key(api_key_env, api_key_file),
+            command=redacted_argv(sys.argv),
+            resend_failed=resend_failed,
+        )
+    else:
+        cfg = _new_config(
+            engines, endpoint, workload, concurrency, rate, arrival, burstiness, requests, duration, warmup,
+            cooldown, error_budget, seed, slo, out, set_, stream, stall_timeout, request_timeout, ready_timeout,
+            api_key_env, api_key_file, repeat,
+        )  # fmt: skip
+    if distributed:
+        import dataclasses
+
+        from harness.distributed import distributed_config
+
+        cfg = dataclasses.replace(cfg, distributed=distributed_config(workers, local_workers, master_bind))
+    _execute_and_print(cfg)
+
+
+def _new_config(
+    engines: str | None,
+    endpoint: list[str] | None,
+    workload: str,
+    concurrency: str | None,
+    rate: str | None,
+    arrival: str,
+    burstiness: float,
+    requests: int | None,
+    duration: float | None,
+    warmup: int,
+    cooldown: int,
+    error_budget: float | None,
+    seed: int,
+    slo: str | None,
+    out: Path | None,
+    set_: list[str] | None,
+    stream: bool,
+    stall_timeout: float,
+    request_timeout: float,
+    ready_timeout: float,
+    api_key_env: str | None,
+    api_key_file: Path | None,
+    repeat: int,
+) -> RunConfig:
+    from harness.orchestrate import RunConfig, default_out, parse_engines
     from harness.runner import StopRule
     from harness.slo import parse_slo
-    from harness.summary import render_table
     from workloads.arrival import parse_sweep
+    from workloads.registry import load_workload
 
     choices = parse_engines(engines, endpoint or [])
     if concurrency is None and rate is None:
         concurrency = "4"
     points = parse_sweep(concurrency, rate, "closed" if rate is None else arrival, burstiness, seed)
-    if requests is None and duration is None:
-        requests = 40
+    if requests is None and duration is None and load_workload(workload).kind != "trace":
+        requests = 40  # a trace replays all the requests its workload file selects
     stop = StopRule(
         requests=requests,
         duration_s=duration,
@@ -130,7 +248,7 @@ def run(
         stall_timeout_s=stall_timeout,
         request_timeout_s=request_timeout,
     )
-    cfg = RunConfig(
+    return RunConfig(
         engines=choices,
         workload=workload,
         points=tuple(points),
@@ -142,14 +260,26 @@ def run(
         stream=stream,
         ready_timeout_s=ready_timeout,
         api_key=_api_key(api_key_env, api_key_file),
-        command=tuple(sys.argv),
+        command=tuple(redacted_argv(sys.argv)),
         repeat=repeat,
     )
+
+
+def _execute_and_print(cfg: RunConfig) -> None:
+    from rich.console import Console
+
+    from harness.breakdown import describe
+    from harness.orchestrate import execute
+    from harness.summary import render_table
+
     console = Console(stderr=True, log_path=False)
     result = execute(cfg, lambda msg: console.log(msg, highlight=False, markup=False))
     out_console = Console(width=max(Console().width, 140)) if not Console().is_terminal else Console()
     if result.summary is not None and result.summary.points:
         out_console.print(render_table(result.summary))
+        for p in result.summary.points:
+            for line in describe(p.engine, p.point, p.breakdowns, p.prefix_reuse):
+                out_console.print(line, highlight=False, markup=False)
         for p in result.summary.points:
             for r in p.verdict.reasons:
                 out_console.print(
