@@ -84,6 +84,7 @@ _MASTER_TYPES = (HELLO, RECORDS, OUTCOME, FAILED)
 _WORKER_TYPES = (JOB, STOP)
 _PROBES = 7
 _FLUSH_S = 0.1
+_LIVENESS_S = 0.25  # how often the master looks for lost workers
 _START_LEAD_S = 0.3  # the common start lies this far after the jobs are sent
 
 
@@ -134,6 +135,16 @@ def distributed_config(workers: int, local_workers: int | None, master_bind: str
     return DistributedConfig(workers=workers, local_workers=local_workers, bind=host, port=port)
 
 
+def _into(queue: asyncio.Queue[Message]) -> Callable[[Message], None]:
+    """Deliver messages from the Locust thread into `queue` on the running loop."""
+    loop = asyncio.get_running_loop()
+
+    def deliver(msg: Message) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, msg)
+
+    return deliver
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -162,14 +173,7 @@ class _Master:
         self.cfg, self.on_event = cfg, on_event
         self.port = cfg.port or _free_port(cfg.bind)
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self.plane = ControlPlane(
-            "master",
-            cfg.bind,
-            self.port,
-            _MASTER_TYPES,
-            lambda m: loop.call_soon_threadsafe(self.inbox.put_nowait, m),
-        )
+        self.plane = ControlPlane("master", cfg.bind, self.port, _MASTER_TYPES, _into(self.inbox))
         self.nodes: dict[str, _Node] = {}
         self.procs: list[asyncio.subprocess.Process] = []
         self.logs: list[Any] = []
@@ -395,17 +399,21 @@ async def _run(
               "records_kept": kept, "cancelled_unreported": synthesized, "summary_note": note})  # fmt: skip
 
     try:
+        check = time.perf_counter() + _LIVENESS_S
         while any(n.outcome is None and n.lost is None for n in active):
-            msg = await master.next(0.25)
+            msg = await master.next(check - time.perf_counter())
             if msg is not None:
                 handle(msg)
-            else:
-                for node, why in master.lost_nodes():
-                    # anything it managed to send is already queued: drain before judging it lost
-                    while (more := await master.next(0.05)) is not None:
-                        handle(more)
-                    if node.outcome is None:
-                        lose(node, why)
+            if time.perf_counter() < check:
+                continue
+            check = time.perf_counter() + _LIVENESS_S
+            for node, why in master.lost_nodes():
+                # what it managed to send is already on its way through the Locust thread: take it first
+                drain_until = time.perf_counter() + 0.5
+                while time.perf_counter() < drain_until and (more := await master.next(0.05)) is not None:
+                    handle(more)
+                if node.outcome is None:
+                    lose(node, why)
     except asyncio.CancelledError:
         master.plane.send(STOP)
         deadline = time.perf_counter() + 5.0
@@ -436,6 +444,7 @@ def _combine(
                 {
                     "node": n.id,
                     "host": n.host,
+                    "pid": n.pid,
                     "clock_offset_s": n.clock.offset if n.clock else None,
                     "clock_rtt_s": n.clock.rtt if n.clock else None,
                     "requests_planned": len(n.job.plan) if n.job and n.job.plan is not None else None,
@@ -520,9 +529,7 @@ async def serve_worker(
     served = 0
     while True:
         inbox: asyncio.Queue[Message] = asyncio.Queue()
-        plane = ControlPlane(
-            "worker", host, port, _WORKER_TYPES, lambda m: loop.call_soon_threadsafe(inbox.put_nowait, m)
-        )
+        plane = ControlPlane("worker", host, port, _WORKER_TYPES, _into(inbox))
         try:
             await asyncio.to_thread(plane.start, connect_timeout_s)
         except (TimeoutError, RuntimeError) as e:

@@ -115,6 +115,7 @@ class ControlPlane:
             from locust.env import Environment
 
             env = Environment(user_classes=[])
+            runner: Any
             if self.role == "master":
                 runner = env.create_master_runner(self.host, self.port)
             else:

@@ -26,6 +26,7 @@ from harness.client import Target
 from harness.distributed import DistributedConfig, distributed_runner
 from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable, SchemaError
 from harness.limits import ensure_open_files
+from harness.quality import ask_quality_prompts, variant_choices
 from harness.records import RequestRecord
 from harness.rundir import ClockAnchor, Manifest, RunDir
 from harness.runner import PointOutcome, StopRule, run_point
@@ -65,6 +66,7 @@ class EngineChoice:
     adapter: str
     url: str | None = None
     config: EngineConfig | None = None
+    variant: str | None = None  # the quantized workload's precision variant this engine serves
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,12 @@ def parse_engines(engines: str | None, endpoints: Sequence[str]) -> tuple[Engine
         if not url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"--endpoint {raw!r}: the URL must start with http:// or https:// (NAME=http://HOST:PORT)"
+            )
+        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            # user:password@ would be written to the manifest and events with the URL; keys go in a header
+            raise ConfigError(
+                f"--endpoint {name}=...: credentials in the URL are not supported (they would be written to the run "
+                "directory); give the key with --api-key-env NAME or --api-key-file PATH"
             )
         adapter = name if name in known else _generic_adapter(known)
         choices.append(EngineChoice(name, adapter, url))
@@ -292,6 +300,17 @@ async def _run_engine(
                             telemetry,
                         )
                     )
+            if workload.kind == "quantized" and ep.alive():
+                progress(f"{choice.name}: asking the quality prompts (greedy, with log-probs)")
+                await ask_quality_prompts(
+                    run.path,
+                    choice.name,
+                    choice.variant or choice.name,
+                    adapter,
+                    ep.base_url,
+                    ep.model,
+                    workload,
+                )
             if not ep.alive():
                 reason = ep.death_reason() or "the engine process exited"
                 outcome.status, outcome.reason = "failed", f"{reason}; its last log lines:\n{ep.log_tail()}"
@@ -299,7 +318,7 @@ async def _run_engine(
     except EngineUnavailable as e:
         outcome.status, outcome.reason = "skipped", str(e)
         run.append_event({"kind": "engine_skipped", "engine": choice.name, "reason": str(e)})
-    except (EngineError, EndpointError) as e:
+    except (EngineError, EndpointError, ConfigError) as e:
         outcome.status, outcome.reason = "failed", str(e)
         run.append_event({"kind": "engine_failed", "engine": choice.name, "reason": str(e)})
     return outcome
@@ -320,7 +339,9 @@ async def _run_point(
 ) -> PointOutcome:
     wanted = _wanted(cfg.stop, point)
     progress(f"{target.engine} {point.id}: preparing {wanted} requests with tokenizer {tokenizer.name}")
-    specs = _Specs(workload, cfg.seed, tokenizer, wanted)
+    # each repeat sends fresh prompts from the same distribution (seed + repeat - 1): a repeat of the very same
+    # prompts would be served from the prefix cache the previous repeat warmed (pitfall: sglang#8285)
+    specs = _Specs(workload, cfg.seed + repeat - 1, tokenizer, wanted)
     fingerprint = workload.fingerprint_for(cfg.seed)
     rep = _repeat_fields(cfg, repeat)
     run.append_event(
@@ -502,8 +523,14 @@ async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
     progress(f"run directory: {run.path}")
     outcomes: list[EngineOutcome] = []
     status: Literal["complete", "failed", "interrupted"] = "complete"
+    engines = cfg.engines
+    if workload.kind == "quantized":  # one engine per precision variant of the model
+        engines = variant_choices(workload, engines, registry.default_config)
+        progress(
+            "precision variants: " + ", ".join(f"{c.name} ({c.config.model})" for c in engines if c.config)
+        )
     try:
-        for choice in cfg.engines:
+        for choice in engines:
             outcome = await _run_engine(choice, workload, cfg, run, anchor, progress)
             outcomes.append(outcome)
             if outcome.status != "ran":

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness import metrics
 from harness.breakdown import Breakdown, PrefixReuse, breakdowns, prefix_reuse
 from harness.metrics import LatencyStats, stats_ms
+from harness.quality import quality_summary
 from harness.records import RequestRecord
 from harness.rundir import SCHEMA_VERSION, Manifest, RunDir
 from harness.slo import Goodput, Slo, goodput
@@ -130,6 +131,8 @@ class Summary(BaseModel):
     policy: VerdictPolicy = Field(default_factory=VerdictPolicy)
     points: list[PointSummary]
     notes: list[str] = Field(default_factory=list)
+    # quantized workload: each precision variant's greedy answers against the reference variant's (harness.quality)
+    quality: dict[str, Any] | None = None
 
 
 def _rate(n: int, span: float | None) -> float | None:
@@ -331,6 +334,8 @@ def summarize_run(
         events = list(rd.iter_events())
         telemetry = read_telemetry(rd.path)
     notes.extend(str(w.message) for w in caught)
+    # an event may carry a line for the summary (e.g. `worker_lost` from harness/distributed.py)
+    notes.extend(str(ev["summary_note"]) for ev in events if ev.get("summary_note"))
     if not records:
         notes.append(f"no request records in {rd.path / 'records.jsonl'}: nothing to summarize")
     if slo is None:
@@ -360,6 +365,7 @@ def summarize_run(
         policy=policy,
         points=points,
         notes=notes,
+        quality=quality_summary(rd.path, manifest.workload) if manifest else None,
     )
 
 

@@ -92,7 +92,7 @@ class GatePolicy(BaseModel):
     # each repeat's statistic (robust to one disturbed repeat; the same as pooled with a single repeat)
     aggregate: Literal["pooled", "median_of_repeats"] = "median_of_repeats"
     # with at least `min_repeats` repeats on both sides, a change must also be significant between repeats (the
-    # independent units when the machine adds run-to-run noise): Welch t on the log of each repeat's value
+    # independent units when the machine adds run-to-run noise): `repeat_test` on each repeat's value
     min_repeats: int = Field(default=4, ge=2)
     repeat_alpha: float = Field(default=0.10, gt=0, lt=0.5)
     # Mann–Whitney (exact; robust to one disturbed repeat, needs 4+ repeats a side to reach p < 0.05) or Welch t

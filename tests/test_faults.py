@@ -27,8 +27,8 @@ import pytest
 from adapters.scripted import ADAPTER as SCRIPTED
 from harness.calibration import Faults, ScriptConfig, ScriptedServer, serve_in_process
 from harness.records import RequestRecord
-from harness.runner import PointOutcome, StopRule, Target, run_point
 from harness.rundir import RunDir
+from harness.runner import PointOutcome, StopRule, Target, run_point
 from harness.summary import summarize_run
 from workloads.arrival import LoadPoint
 from workloads.spec import RequestSpec
@@ -173,7 +173,10 @@ async def _raw_server(body: bytes, framing: str) -> tuple[asyncio.Server, str]:
     ("name", "body"),
     [
         ("truncated_json", b'data: {"choices":[{"index":0,"delta":{"content":" the"'),
-        ("truncated_line", b'data: {"choices":[{"index":0,"delta":{"content":" the"},"finish_reason":null}]}\n\nda'),
+        (
+            "truncated_line",
+            b'data: {"choices":[{"index":0,"delta":{"content":" the"},"finish_reason":null}]}\n\nda',
+        ),
         ("garbage", b"\x00\xff\xfe not sse at all \r\n\r\n"),
     ],
 )
@@ -315,23 +318,28 @@ def test_engine_killed_mid_run_keeps_records_and_says_why(tmp_path: Path) -> Non
     assert len(ok) >= 6 and all(x.output_tokens for x in ok)
 
 
-def _llamacpp_runnable() -> bool:
+def _runnable(engine: str) -> str | None:
+    """None when `engine` can be launched here, else why not."""
     from adapters import registry
 
     try:
-        return registry.availability(registry.get("llamacpp")).runnable
-    except Exception:
-        return False
+        avail = registry.availability(registry.get(engine))
+    except Exception as e:
+        return str(e)
+    return None if avail.runnable else avail.reason
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _llamacpp_runnable(), reason="llama.cpp is not installed here (bench engines)")
-def test_real_engine_killed_mid_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("engine", "needle"), [("llamacpp", "llama"), ("vllm", "vllm")])
+def test_real_engine_killed_mid_run(tmp_path: Path, engine: str, needle: str) -> None:
+    why = _runnable(engine)
+    if why is not None:
+        pytest.skip(f"{engine} cannot run here: {why}")
     out = tmp_path / "run"
     args = [
-        "run", "--engines", "llamacpp", "--workload", "synthetic", "--set", "output_tokens=24",
+        "run", "--engines", engine, "--workload", "synthetic", "--set", "output_tokens=24",
         "--set", "input_tokens=16", "--concurrency", "2", "--requests", "200", "--warmup", "0",
         "--out", str(out),
     ]  # fmt: skip
-    output = _kill_engine_mid_run(out, args, "llama", after_records=2, timeout=300)
+    output = _kill_engine_mid_run(out, args, needle, after_records=2, timeout=600)
     _check_engine_death(out, output)

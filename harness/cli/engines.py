@@ -147,5 +147,5 @@ def run_install(config: InstallConfig) -> None:
                 raise EngineError(str(e)) from e
     for name in components:
         status = installer.status(name)
-        mark = "[green]installed[/]" if status.installed else "[red]missing[/]"
-        console.print(f"{name}: {mark} {escape(status.detail)}", highlight=False, soft_wrap=True)
+        mark = "[green]ready[/]" if status.installed else "[red]missing[/]"
+        console.print(f"{name}: {mark} ({escape(status.detail)})", highlight=False, soft_wrap=True)

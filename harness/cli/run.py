@@ -69,12 +69,11 @@ def redacted_argv(argv: list[str]) -> list[str]:
 
 
 def _refuse_with_resume(ctx: typer.Context, resume: Path) -> None:
-    from click.core import ParameterSource
-
     from harness.errors import ConfigError
 
     for name in _RUN_SHAPING:
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+        # by name: typer may carry its own copy of click, whose ParameterSource enum is another class
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE":
             flag = "--" + name.rstrip("_").replace("_", "-")
             raise ConfigError(
                 f"--resume {resume} re-uses that run's own settings; drop {flag} "

@@ -1,0 +1,168 @@
+"""Crash safety of `bench run`: SIGINT and SIGKILL mid-run leave a readable run directory holding every finished
+record, `bench summarize` works on it, and `bench run --resume DIR` finishes the run without repeating a finished
+request (real `bench` processes, real HTTP to the scripted server in its own process, real files)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from harness.calibration import Faults, ScriptConfig, serve_in_process
+from harness.rundir import RunDir
+from harness.summary import summarize_run
+
+BENCH = [sys.executable, "-m", "harness.cli"]
+REQUESTS = 60
+
+
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serve_in_process(ScriptConfig(ttft=0.01, itl=0.01, output_tokens=10)) as url:
+        yield url
+
+
+def _args(url: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "run", "--endpoint", f"s={url}", "--workload", "synthetic", "--set", "output_tokens=10",
+        "--concurrency", "2,3", "--requests", str(REQUESTS), "--warmup", "2", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _start_and_signal(args: list[str], out: Path, sig: signal.Signals, after: int) -> set[str]:
+    """Start `bench run`, wait for `after` records, send `sig`; the request ids on disk just before the signal."""
+    proc = subprocess.Popen([*BENCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recs = out / "records.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if recs.exists() and recs.read_bytes().count(b"\n") >= after:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    before = {orjson.loads(line)["request_id"] for line in recs.read_bytes().splitlines()}
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    return before
+
+
+def _ids(out: Path) -> list[tuple[str, str]]:
+    return [(r.point, r.request_id) for r in RunDir.open(out).iter_records()]
+
+
+def test_sigkill_leaves_a_readable_run_that_summarizes(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = _start_and_signal(_args(server, out), out, signal.SIGKILL, after=15)
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["status"] == "running"  # never finished: the manifest says so
+    kept = {r.request_id for r in RunDir.open(out).iter_records()}
+    assert before <= kept
+    r = bench("summarize", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "summary.json").exists()
+    point = orjson.loads((out / "summary.json").read_bytes())["points"][0]
+    assert point["requests"]["ok"] >= len(before) - 2  # the first 2 are warm-up
+
+
+def test_sigint_then_resume_finishes_without_repeating(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = _start_and_signal(_args(server, out), out, signal.SIGINT, after=20)
+    m1 = orjson.loads((out / "manifest.json").read_bytes())
+    assert m1["status"] == "interrupted"
+    assert bench("summarize", str(out)).returncode == 0
+    first = _ids(out)
+
+    r = bench("run", "--resume", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    m2 = orjson.loads((out / "manifest.json").read_bytes())
+    assert m2["status"] == "complete"
+    # the run's identity and clock anchor are the original ones; the resume is recorded
+    assert m2["started_at"] == m1["started_at"] and m2["clock_anchor"] == m1["clock_anchor"]
+    assert [x["segment"] for x in m2["resumes"]] == [2]
+    resume = [e for e in RunDir.open(out).iter_events() if e["kind"] == "resume"]
+    assert (
+        len(resume) == 1
+        and resume[0]["segment"] == 2
+        and resume[0]["clock_anchor"]["wall"] > m1["clock_anchor"]["wall"]
+    )
+
+    records = list(RunDir.open(out).iter_records())
+    assert records[: len(first)] == [r for r in records[: len(first)]]  # earlier records untouched
+    assert before <= {r.request_id for r in records}
+    # no request id sent twice within a point
+    per_point = Counter((r.point, r.request_id) for r in records)
+    assert max(per_point.values()) == 1, [k for k, v in per_point.items() if v > 1]
+    new = records[len(first) :]
+    assert new and all(r.tags.get("segment") == "2" for r in new)
+    assert all("segment" not in r.tags for r in records[: len(first)])
+    # re-based clock: the new segment's offsets continue after the old ones
+    assert min(r.scheduled for r in new) > max(r.done or r.scheduled for r in records[: len(first)])
+    # every point now has its quota of measured results, exactly
+    for point in ("concurrency=2", "concurrency=3"):
+        measured = [
+            r for r in records if r.point == point and r.phase == "measure" and r.status != "cancelled"
+        ]
+        assert len(measured) == REQUESTS, (point, len(measured))
+        assert all(r.ok for r in measured)
+    summary = summarize_run(out)
+    assert {p.point: p.requests.ok for p in summary.points} == {
+        "concurrency=2": REQUESTS,
+        "concurrency=3": REQUESTS,
+    }
+
+
+def test_resume_after_sigkill_skips_finished_points(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # wait until the second point has started: the first one is finished and must not run again
+    _start_and_signal(_args(server, out), out, signal.SIGKILL, after=REQUESTS + 2 + 8)
+    ends = [e for e in RunDir.open(out).iter_events() if e["kind"] == "point_end"]
+    assert [e["point"] for e in ends] == ["concurrency=2"]
+    n_first = sum(1 for r in RunDir.open(out).iter_records() if r.point == "concurrency=2")
+    r = bench("run", "--resume", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "finished before the resume" in r.stderr
+    records = list(RunDir.open(out).iter_records())
+    assert sum(1 for r in records if r.point == "concurrency=2") == n_first  # not one more request
+    measured = [r for r in records if r.point == "concurrency=3" and r.phase == "measure" and r.ok]
+    assert len(measured) == REQUESTS
+    assert max(Counter((r.point, r.request_id) for r in records).values()) == 1
+
+
+def test_resume_refuses_other_settings_and_finished_runs(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _start_and_signal(_args(server, out), out, signal.SIGINT, after=5)
+    r = bench("run", "--resume", str(out), "--concurrency", "8")
+    assert r.returncode == 2 and "drop --concurrency" in r.stderr and "Traceback" not in r.stderr
+    r = bench("run", "--resume", str(tmp_path / "nothing-here"))
+    assert r.returncode == 2 and "no manifest.json" in r.stderr
+    assert bench("run", "--resume", str(out)).returncode == 0
+    r = bench("run", "--resume", str(out))
+    assert r.returncode == 2 and "complete" in r.stderr
+
+
+def test_resume_resends_failed_requests_only_when_asked(tmp_path: Path) -> None:
+    faults = Faults(status={500: 0.2})
+    with serve_in_process(ScriptConfig(ttft=0.01, itl=0.01, output_tokens=10, faults=faults)) as url:
+        out, out2 = tmp_path / "a", tmp_path / "b"
+        for d in (out, out2):
+            _start_and_signal(_args(url, d, "--concurrency", "2"), d, signal.SIGKILL, after=20)
+        failed_a = {r.request_id for r in RunDir.open(out).iter_records() if r.status == "http_error"}
+        failed_b = {r.request_id for r in RunDir.open(out2).iter_records() if r.status == "http_error"}
+        assert failed_a and failed_b
+        assert bench("run", "--resume", str(out)).returncode == 0
+        assert bench("run", "--resume", str(out2), "--resend-failed").returncode == 0
+    seg2_a = {r.request_id for r in RunDir.open(out).iter_records() if r.tags.get("segment") == "2"}
+    seg2_b = {r.request_id for r in RunDir.open(out2).iter_records() if r.tags.get("segment") == "2"}
+    assert not failed_a & seg2_a  # by default a failed request stays failed
+    assert failed_b <= seg2_b  # asked: every failed one is sent again
