@@ -135,6 +135,12 @@ class EngineInfo:
     maintenance: str  # e.g. "active", "maintenance mode since 2025-12 (source, date)"
     sources: tuple[str, ...] = ()
     container_image: str | None = None
+    # False where the server closes the connection after a streamed response while advertising keep-alive: a
+    # pooled connection then fails on reuse ("Can not write request body"), so the client opens one per request
+    reuse_connections: bool = True
+    # the request/response shapes of `tokenize_path`: "vllm" ({model, prompt} -> {tokens}) or "llamacpp"
+    # ({content} -> {tokens}, plus /apply-template); None when the engine has no tokenize endpoint
+    tokenize_dialect: str | None = None
 
 
 @runtime_checkable

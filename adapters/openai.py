@@ -47,11 +47,16 @@ def build_openai(
 
 
 def usage_from(obj: Mapping[str, Any] | None) -> Usage | None:
-    if not obj:
+    if not obj or not isinstance(obj, Mapping):
         return None
     details = obj.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
-    return Usage(obj.get("prompt_tokens"), obj.get("completion_tokens"), cached)
+    return Usage(_count(obj.get("prompt_tokens")), _count(obj.get("completion_tokens")), _count(cached))
+
+
+def _count(value: Any) -> int | None:
+    """A token count from the network: a whole number >= 0, else unknown (never a string or a list in a record)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _text_of(choice: Mapping[str, Any]) -> str:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from adapters.base import Adapter, EngineConfig
 from harness.errors import EndpointError, EngineError
 
 __all__ = [
+    "TAG_VAR",
     "Endpoint",
     "EngineProcess",
     "Mode",
@@ -48,6 +50,7 @@ __all__ = [
 
 Mode = Literal["launched", "attached", "container"]
 TAIL_LINES = 30
+TAG_VAR = "ENGINEBENCH_ENGINE_TAG"
 _GUARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -74,7 +77,9 @@ class EngineProcess:
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
         self.name = name
         self.argv = list(argv)
-        self.env = dict(env)
+        # every descendant inherits this tag, so one that left the group and lost its parent is still found
+        self.tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.env = {**env, TAG_VAR: self.tag}
         self.log_path = log_path
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -128,6 +133,15 @@ class EngineProcess:
                     self._seen.setdefault(child.pid, child)
         return [p for p in self._seen.values() if _running(p)]
 
+    def _tagged(self) -> list[psutil.Process]:
+        """Processes anywhere on the machine carrying this engine's tag (a full scan: only when stopping)."""
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid not in self._seen and proc.environ().get(TAG_VAR) == self.tag:
+                    found.append(proc)
+        return found
+
     def rss_bytes(self) -> int:
         total = 0
         for proc in self.tree():
@@ -158,7 +172,7 @@ class EngineProcess:
         if self._popen is None or self._stopped:
             return
         self._stopped = True
-        procs = self.tree()
+        procs = self.tree() + self._tagged()
         pgid = self._popen.pid  # start_new_session: the leader's pid is the group id
         _signal_group(pgid, signal.SIGTERM)
         for p in procs:
@@ -169,7 +183,11 @@ class EngineProcess:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         _signal_group(pgid, signal.SIGKILL)  # anything spawned during shutdown
-        psutil.wait_procs(left, timeout=5)
+        late = self._tagged()
+        for p in late:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(left + late, timeout=5)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._returncode = self._popen.wait(timeout=5)
         if self.on_stop is not None:
@@ -371,26 +389,44 @@ async def launched(
     container: bool = False,
     runtime: str = "docker",
 ) -> AsyncIterator[Endpoint]:
-    """Start the engine (port 0 in `cfg` picks a free one), wait until ready, yield it, stop it on the way out."""
+    """Start the engine (port 0 in `cfg` picks a free one), wait until ready, yield it, stop it on the way out.
+
+    A picked port can be taken by another process before the engine binds it; the engine then exits early and is
+    started once more on a new port."""
     name = name or adapter.info.name
-    if cfg.port == 0:
-        cfg = dataclasses.replace(cfg, port=free_port(_client_host(cfg.host)))
-    elif port_in_use(cfg.host, cfg.port):
+    pick = cfg.port == 0
+    if not pick and port_in_use(cfg.host, cfg.port):
         raise EngineError(
             f"port {cfg.port} on {cfg.host} is already in use; stop what listens there or use port 0 for a free one"
         )
-    argv = adapter.container_argv(cfg, runtime) if container else adapter.launch_argv(cfg)
-    env = {**os.environ, **({} if container else adapter.launch_env(cfg))}
-    proc = EngineProcess(name, argv, env, log_path)
-    if container:
-        proc.on_stop = _container_cleanup(runtime, argv)
-    base_url = f"http://{_client_host(cfg.host)}:{cfg.port}"
-    started = time.perf_counter()
-    proc.start()
+    for attempt in (1, 2):
+        run_cfg = dataclasses.replace(cfg, port=free_port(_client_host(cfg.host))) if pick else cfg
+        argv = adapter.container_argv(run_cfg, runtime) if container else adapter.launch_argv(run_cfg)
+        env = {**os.environ, **({} if container else adapter.launch_env(run_cfg))}
+        proc = EngineProcess(name, argv, env, log_path)
+        if container:
+            proc.on_stop = _container_cleanup(runtime, argv)
+        base_url = f"http://{_client_host(run_cfg.host)}:{run_cfg.port}"
+        started = time.perf_counter()
+        proc.start()
+        try:
+            cold_start = await _wait_ready(proc, base_url + adapter.info.health_path, ready_timeout, started)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
+                model, version = await _describe(session, adapter, base_url, name)
+            if not proc.alive():  # what answered was not our engine
+                raise EngineError(
+                    f"{proc.death_reason()}; another process answered on its port {run_cfg.port}"
+                )
+        except EngineError:
+            proc.stop()
+            if pick and attempt == 1 and port_in_use(run_cfg.host, run_cfg.port):
+                continue  # someone else took the picked port: try a fresh one
+            raise
+        except BaseException:
+            proc.stop()
+            raise
+        break
     try:
-        cold_start = await _wait_ready(proc, base_url + adapter.info.health_path, ready_timeout, started)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
-            model, version = await _describe(session, adapter, base_url, name)
         yield Endpoint(
             name=name,
             base_url=base_url,
@@ -401,7 +437,7 @@ async def launched(
             cold_start_s=cold_start,
             pid=proc.pid,
             log_path=log_path,
-            config=cfg,
+            config=run_cfg,
             process=proc,
         )
     finally:

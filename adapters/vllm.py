@@ -64,6 +64,7 @@ INFO = EngineInfo(
     usage_in_stream=True,
     tokens_per_chunk="one",
     tokenize_path="/tokenize",
+    tokenize_dialect="vllm",
     health_path="/health",
     version_path="/version",
     metrics_path="/metrics",

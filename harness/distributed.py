@@ -18,10 +18,12 @@ A worker runs its share with `run_start + offset` and `t0 + offset`, so its reco
 master's run start. Durations inside one record (TTFT, ITL, E2E) come from one clock and are exact whatever the offset.
 
 Records: every finished record is sent back raw (batched every 0.1 s) and handed to `sink`, so the run directory
-holds exactly the union of the workers' records (merged raw records, not histograms). Each carries
-`tags["node"]` (the Locust client id of the worker that sent it). A worker that dies or goes missing before its
-outcome is reported through `on_event` (`worker_lost`, with a `summary_note`); the records it sent are kept, and in
-open loop its planned warm-up / measured requests that never came back are recorded as `cancelled`.
+holds exactly the union of the workers' records (merged raw records, not histograms). Each carries `tags["node"]`
+(the Locust client id of the worker that sent it). A worker that dies or goes missing before its outcome is reported
+through `on_event` (`worker_lost`, with a `summary_note`); the records it sent are kept, and in open loop its planned
+warm-up / measured requests that never came back are recorded as `cancelled`.
+
+This module is the master's side; a worker's is `harness.distributed_worker` (`bench worker`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,12 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import os
+import hashlib
 import pickle
 import socket
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -45,8 +46,8 @@ from typing import Any
 import orjson
 
 from harness.client import Target, new_record
-from harness.errors import ConfigError
-from harness.locust_plane import GONE, PING, PONG, ControlPlane, Message
+from harness.errors import ConfigError, WorkerError
+from harness.locust_plane import PING, PONG, ControlPlane, Message
 from harness.records import RequestRecord
 from harness.runner import (
     _REASON_ORDER,
@@ -55,7 +56,6 @@ from harness.runner import (
     StopRule,
     _ChildJob,
     _split_jobs,
-    execute_point,
 )
 from workloads.arrival import LoadPoint
 from workloads.spec import RequestSpec
@@ -66,9 +66,9 @@ __all__ = [
     "NodeClock",
     "distributed_config",
     "distributed_runner",
+    "ids_digest",
     "parse_master",
     "run_point_distributed",
-    "serve_worker",
 ]
 
 DEFAULT_PORT = 5557  # Locust's own default master port
@@ -83,7 +83,6 @@ HELLO, JOB, STOP, RECORDS, OUTCOME, FAILED = (
 _MASTER_TYPES = (HELLO, RECORDS, OUTCOME, FAILED)
 _WORKER_TYPES = (JOB, STOP)
 _PROBES = 7
-_FLUSH_S = 0.1
 _LIVENESS_S = 0.25  # how often the master looks for lost workers
 _START_LEAD_S = 0.3  # the common start lies this far after the jobs are sent
 
@@ -145,6 +144,16 @@ def _into(queue: asyncio.Queue[Message]) -> Callable[[Message], None]:
     return deliver
 
 
+def ids_digest(ids: Iterable[str]) -> str:
+    """A digest of a set of request ids (order-free), to check a merge without shipping the ids twice."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -162,6 +171,7 @@ class _Node:
     clock: NodeClock | None = None
     job: _ChildJob | None = None
     outcome: PointOutcome | None = None
+    reported_ids: str | None = None  # the worker's digest of the request ids it finished
     received: set[str] = field(default_factory=set)
     counts: Counter[str] = field(default_factory=Counter)
     lost: str | None = None  # why, once lost
@@ -180,7 +190,13 @@ class _Master:
         self.pending: list[Message] = []  # messages read while waiting for something else
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.plane.start, 10.0)
+        try:
+            await asyncio.to_thread(self.plane.start, 10.0)
+        except (RuntimeError, TimeoutError) as e:
+            raise ConfigError(
+                f"the distributed master cannot listen on {self.cfg.bind}:{self.port} ({e}); "
+                "is another master using that port? choose another with --master-bind HOST:PORT"
+            ) from None
         host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "*", "") else self.cfg.bind
         for _ in range(self.cfg.n_local):
             log = tempfile.TemporaryFile()
@@ -194,7 +210,9 @@ class _Master:
         deadline = time.perf_counter() + self.cfg.connect_timeout_s
         while len(self.nodes) < self.cfg.workers:
             if any(p.returncode not in (None, 0) for p in self.procs):
-                raise RuntimeError(f"a local worker process failed to start:\n{self.log_tail()}")
+                raise WorkerError(
+                    f"a local worker process failed to start; its output: {_last_line(self.log_tail())}"
+                )
             msg = await self.next(deadline - time.perf_counter())
             if msg is None:
                 raise ConfigError(
@@ -210,8 +228,9 @@ class _Master:
         elif msg.type != PONG:
             self.pending.append(msg)
 
-    async def next(self, timeout: float) -> Message | None:
-        if self.pending:
+    async def next(self, timeout: float, *, fresh: bool = False) -> Message | None:
+        """The next message (first those set aside, unless `fresh`), or None after `timeout` seconds."""
+        if self.pending and not fresh:
             return self.pending.pop(0)
         try:
             return await asyncio.wait_for(self.inbox.get(), max(0.0, timeout))
@@ -225,9 +244,11 @@ class _Master:
                 self.plane.send(PING, None, node.id)
                 deadline = time.perf_counter() + 2.0
                 while True:
-                    msg = await self.next(deadline - time.perf_counter())
+                    msg = await self.next(deadline - time.perf_counter(), fresh=True)
                     if msg is None:
-                        raise RuntimeError(f"worker {node.id} did not answer a clock probe within 2 s")
+                        raise WorkerError(
+                            f"worker {node.id} did not answer a clock probe within 2 s; check the network"
+                        )
                     if msg.type == PONG and msg.node == node.id:
                         break
                     self.handle_early(msg)
@@ -293,12 +314,13 @@ async def run_point_distributed(
     says `aborted`); cancelling the task does the same, keeps what they send back within 5 s, then re-raises."""
     cfg = cluster or DistributedConfig()
     emit = on_event or (lambda _ev: None)
+    # the whole plan first: a bad stop rule fails before any process starts, and planning steals no time from the run
+    jobs = _split_jobs(target, specs, point, stop, run_start, cfg.workers, keep_text)
     master = _Master(cfg, emit)
     watch: asyncio.Task[None] | None = None
     try:
         await master.start()
         await master.probe_clocks()
-        jobs = _split_jobs(target, specs, point, stop, run_start, cfg.workers, keep_text)
         if abort is not None:
 
             async def relay_abort() -> None:
@@ -365,9 +387,10 @@ async def _run(
             for raw in msg.data["recs"]:
                 take(node, RequestRecord.from_dict(orjson.loads(raw)))
         elif msg.type == OUTCOME:
-            node.outcome = pickle.loads(msg.data["outcome"])
+            node.outcome = pickle.loads(msg.data["outcome"])  # from our own worker: trusted
+            node.reported_ids = msg.data["ids"]
         elif msg.type == FAILED:
-            raise RuntimeError(f"worker {msg.node} failed:\n{msg.data['error']}")
+            raise WorkerError(f"worker {msg.node} failed: {_last_line(msg.data['error'])}")
 
     def lose(node: _Node, why: str) -> None:
         node.lost = why
@@ -421,7 +444,7 @@ async def _run(
             msg = await master.next(deadline - time.perf_counter())
             if msg is None:
                 break
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(WorkerError):
                 handle(msg)
         raise
     return _combine(point, t0 - run_start, active, counts, emit)
@@ -450,6 +473,9 @@ def _combine(
                     "requests_planned": len(n.job.plan) if n.job and n.job.plan is not None else None,
                     "counts": dict(n.counts),
                     "reported_counts": dict(n.outcome.counts) if n.outcome else None,
+                    # the worker's and the master's digests of the request ids: equal = the merge is exact
+                    "ids_digest": n.reported_ids,
+                    "ids_digest_received": ids_digest(n.received) if n.outcome else None,
                     "client_cpu": n.outcome.client_cpu.to_dict() if n.outcome else None,
                     "max_send_lag_s": n.outcome.max_send_lag if n.outcome else None,
                     "lost": n.lost,
@@ -458,6 +484,13 @@ def _combine(
             ],
         }
     )
+    for n in active:
+        if n.outcome is not None and n.reported_ids != ids_digest(n.received):
+            note = (
+                f"{point.id}: worker {n.id} finished {n.outcome.counts.get('total', 0)} requests but the "
+                f"master received {len(n.received)} of them: the merged records are incomplete"
+            )
+            emit({"kind": "records_mismatch", "point": point.id, "node": n.id, "summary_note": note})
     reasons = [o.stop_reason for o in parts] + (["aborted"] if any(n.lost for n in active) else [])
     return PointOutcome(
         point=point,
@@ -471,92 +504,3 @@ def _combine(
         processes=len(active),
         per_process_cpu=cpus,
     )
-
-
-# -- a worker -----------------------------------------------------------------------------------------------------
-
-
-async def _run_share(plane: ControlPlane, data: dict[str, Any], abort: asyncio.Event) -> None:
-    try:
-        job: _ChildJob = pickle.loads(data["job"])
-        batch: list[bytes] = []
-
-        def flush() -> None:
-            if batch:
-                plane.send(RECORDS, {"recs": list(batch)})
-                batch.clear()
-
-        async def flusher() -> None:
-            while True:
-                await asyncio.sleep(_FLUSH_S)
-                flush()
-
-        child: dict[str, Any] = {"t0_fixed": data["t0"], "worker_base": job.worker_base, "abort": abort}
-        if job.plan is not None:
-            child.update(
-                plan=list(job.plan), plan_reason=job.plan_reason, plan_window_end=job.plan_window_end
-            )
-            connections = 0
-        else:
-            child["workers"] = job.workers
-            connections = job.workers
-        task = asyncio.get_running_loop().create_task(flusher())
-        try:
-            outcome = await execute_point(
-                job.target, iter(job.specs), job.point, job.stop, lambda r: batch.append(orjson.dumps(r.to_dict())),
-                job.run_start, job.requests, keep_text=job.keep_text, connections=connections, **child,
-            )  # fmt: skip
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            flush()
-        plane.send(OUTCOME, {"outcome": pickle.dumps(outcome)})
-    except Exception:
-        plane.send(FAILED, {"error": traceback.format_exc()})
-
-
-async def serve_worker(
-    host: str,
-    port: int,
-    *,
-    once: bool = False,
-    connect_timeout_s: float = 300.0,
-    progress: Callable[[str], None] = lambda _m: None,
-) -> int:
-    """Connect to the master at `host:port` and run the shares it sends; returns how many were run. A master
-    lives for one load point: after it quits, connect again (for the next point) unless `once`."""
-    loop = asyncio.get_running_loop()
-    served = 0
-    while True:
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
-        plane = ControlPlane("worker", host, port, _WORKER_TYPES, _into(inbox))
-        try:
-            await asyncio.to_thread(plane.start, connect_timeout_s)
-        except (TimeoutError, RuntimeError) as e:
-            raise ConfigError(
-                f"cannot reach the EngineBench master at {host}:{port} ({e}); start `bench run --distributed` "
-                "there first and check the address and firewall"
-            ) from None
-        plane.send(HELLO, {"pid": os.getpid(), "host": socket.gethostname()})
-        progress(f"connected to {host}:{port} as {plane.node_id}")
-        abort = asyncio.Event()
-        share: asyncio.Task[None] | None = None
-        try:
-            while True:
-                msg = await inbox.get()
-                if msg.type == JOB and share is None:
-                    progress("running a share of the load point")
-                    share = loop.create_task(_run_share(plane, msg.data, abort))
-                    served += 1
-                elif msg.type == STOP:
-                    abort.set()
-                elif msg.type == GONE:
-                    break
-        finally:
-            abort.set()
-            if share is not None:
-                await asyncio.gather(share, return_exceptions=True)
-            await asyncio.to_thread(plane.close)
-        progress("the master finished the point")
-        if once:
-            return served

@@ -6,6 +6,7 @@
     ├── EngineError            an engine failed to install, launch, become ready, or died
     │   └── EngineUnavailable  the engine cannot run here (no GPU, not installed): a skip, not a crash
     ├── SchemaError            a file with an unknown or missing schema_version, or the wrong shape
+    ├── WorkerError            a distributed-load worker failed or did not answer (docs/distributed.md)
     └── CompareError           results that must not be compared (different fingerprints, nothing matching)
 
 A failing *request* is never an exception that escapes a run: it is a `status` on its record.
@@ -22,6 +23,7 @@ __all__ = [
     "EngineError",
     "EngineUnavailable",
     "SchemaError",
+    "WorkerError",
 ]
 
 
@@ -52,4 +54,8 @@ class SchemaError(BenchError):
 
 
 class CompareError(BenchError):
+    pass
+
+
+class WorkerError(BenchError):
     pass

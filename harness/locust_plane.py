@@ -30,6 +30,7 @@ __all__ = ["GONE", "PING", "PONG", "ControlPlane", "Message"]
 PING, PONG = "eb_ping", "eb_pong"
 GONE = "eb_gone"  # made up locally: the worker's runner ended (the master said quit)
 _CLOSE = object()
+MASTER_SILENT_S = 10.0  # a worker that has not heard from its master for this long considers it gone
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,22 @@ def _import_locust() -> None:
     """Import locust without monkey-patching. Must run on the main thread: `locust.stats` installs a signal handler
     when imported."""
     os.environ.setdefault("LOCUST_SKIP_MONKEY_PATCH", "1")
-    from gevent import monkey
+    try:
+        from gevent import monkey
+    except ImportError:
+        from harness.errors import ConfigError
+
+        raise ConfigError("distributed load needs Locust: pip install 'enginebench[distributed]'") from None
 
     if monkey.is_module_patched("threading"):  # someone imported locust the usual way first
         raise RuntimeError(
             "gevent monkey-patched this process before EngineBench's Locust plane started; "
             "import locust only through harness.locust_plane"
         )
-    import locust.env  # noqa: F401
+    try:
+        import locust.env  # noqa: F401
+    except ValueError as e:  # "signal only works in main thread"
+        raise RuntimeError(f"start EngineBench's Locust plane from the main thread first ({e})") from None
 
 
 class ControlPlane:
@@ -109,6 +118,12 @@ class ControlPlane:
         if wake is not None:
             wake.send()
 
+    @staticmethod
+    def _master_silent(runner: Any) -> bool:
+        # the master answers each worker heartbeat (every second); Locust itself waits 60 s before giving up
+        last = runner.last_heartbeat_timestamp
+        return last is not None and time.time() - last > MASTER_SILENT_S
+
     # -- the gevent thread ---------------------------------------------------------------------------------------
     def _main(self) -> None:
         try:
@@ -158,7 +173,7 @@ class ControlPlane:
                 woken.clear()
                 if self.role == "master":
                     self.workers = {c.id: c.state for c in runner.clients.all}
-                elif len(runner.greenlet) == 0:  # the master said quit
+                elif len(runner.greenlet) == 0 or self._master_silent(runner):  # it said quit, or is gone
                     self.deliver(Message(GONE, "", None, time.perf_counter()))
                     return
                 while True:
@@ -176,8 +191,14 @@ class ControlPlane:
             self._wake.stop()
             self._wake = None
             if self.role == "master":
-                runner.quit()
-                runner.server.close(linger=0)
+                # not `runner.quit()`: it keeps listening for 0.5 s, long enough to welcome a worker that is already
+                # reconnecting for the next point to a master about to vanish
+                from locust.rpc import Message as LocustMessage
+
+                for c in list(runner.clients.all):
+                    runner.server.send_to_client(LocustMessage("quit", None, c.id))
+                runner.greenlet.kill(block=True)
+                runner.server.close(linger=500)
             else:
                 if len(
                     runner.greenlet

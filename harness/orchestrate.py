@@ -22,7 +22,7 @@ from typing import Any, Literal
 from adapters import registry
 from adapters.base import Adapter, EngineConfig
 from adapters.process import Endpoint, attached, launched
-from harness.client import Target
+from harness.client import Connection, Target
 from harness.distributed import DistributedConfig, distributed_runner
 from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable, SchemaError
 from harness.limits import ensure_open_files
@@ -170,19 +170,17 @@ def _generic_adapter(known: Mapping[str, Adapter]) -> str:
 
 # ------------------------------------------------------------------------------------------------- tokenizers
 
-_TOKENIZE_DIALECTS = {"vllm": "vllm", "llamacpp": "llamacpp", "scripted": "vllm"}
-
 
 def tokenizer_for(adapter: Adapter, endpoint: Endpoint) -> Tokenizer:
     """The served model's own tokenizer: the engine's tokenize endpoint where it has one, else the model's
     tokenizer.json on disk, else (flagged in the manifest) a model-free stand-in."""
-    dialect = _TOKENIZE_DIALECTS.get(adapter.info.name)
-    if dialect and adapter.info.tokenize_path:
+    dialect = adapter.info.tokenize_dialect
+    if dialect in ("vllm", "llamacpp") and adapter.info.tokenize_path:
         return EngineTokenizer(endpoint.base_url, dialect, model=endpoint.model)  # type: ignore[arg-type]
     cfg = endpoint.config
-    if cfg and Path(cfg.model, "tokenizer.json").exists():
+    if cfg and (Path(cfg.model, "tokenizer.json").exists() or cfg.model.endswith(".gguf")):
         return LocalTokenizer(cfg.model)
-    return SimpleTokenizer()
+    return SimpleTokenizer()  # its name says it is no model's tokenizer; point_start events record it
 
 
 class _Specs:
@@ -277,7 +275,8 @@ async def _run_engine(
             # telemetry (docs/telemetry.md): GPU, process tree and /metrics sampled around every load point
             telemetry = EngineTelemetry.for_endpoint(run, choice.name, ep, adapter, anchor.perf)
             headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-            target = Target(choice.name, ep.base_url, adapter, ep.model, headers, cfg.stream)
+            connection: Connection = "keepalive" if adapter.info.reuse_connections else "fresh"
+            target = Target(choice.name, ep.base_url, adapter, ep.model, headers, cfg.stream, connection)
             for point in _points(workload, cfg):
                 for repeat in range(1, cfg.repeat + 1):
                     if not ep.alive():
@@ -351,6 +350,7 @@ async def _run_point(
             "point": point.id,
             "load": point.describe(),
             "workload_fingerprint": fingerprint,
+            "tokenizer": tokenizer.name,
             **rep,
         }
     )

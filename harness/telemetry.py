@@ -57,6 +57,8 @@ __all__ = [
     "TelemetrySummary",
     "decode_values",
     "encode_values",
+    "point_delta",
+    "point_windows",
     "read_telemetry",
     "summarize_telemetry",
     "telemetry_path",
@@ -282,11 +284,10 @@ class PointSampler:
         if src.metrics_url is not None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
         self._started = time.perf_counter()
+        # telemetry must never end the run (e.g. an exposition text that does not parse): failures are noted
         try:
             await self._scrape_whole("start")
-        except (
-            Exception
-        ) as e:  # telemetry must never end the run (e.g. an exposition text that does not parse)
+        except Exception as e:
             self._skip("sampler", f"the start scrape failed: {type(e).__name__}: {e}")
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -558,21 +559,32 @@ def _add(total: dict[str, Value], more: Mapping[str, Value]) -> None:
             total[name] = v
 
 
-def point_delta(lines: Iterable[Mapping[str, Any]]) -> dict[str, Value] | None:
-    """The engine's metric changes over a point: end scrape minus start scrape, summed over repeats."""
-    starts: dict[Any, dict[str, Value]] = {}
+def point_windows(
+    lines: Iterable[Mapping[str, Any]],
+) -> tuple[dict[str, Value] | None, list[tuple[float, float]]]:
+    """The engine's metric changes over a point (end scrape minus start scrape, summed over repeats) and the
+    (start, end) run-clock times of the scrape pairs they cover. A start without an end (a killed run) is dropped."""
+    starts: dict[Any, tuple[float, dict[str, Value]]] = {}
     total: dict[str, Value] | None = None
+    windows: list[tuple[float, float]] = []
     for line in lines:
         if line.get("kind") != "scrape" or "metrics" not in line:
             continue
         key = line.get("repeat")
         values = decode_values(line.get("metrics") or {})
         if line.get("at") == "start":
-            starts[key] = values
+            starts[key] = (float(line["t"]), values)
         elif line.get("at") == "end" and key in starts:
+            t0, before = starts.pop(key)
             total = {} if total is None else total
-            _add(total, delta(starts.pop(key), values))
-    return total
+            _add(total, delta(before, values))
+            windows.append((t0, float(line["t"])))
+    return total, windows
+
+
+def point_delta(lines: Iterable[Mapping[str, Any]]) -> dict[str, Value] | None:
+    """The engine's metric changes over a point: end scrape minus start scrape, summed over repeats."""
+    return point_windows(lines)[0]
 
 
 def summarize_telemetry(
@@ -628,7 +640,7 @@ def summarize_telemetry(
         for ln in mine
         if ln.get("kind") == "scrape" and (ln.get("process") or {}).get("pss_bytes") is not None
     ]
-    d = point_delta(mine)
+    d, windows = point_windows(mine)
     counters = {k: float(v) for k, v in (d or {}).items() if kind_of(k) == "counter" and isinstance(v, float)}
     hit_rate, basis = None, None
     if counters.get("prefix_cache_queries_total"):
@@ -640,7 +652,9 @@ def summarize_telemetry(
     sampler = [ln for ln in mine if ln.get("kind") == "sampler"]
     cpu_s = sum(float(ln.get("cpu_s") or 0.0) for ln in sampler) if sampler else None
     wall = sum(float(ln.get("wall_s") or 0.0) for ln in sampler)
-    recs = list(records)
+    # only requests sent between a start and an end scrape are in the engine's deltas (a resumed point's earlier
+    # requests are not)
+    recs = [r for r in records if any(a <= r.scheduled <= b for a, b in windows)]
     return TelemetrySummary(
         samples=len(samples),
         interval_s=sampler[0].get("interval_s") if sampler else None,

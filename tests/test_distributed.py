@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pytest
 from adapters.scripted import make_adapter
 from harness.calibration import ScriptConfig, serve_in_process
 from harness.client import Target
-from harness.distributed import DistributedConfig, parse_master, run_point_distributed
+from harness.distributed import DistributedConfig, ids_digest, parse_master, run_point_distributed
 from harness.errors import ConfigError
 from harness.records import RequestRecord
 from harness.rundir import RunDir
@@ -36,7 +37,13 @@ from harness.summary import summarize_run
 from workloads.arrival import LoadPoint, send_times
 from workloads.spec import RequestSpec
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [
+    pytest.mark.timeout(120),
+    # not importorskip: importing locust the usual way would monkey-patch this process with gevent
+    pytest.mark.skipif(
+        find_spec("locust") is None, reason="distributed load needs the [distributed] extra (Locust)"
+    ),
+]
 
 TTFT_S, ITL_S, TOKENS = 0.05, 0.005, 16
 TTFT_TOL_S = 0.025  # as tests/test_client.py: loopback + a shared 2-core machine
@@ -50,7 +57,9 @@ def url() -> Iterator[str]:
 
 
 def _specs(n: int) -> list[RequestSpec]:
-    return [RequestSpec(f"r{i}", "chat", TOKENS, messages=({"role": "user", "content": "hi"},)) for i in range(n)]
+    return [
+        RequestSpec(f"r{i}", "chat", TOKENS, messages=({"role": "user", "content": "hi"},)) for i in range(n)
+    ]
 
 
 async def _run(
@@ -89,6 +98,7 @@ async def test_open_loop_two_workers_merge_exactly(url: str) -> None:
     for w in workers:  # the merged records are the union of what each worker reported, per worker
         mine = [r for r in recs if r.tags["node"] == w["node"]]
         assert w["reported_counts"] == w["counts"] == _tally(mine)
+        assert w["ids_digest"] == w["ids_digest_received"] == ids_digest(r.request_id for r in mine)
         assert w["requests_planned"] == len(mine) == 22
         # same clock here (true offset 0): the estimate is within half the probe's round trip
         assert abs(w["clock_offset_s"]) <= w["clock_rtt_s"] / 2 + 1e-6
@@ -159,6 +169,66 @@ async def test_a_killed_worker_is_reported_and_its_records_kept(url: str, tmp_pa
     assert summary.points[0].requests.total == 62
 
 
+async def test_a_silent_remote_worker_is_found_by_heartbeat(url: str) -> None:
+    """A worker on "another machine" (a `bench worker` the master did not start) killed mid-point: the master cannot
+    see its process, only Locust's heartbeats stopping; it is reported lost and its records are kept."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "worker", "--master", f"127.0.0.1:{port}", "--once"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        records: list[RequestRecord] = []
+        events: list[dict[str, Any]] = []
+        task = asyncio.ensure_future(
+            run_point_distributed(
+                Target("scripted", url, make_adapter(), "scripted"), _specs(70), LoadPoint("rate", 20, "constant"),
+                StopRule(requests=60, warmup=2), records.append, time.perf_counter(),
+                cluster=DistributedConfig(workers=2, local_workers=1, port=port), on_event=events.append,
+            )
+        )  # fmt: skip
+        deadline = time.perf_counter() + 60
+        while len(records) < 10 and not task.done() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        remote.kill()
+        outcome = await asyncio.wait_for(task, 60)
+    finally:
+        remote.kill()
+        remote.wait()
+    (lost,) = [e for e in events if e["kind"] == "worker_lost"]
+    assert "heartbeat" in lost["reason"] and {w["pid"] for w in _workers(events)} >= {remote.pid}
+    kept = [r for r in records if r.tags["node"] == lost["node"] and "worker_lost" not in r.tags]
+    assert len(kept) == lost["records_kept"] >= 1
+    assert sorted(r.request_id for r in records) == sorted(f"r{i}" for i in range(62))
+    assert outcome.stop_reason == "aborted"
+
+
+async def test_abort_stops_every_worker_and_keeps_their_records(url: str) -> None:
+    """What `bench run` does when the engine dies: set `abort`; in-flight requests end `cancelled`, nothing is lost."""
+    abort = asyncio.Event()
+    records: list[RequestRecord] = []
+    task = asyncio.ensure_future(
+        run_point_distributed(
+            Target("scripted", url, make_adapter(), "scripted"), _specs(200), LoadPoint("rate", 20, "constant"),
+            StopRule(requests=190, warmup=2), records.append, time.perf_counter(), abort=abort,
+            cluster=DistributedConfig(workers=2, port=0),
+        )
+    )  # fmt: skip
+    deadline = time.perf_counter() + 60
+    while len(records) < 10 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    abort.set()
+    outcome = await asyncio.wait_for(task, 30)
+    assert outcome.stop_reason == "aborted" and outcome.counts == _tally(records)
+    ids = [r.request_id for r in records]
+    assert len(set(ids)) == len(ids) and 10 <= len(ids) < 100  # stopped well before the 192 planned
+    assert {r.status for r in records} <= {"ok", "cancelled"}
+
+
 def test_bench_worker_without_a_master_fails_in_one_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "harness.cli", "worker", "--master", "127.0.0.1:1", "--connect-timeout", "1"],
@@ -178,6 +248,7 @@ def test_master_address_parsing() -> None:
         DistributedConfig(workers=3, local_workers=1, port=0)
 
 
+@pytest.mark.slow
 def test_bench_run_distributed_writes_one_run_directory(url: str, tmp_path: Path) -> None:
     """The CLI end to end: `bench run --distributed --workers 2` against the scripted server."""
     out = tmp_path / "run"
@@ -201,6 +272,7 @@ def test_bench_run_distributed_writes_one_run_directory(url: str, tmp_path: Path
 
 
 @pytest.mark.live
+@pytest.mark.timeout(400)
 async def test_llamacpp_two_workers(tmp_path: Path) -> None:
     """A real CPU engine: two workers' records against llama.cpp merge exactly and agree on token counts."""
     from adapters import registry
@@ -215,7 +287,9 @@ async def test_llamacpp_two_workers(tmp_path: Path) -> None:
         target = Target("llamacpp", ep.base_url, adapter, ep.model)
         specs = [RequestSpec(f"q{i}", "completions", 8, prompt=f"Count to {i + 3}:", pin_output=True)
                  for i in range(10)]  # fmt: skip
-        outcome, recs, events = await _run(target, specs, LoadPoint("rate", 4, "constant"), StopRule(requests=8, warmup=2))
+        outcome, recs, events = await _run(
+            target, specs, LoadPoint("rate", 4, "constant"), StopRule(requests=8, warmup=2)
+        )
     assert sorted(r.request_id for r in recs) == sorted(s.request_id for s in specs)
     assert all(r.ok for r in recs), [r.error for r in recs if not r.ok]
     for w in _workers(events):

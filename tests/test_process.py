@@ -19,7 +19,7 @@ import pytest
 
 from adapters import vllm
 from adapters.base import EngineConfig, FunctionAdapter
-from adapters.process import attached, free_port, launched, port_in_use
+from adapters.process import EngineProcess, attached, free_port, launched, port_in_use
 from harness.errors import EndpointError, EngineError
 
 FAKE_ENGINE = textwrap.dedent(
@@ -300,3 +300,55 @@ async def test_container_mode_runs_the_image_argv_and_removes_the_container(
     port = ep.base_url.rsplit(":", 1)[1]
     assert calls.read_text().splitlines() == ["run --rm --name", f"rm -f enginebench-vllm-{port}"]
     assert not any(running(p) for p in pids)
+
+
+async def test_a_picked_port_taken_before_the_engine_binds_is_replaced(script: Path, tmp_path: Path) -> None:
+    """The race `free_port` cannot exclude: another process binds the port first; the engine exits and is
+    started again on a fresh port."""
+    squatters: list[socket.socket] = []
+    pidfiles: list[Path] = []
+
+    def argv(cfg: EngineConfig) -> list[str]:
+        if not squatters:  # first launch: someone else takes the port just before the engine binds it
+            s = socket.socket()
+            s.bind(("127.0.0.1", cfg.port))
+            s.listen()
+            squatters.append(s)
+        pidfiles.append(tmp_path / f"pids-{len(pidfiles)}")
+        return fake_adapter(script, pidfiles[-1]).launch_argv(cfg)
+
+    base = fake_adapter(script, tmp_path / "unused")
+    try:
+        async with launched(
+            replace(base, launch_argv=argv), CFG, tmp_path / "fake.log", ready_timeout=30
+        ) as ep:
+            taken = squatters[0].getsockname()[1]
+            assert ep.alive() and ep.model == "fake-model"
+            assert ep.base_url != f"http://127.0.0.1:{taken}"
+        assert "Address already in use" in (tmp_path / "fake.log").read_text()
+        # the failed first engine had already spawned its children, one in its own session: none may survive
+        assert len(pidfiles) == 2
+        assert not any(running(p) for f in pidfiles for p in tree_pids(f))
+    finally:
+        for s in squatters:
+            s.close()
+
+
+def test_a_descendant_that_left_the_group_and_lost_its_parent_is_still_stopped(
+    script: Path, tmp_path: Path
+) -> None:
+    """Found by the tag every descendant inherits, though no snapshot of the tree ever saw it."""
+    code = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+        f"open({str(tmp_path / 'orphan')!r}, 'w').write(str(p.pid))"
+    )
+    proc = EngineProcess("orphaner", [sys.executable, "-c", code], dict(os.environ), tmp_path / "o.log")
+    proc.start()
+    deadline = time.monotonic() + 10
+    while proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = int((tmp_path / "orphan").read_text())
+    assert running(orphan) and psutil.Process(orphan).ppid() != proc.pid  # reparented, out of the group
+    proc.stop()
+    assert not running(orphan)

@@ -318,6 +318,32 @@ def test_reader_refuses_other_versions_and_skips_a_truncated_last_line(tmp_path:
     assert read_telemetry(tmp_path / "nowhere") == {}
 
 
+def test_repeats_pool_and_only_requests_inside_a_scrape_window_are_reconciled() -> None:
+    def scrape_line(at: str, t: float, gen: float, repeat: int) -> dict[str, Any]:
+        metrics = {"generation_tokens_total": gen, "requests_finished_total": gen / 16}
+        return {"schema_version": 1, "kind": "scrape", "at": at, "point": "p", "repeat": repeat, "t": t,
+                "metrics": metrics}  # fmt: skip
+
+    lines = [
+        scrape_line("start", 1.0, 0.0, 1), scrape_line("end", 2.0, 32.0, 1),  # repeat 1: two requests
+        scrape_line("start", 5.0, 160.0, 2), scrape_line("end", 6.0, 176.0, 2),  # repeat 2: one (others between)
+        scrape_line("start", 9.0, 176.0, 3),  # a repeat killed before its end scrape
+    ]  # fmt: skip
+
+    def done(rid: str, at: float) -> RequestRecord:
+        return RequestRecord(rid, "e", "p", "measure", scheduled=at, sent=at, chunk_times=[at + 0.1],
+                             chunk_tokens=[16], done=at + 0.2, output_tokens=16, token_source="server_usage")  # fmt: skip
+
+    recs = [done("a", 1.1), done("b", 1.5), done("c", 5.5), done("old", 3.0), done("killed", 9.5)]
+    s = summarize_telemetry(lines, "p", recs)
+    assert s is not None and s.engine_counters == {
+        "generation_tokens_total": 48.0,
+        "requests_finished_total": 3.0,
+    }
+    assert s.reconciliation is not None and s.reconciliation.requests == 3
+    assert s.reconciliation.status == "agree"
+
+
 # ------------------------------------------------------------------------------------------------- known truth
 
 

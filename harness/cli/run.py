@@ -169,10 +169,10 @@ def run(
     workers: Annotated[int, typer.Option(help="With --distributed: worker processes in all.")] = 2,
     local_workers: Annotated[
         int | None,
-        typer.Option(help="With --distributed: how many to start here (default all); the rest run `bench worker`."),
+        typer.Option(help="With --distributed: how many start here (default all; others: `bench worker`)."),
     ] = None,
     master_bind: Annotated[
-        str, typer.Option(help="With --distributed: HOST[:PORT] the master listens on (0.0.0.0 for other machines).")
+        str, typer.Option(help="With --distributed: HOST[:PORT] to listen on (0.0.0.0: other machines).")
     ] = "127.0.0.1:5557",
 ) -> None:
     """Launch or attach to each engine, replay the workload at each load point, and write a run directory."""

@@ -26,7 +26,8 @@ def worker(
 
     from rich.console import Console
 
-    from harness.distributed import parse_master, serve_worker
+    from harness.distributed import parse_master
+    from harness.distributed_worker import serve_worker
 
     host, port = parse_master(master)
     console = Console(stderr=True, log_path=False)
