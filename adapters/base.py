@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from workloads.spec import RequestSpec
 
 __all__ = [
     "CANONICAL_METRICS",
+    "HARDWARE",
     "Adapter",
     "EngineConfig",
     "EngineInfo",
     "FunctionAdapter",
+    "Hardware",
     "HttpCall",
     "MetricMap",
     "StreamDelta",
@@ -32,7 +34,10 @@ __all__ = [
     "Usage",
 ]
 
-Hardware = Literal["cpu", "nvidia", "amd", "intel-gpu", "apple", "tpu", "gaudi", "neuron"]
+# The one hardware vocabulary (engine facts, `bench engines`, knowledge files, plan `must_run_on`); other spellings
+# are mapped onto it by `adapters.knowledge.normalize_hardware`. "ascend": Huawei Ascend NPUs (CANN).
+Hardware = Literal["cpu", "nvidia", "amd", "intel-gpu", "apple", "tpu", "gaudi", "neuron", "ascend"]
+HARDWARE: tuple[Hardware, ...] = get_args(Hardware)
 
 # Canonical engine metric names. Gauges are instantaneous; *_total are counters; *_seconds are histograms.
 CANONICAL_METRICS: Mapping[str, str] = {

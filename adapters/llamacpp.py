@@ -32,6 +32,7 @@ from adapters.base import (
     optional_flag,
     require,
 )
+from adapters.knowledge import ENGINE_FACTS
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
 
@@ -57,10 +58,13 @@ CPU_IMAGE = "ghcr.io/ggml-org/llama.cpp:server"
 CUDA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda"
 _GPU_FLAGS = ("-ngl", "--gpu-layers", "--n-gpu-layers")
 
+# hardware, maintenance status, sources: one record (adapters.knowledge), shared with `bench decide`
+_FACTS = ENGINE_FACTS["llamacpp"]
+
 INFO = EngineInfo(
     name="llamacpp",
     display_name="llama.cpp (llama-server)",
-    hardware=("cpu", "nvidia", "amd", "apple", "intel-gpu"),
+    hardware=_FACTS.hardware,
     honours_ignore_eos=True,
     honours_min_tokens=False,
     usage_in_stream=True,
@@ -69,11 +73,8 @@ INFO = EngineInfo(
     health_path="/health",
     version_path="/props",
     metrics_path="/metrics",
-    maintenance="active (ggml-org/llama.cpp, several builds a day)",
-    sources=(
-        "https://github.com/ggml-org/llama.cpp/tree/master/tools/server",
-        "https://github.com/ggml-org/llama.cpp/blob/master/docs/docker.md",
-    ),
+    maintenance=_FACTS.maintenance,
+    sources=_FACTS.sources,
     container_image=CPU_IMAGE,
     # llama-server ends every streamed response by closing the connection although it says `Keep-Alive`
     # (tools/server/server-http.cpp returns false from the stream provider after sink.done(); cpp-httplib then

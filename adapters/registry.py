@@ -48,6 +48,7 @@ _HARDWARE_NAMES = {
     "tpu": "a TPU",
     "gaudi": "an Intel Gaudi",
     "neuron": "AWS Neuron",
+    "ascend": "a Huawei Ascend NPU",
 }
 
 

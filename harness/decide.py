@@ -4,6 +4,12 @@ Reading: manifests through `harness.rundir.RunDir`; `summary.json` as raw JSON (
 strict Summary model does not carry yet — telemetry `memory` — still reach the matrix. Everything else is the pure
 functions in `matrix/`. The decision JSON (`kind: "decision"`) is self-describing: inputs, criteria and rules,
 weights, per-criterion raw value + score + rule, ranking, sensitivity, capacity, cost, plan and warnings.
+
+Knowledge: engine facts (hardware, maintenance status, on-device, aliases, each with a source and a date) have one
+record, `adapters.knowledge.ENGINE_FACTS`, which the adapters' `EngineInfo` (`bench engines`) reads too; the
+qualitative scores are `matrix/data/knowledge.yaml`. `builtin_knowledge` joins the two and refuses a scores file that
+states facts; a user's `--knowledge FILE` overrides either, its hardware and status spellings mapped onto the one
+vocabulary (`adapters.knowledge.normalize_hardware` / `normalize_status`), as are plan files' `must_run_on`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from matrix.sensitivity import sensitivity
 __all__ = [
     "DECISION_SCHEMA_VERSION",
     "DecideConfig",
+    "builtin_knowledge",
     "decide",
+    "join_knowledge",
+    "load_knowledge",
     "load_run",
     "read_data_file",
     "render",
@@ -81,6 +90,60 @@ def _builtin(name: str) -> Any:
     return yaml.safe_load(
         (Path(matrix.knowledge.__file__).parent / "data" / name).read_text(encoding="utf-8")
     )
+
+
+_FACT_KEYS = ("hardware", "status", "on_device", "aliases", "hardware_source", "status_source")
+_SCORES_FILE = "matrix/data/knowledge.yaml"
+
+
+def join_knowledge(scores_doc: Any, origin: str = _SCORES_FILE) -> Knowledge:
+    """The engine facts of `adapters.knowledge` with the scores of `scores_doc` (a parsed scores-only knowledge file).
+
+    A scores file that states a fact, or scores an engine without facts, is refused: two records would drift apart."""
+    from adapters.knowledge import knowledge_document
+
+    facts = parse_knowledge(knowledge_document(), "adapters.knowledge")
+    scores = parse_knowledge(scores_doc, origin)
+    raw_engines = scores_doc.get("engines") or {}
+    for name, entry in raw_engines.items():
+        stated = [k for k in _FACT_KEYS if isinstance(entry, Mapping) and k in entry]
+        if stated:
+            raise SchemaError(
+                f"{origin}: engine {name} states {stated[0]}; engine facts live only in adapters/knowledge.py "
+                "(ENGINE_FACTS, with a source and a date): move it there"
+            )
+        if facts.lookup(str(name)) is None:
+            raise SchemaError(
+                f"{origin}: engine {name} has scores but no facts; add it to adapters/knowledge.py ENGINE_FACTS"
+            )
+    return merge_knowledge(facts, scores)
+
+
+def builtin_knowledge() -> Knowledge:
+    """Engine facts (`adapters.knowledge`) joined with the built-in scores (`matrix/data/knowledge.yaml`)."""
+    return join_knowledge(_builtin("knowledge.yaml"), _SCORES_FILE)
+
+
+def _normalized(knowledge: Knowledge) -> Knowledge:
+    """A user's knowledge with hardware and status names mapped onto EngineBench's vocabularies."""
+    from adapters.knowledge import normalize_hardware, normalize_status
+
+    engines = {}
+    for name, e in knowledge.engines.items():
+        where = f"knowledge file {knowledge.origin}, engine {name}"
+        hardware = tuple(dict.fromkeys(normalize_hardware(h, where) for h in e.hardware))
+        status = normalize_status(e.status, where) if e.status else ""
+        engines[name] = replace(e, hardware=hardware, status=status)
+    return replace(knowledge, engines=engines)
+
+
+def load_knowledge(user_file: Path | None = None) -> Knowledge:
+    """The built-in knowledge, overridden by `user_file` (YAML/JSON, same shape) when given."""
+    knowledge = builtin_knowledge()
+    if user_file is None:
+        return knowledge
+    user = parse_knowledge(read_data_file(user_file, "knowledge file"), str(user_file))
+    return merge_knowledge(knowledge, _normalized(user))
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -292,20 +355,25 @@ def decide(config: DecideConfig) -> dict[str, Any]:
         raise ConfigError("no run directory given; pass one or more directories written by `bench run`")
     warnings: list[str] = []
     weights, profile = _weights(config, warnings)
-    knowledge: Knowledge = parse_knowledge(_builtin("knowledge.yaml"), "builtin knowledge")
-    if config.knowledge_file is not None:
-        user = parse_knowledge(
-            read_data_file(config.knowledge_file, "knowledge file"), str(config.knowledge_file)
-        )
-        knowledge = merge_knowledge(knowledge, user)
+    knowledge = load_knowledge(config.knowledge_file)
     prices = parse_prices(_builtin("gpu_prices.yaml"), "builtin prices")
     if config.prices_file is not None:
         prices = parse_prices(read_data_file(config.prices_file, "price table"), str(config.prices_file))
-    use_cases = (
-        parse_plan(read_data_file(config.plan_file, "plan file"), str(config.plan_file))
-        if config.plan_file
-        else None
-    )
+    use_cases = None
+    if config.plan_file:
+        from adapters.knowledge import normalize_hardware
+
+        use_cases = [
+            replace(
+                uc,
+                must_run_on=normalize_hardware(
+                    uc.must_run_on, f"plan file {config.plan_file}, use case {uc.name}: must_run_on"
+                ),
+            )
+            if uc.must_run_on
+            else uc
+            for uc in parse_plan(read_data_file(config.plan_file, "plan file"), str(config.plan_file))
+        ]
 
     points: list[Point] = []
     infos: dict[str, list[EngineInfo]] = defaultdict(list)
@@ -347,7 +415,7 @@ def decide(config: DecideConfig) -> dict[str, Any]:
                 f"renormalized ({r.weight_used:.0%} of the weight had data)"
             )
         facts = knowledge.lookup(*(i.adapter for i in infos.get(r.engine, ())), r.engine)
-        if facts and facts.status in ("maintenance", "archived", "stale"):
+        if facts and facts.status and facts.status != "active":
             eco = facts.scores.get("ecosystem")
             warnings.append(
                 f"{r.engine}: upstream status is {facts.status}" + (f" ({eco.why})" if eco else "")

@@ -1,8 +1,13 @@
-"""The qualitative side of the matrix: a versioned knowledge file of engine facts, each with a source and a date.
+"""The qualitative side of the matrix: versioned knowledge documents of engine facts, each with a source and a date.
 
-Shape (`schema_version: 1`, `kind: knowledge`): `engines: {NAME: {aliases, hardware, on_device, status, scores:
-{CRITERION: {score 1–5, why, source, date}}}}`. Users pass their own file to override entries; `merge_knowledge`
-replaces whole engine entries and single scores. Parsing raises ConfigError naming the entry at fault.
+Shape (`schema_version: 1`, `kind: knowledge`): `engines: {NAME: {aliases, hardware, on_device, status,
+hardware_source, hardware_date, status_source, status_date, scores: {CRITERION: {score 1–5, why, source, date}}}}`;
+every key is optional. The built-in knowledge is two documents joined with `merge_knowledge` by the I/O layer
+(`harness.decide.builtin_knowledge`): the engine facts (hardware, status, on-device, aliases: `adapters.knowledge`,
+the one record `bench engines` reads too) and the scores (`matrix/data/knowledge.yaml`). Users pass their own file to
+override entries: `merge_knowledge` replaces hardware/status when given and single scores. Hardware names are
+compared as given: the caller maps them onto one vocabulary first. Parsing raises ConfigError naming the entry at
+fault. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -48,10 +53,14 @@ class EngineFacts:
     aliases: tuple[str, ...] = ()
     hardware: tuple[str, ...] = ()
     on_device: bool | None = None  # None: not stated (treated as False)
-    status: str = ""  # "active" | "maintenance" | "archived"; "" when not stated
+    status: str = ""  # "active" | "maintenance" | "inactive" | "archived"; "" when not stated
     scores: Mapping[str, Fact] = field(default_factory=dict)
     source: str = ""
     date: str = ""
+    hardware_source: str = ""  # where `hardware` was read, and when
+    hardware_date: str = ""
+    status_source: str = ""  # where `status` was read, and when
+    status_date: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +108,22 @@ def _engine(name: str, raw: Any) -> EngineFacts:
         raise ConfigError(
             f"knowledge entry {name}: unknown criterion {unknown[0]!r}; known: {', '.join(QUALITATIVE)}"
         )
+    hardware = raw.get("hardware", []) or []
+    if not isinstance(hardware, list | tuple):
+        raise ConfigError(f"knowledge entry {name}.hardware must be a list, e.g. [nvidia, amd, cpu]")
     return EngineFacts(
         name=name,
         aliases=tuple(str(a) for a in raw.get("aliases", []) or []),
-        hardware=tuple(str(h).lower() for h in raw.get("hardware", []) or []),
+        hardware=tuple(str(h).lower() for h in hardware),
         on_device=None if raw.get("on_device") is None else bool(raw["on_device"]),
         status=str(raw.get("status", "") or ""),
         scores={c: _fact(name, c, v) for c, v in scores_raw.items()},
         source=str(raw.get("source", "")),
         date=str(raw.get("date", "")),
+        hardware_source=str(raw.get("hardware_source", "") or ""),
+        hardware_date=str(raw.get("hardware_date", "") or ""),
+        status_source=str(raw.get("status_source", "") or ""),
+        status_date=str(raw.get("status_date", "") or ""),
     )
 
 
@@ -128,7 +144,8 @@ def parse_knowledge(data: Any, origin: str = "builtin") -> Knowledge:
 
 
 def merge_knowledge(base: Knowledge, override: Knowledge) -> Knowledge:
-    """User entries win: an engine in `override` replaces hardware/status and adds or replaces single scores."""
+    """Entries of `override` win: an engine there replaces hardware/status (with their sources) when it states them,
+    and adds or replaces single scores."""
     merged = dict(base.engines)
     for name, facts in override.engines.items():
         current = base.lookup(name)
@@ -144,5 +161,15 @@ def merge_knowledge(base: Knowledge, override: Knowledge) -> Knowledge:
             scores={**current.scores, **facts.scores},
             source=facts.source or current.source,
             date=facts.date or current.date,
+            hardware_source=(facts.hardware_source or facts.source or override.origin)
+            if facts.hardware
+            else current.hardware_source,
+            hardware_date=(facts.hardware_date or facts.date or "")
+            if facts.hardware
+            else current.hardware_date,
+            status_source=(facts.status_source or facts.source or override.origin)
+            if facts.status
+            else current.status_source,
+            status_date=(facts.status_date or facts.date or "") if facts.status else current.status_date,
         )
     return Knowledge(engines=merged, origin=f"{base.origin}+{override.origin}")

@@ -491,7 +491,7 @@ def test_knowledge_document_reads_as_matrix_knowledge() -> None:
     doc = knowledge_document()
     assert doc["schema_version"] == 1
     knowledge = parse_knowledge(doc, origin="adapters.knowledge")
-    assert set(knowledge.engines) == set(GPU_ENGINES)
+    assert set(knowledge.engines) == {*GPU_ENGINES, "vllm", "llamacpp"}  # every engine's facts, one record
     tgi_facts = knowledge.lookup("text-generation-inference")
     assert tgi_facts is not None and tgi_facts.status == "maintenance"
     for name, entry in doc["engines"].items():

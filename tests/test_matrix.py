@@ -57,7 +57,10 @@ def _pt(
 
 @pytest.fixture(scope="module")
 def knowledge() -> Knowledge:
-    return parse_knowledge(_data("knowledge.yaml"))
+    # the built-in knowledge: engine facts (adapters.knowledge) joined with the scores file, as `bench decide` reads it
+    from harness.decide import builtin_knowledge
+
+    return builtin_knowledge()
 
 
 @pytest.fixture(scope="module")

@@ -290,6 +290,12 @@ def _execute_and_print(cfg: RunConfig) -> None:
             out_console.print(f"[yellow]{e.name} {e.status}:[/] {first}", highlight=False, markup=True)
             if rest and e.status == "failed":
                 out_console.print(rest, highlight=False, markup=False)
+    if result.exit_code == 5:  # orchestrate.EXIT_REQUESTS_FAILED
+        out_console.print(
+            "[red]requests failed:[/] a load point stopped on its error budget or had no successful request; "
+            "its numbers are not a measurement of the engine (exit 5)",
+            highlight=False,
+        )
     out_console.print(f"run directory: {result.run_dir}", highlight=False)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
