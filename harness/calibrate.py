@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +74,9 @@ class CalibrationConfig:
     saturation_error_ms: float = 2.0
     server_workers: int = 1
     processes: int = 1  # client processes (the runner's multi-process mode)
+    # also measure the throughput ceiling as benchmarks/peers.py does: TTFT = ITL = 0, 256-token streamed answers,
+    # closed loop at the highest concurrency (0: skip)
+    ceiling_tokens: int = 256
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,10 @@ class CalibrationResult:
     ceiling_tokens_per_s: float | None
     saturated_at: int | None  # first saturated concurrency
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # TTFT = ITL = 0, `ceiling_tokens`-token answers, the highest concurrency: the number benchmarks/peers.py compares
+    zero_delay_requests_per_s: float | None = None
+    zero_delay_tokens_per_s: float | None = None
+    zero_delay_client_cpu: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": 1, "kind": "calibration", **asdict(self)}
@@ -340,7 +347,49 @@ def run_calibration(
         workers=cfg.server_workers,
     )
     with serve_in_process(script) as url:
-        return calibrate(url, cfg, codec, progress)
+        result = calibrate(url, cfg, codec, progress)
+    if cfg.ceiling_tokens <= 0:
+        return result
+    zero = ScriptConfig(ttft=0.0, itl=0.0, output_tokens=cfg.ceiling_tokens, max_tracked=10_000)
+    zero = replace(zero, workers=cfg.server_workers)
+    with serve_in_process(zero) as url:
+        rps, tps, cpu = asyncio.run(_zero_delay_ceiling(url, cfg, codec))
+    note = (
+        f"throughput ceiling (TTFT = ITL = 0, {cfg.ceiling_tokens}-token streamed answers, {max(cfg.concurrency)} "
+        f"streams, as benchmarks/peers.py measures it): {rps:.1f} req/s, {tps:,.0f} tok/s, client CPU {cpu:.0%}"
+    )
+    return replace(
+        result,
+        zero_delay_requests_per_s=rps,
+        zero_delay_tokens_per_s=tps,
+        zero_delay_client_cpu=cpu,
+        notes=(*result.notes, note),
+    )
+
+
+async def _zero_delay_ceiling(url: str, cfg: CalibrationConfig, codec: Codec) -> tuple[float, float, float]:
+    """Requests/s and streamed tokens/s of ok measured requests, and the client's mean CPU (fraction of a core)."""
+    from harness.runner import StopRule, run_point
+    from workloads.arrival import LoadPoint
+
+    conc = max(cfg.concurrency)
+    target = Target("scripted", url, codec, "scripted", connection=cfg.connection)
+    records: list[RequestRecord] = []
+    stop = StopRule(requests=max(cfg.min_requests, cfg.waves * conc), warmup=conc, stall_timeout_s=30.0)
+    outcome = await run_point(
+        target,
+        calibration_specs(f"z{conc}", cfg.ceiling_tokens),
+        LoadPoint("concurrency", conc, "closed"),
+        stop,
+        records.append,
+        time.perf_counter(),
+        processes=cfg.processes,
+    )
+    ok = [r for r in records if r.phase == "measure" and r.ok]
+    if not ok:
+        return 0.0, 0.0, outcome.client_cpu.mean_util
+    span = max(max(r.done or r.scheduled for r in ok) - min(r.scheduled for r in ok), 1e-9)
+    return len(ok) / span, sum(sum(r.chunk_tokens) for r in ok) / span, outcome.client_cpu.mean_util
 
 
 def render_table(result: CalibrationResult) -> Any:

@@ -359,7 +359,7 @@ async def _run_point(
 
     def sink(rec: RequestRecord) -> None:
         nonlocal done
-        if rec.status != "ok" and not ep.alive():
+        if rec.status != "ok" and (not ep.alive() or _engine_exiting(ep)):
             rec.error = f"{rec.error or rec.status}; engine died: {ep.death_reason() or 'process exited'}"
         if rep:
             rec.tags["repeat"] = str(repeat)
@@ -444,6 +444,25 @@ def _repeat_specs(specs: _Specs, repeat: int) -> Iterable[RequestSpec]:
             yield dataclasses.replace(s, request_id=f"{s.request_id}#r{repeat}", history_from=hist)
 
     return renamed()
+
+
+def _engine_exiting(ep: Endpoint, reap_wait_s: float = 0.2) -> bool:
+    """True when a launched engine is dying: its sockets close (so its requests fail) before its exit can be seen
+    with waitpid, so `alive()` alone mislabels the first failures. Linux sets PF_EXITING (0x4 in /proc/PID/stat's
+    flags) at the start of exit, before the sockets close; then wait briefly so `death_reason()` can say how."""
+    if ep.pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{ep.pid}/stat").read_bytes()
+        flags = int(stat.rsplit(b")", 1)[1].split()[6])
+    except (OSError, ValueError, IndexError):
+        return False
+    if not flags & 0x4:
+        return False
+    end = time.monotonic() + reap_wait_s
+    while ep.alive() and time.monotonic() < end:
+        time.sleep(0.005)
+    return True
 
 
 async def _watch_engine(ep: Endpoint) -> None:

@@ -357,3 +357,100 @@ async def test_body_left_open_after_done_does_not_hang(server: ScriptedServer) -
     )
     assert rec.status == "ok" and rec.done is not None and rec.done - rec.chunk_times[-1] < 0.5
     assert time.perf_counter() - t < 5
+
+
+async def _raw_server(framing: str, close_after: bool) -> tuple[asyncio.Server, list[int]]:
+    """An SSE server written on raw sockets: `framing` is "length", "chunked" (split mid-chunk-header and with a
+    chunk extension) or "close" (no length: the body ends when the connection does). `close_after` closes the
+    connection after every response while still saying keep-alive (what llama.cpp's server does)."""
+    conns: list[int] = []
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(id(writer))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                events = [_chunk("a", role=True), _chunk("b"), _chunk("c", "stop"), b"data: [DONE]\n\n"]
+                hdr = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                if framing == "length":
+                    body = b"".join(events)
+                    writer.write(hdr + b"Content-Length: %d\r\n\r\n" % len(body))
+                    for i in range(0, len(body), 7):  # odd-sized reads
+                        writer.write(body[i : i + 7])
+                        await writer.drain()
+                        await asyncio.sleep(0.001)
+                elif framing == "chunked":
+                    writer.write(hdr + b"Transfer-Encoding: chunked\r\n\r\n")
+                    for ev in events:
+                        framed = b"%x;ext=1\r\n%s\r\n" % (len(ev), ev)
+                        writer.write(framed[:2])  # split inside the size line
+                        await writer.drain()
+                        await asyncio.sleep(0.002)
+                        writer.write(framed[2:])
+                        await writer.drain()
+                        await asyncio.sleep(0.002)
+                    writer.write(b"0\r\n\r\n")
+                else:
+                    writer.write(hdr + b"Connection: close\r\n\r\n" + b"".join(events))
+                await writer.drain()
+                if close_after or framing == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(conn, "127.0.0.1", 0)
+    return srv, conns
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+@pytest.mark.parametrize("close_after", [False, True])
+async def test_body_framings_and_servers_that_close_after_each_response(
+    framing: str, close_after: bool
+) -> None:
+    srv, conns = await _raw_server(framing, close_after)
+    port = srv.sockets[0].getsockname()[1]
+    target = target_for(f"http://127.0.0.1:{port}", connection="keepalive")
+    run_start = time.perf_counter()
+    recs = []
+    try:
+        async with make_session(target) as session:
+            for i in range(4):
+                recs.append(
+                    await send_request(
+                        session, target, script_spec(str(i), n=3), point="p", phase="measure", scheduled=0.0,
+                        run_start=run_start, timeout=timeouts_for(True, 5.0, 10.0), keep_text=True,
+                    )
+                )  # fmt: skip
+                await asyncio.sleep(0.02)  # the server's close reaches the client before the next request
+    finally:
+        srv.close()
+    for rec in recs:
+        assert rec.status == "ok", rec.error
+        assert rec.output_text == "abc" and rec.finish_reason == "stop" and rec.client_output_tokens == 3
+        assert rec.done is not None and rec.done >= rec.chunk_times[-1]
+    reused = framing != "close" and not close_after
+    assert len(conns) == (1 if reused else 4)  # keep-alive reused when allowed, a closed connection never
+
+
+async def test_chunk_times_are_the_reads_not_the_parse() -> None:
+    """Chunked events written >= 4 ms apart (two writes 2 ms apart each): each token's time is its own read's."""
+    srv, _ = await _raw_server("chunked", False)
+    port = srv.sockets[0].getsockname()[1]
+    target = target_for(f"http://127.0.0.1:{port}")
+    try:
+        rec = await send(target, script_spec("t", n=3))
+    finally:
+        srv.close()
+    assert rec.status == "ok" and rec.chunk_tokens == [1, 1, 1]
+    gaps = [b - a for a, b in zip(rec.chunk_times, rec.chunk_times[1:], strict=False)]
+    assert all(g >= 0.0035 for g in gaps), (
+        gaps
+    )  # two 2 ms writes per event: never less than the server's 4 ms

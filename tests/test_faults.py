@@ -298,7 +298,9 @@ def _check_engine_death(out: Path, output: str) -> None:
     records = list(RunDir.open(out).iter_records())
     assert len({x.request_id for x in records}) == len(records)
     failed = [x for x in records if not x.ok]
-    assert failed and all(x.error and "engine died" in x.error for x in failed), [(x.status, x.error, x.done) for x in failed]
+    assert failed and all(x.error and "engine died" in x.error for x in failed), [
+        (x.status, x.error, x.done) for x in failed
+    ]
     events = [e for e in RunDir.open(out).iter_events()]
     assert any(e["kind"] == "engine_died" for e in events)
     manifest = orjson.loads((out / "manifest.json").read_bytes())

@@ -287,7 +287,7 @@ def test_no_valid_point_means_no_recommendation(runs: Runs, tmp_path: Path) -> N
 
 
 # -- in a real browser --------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.skip(

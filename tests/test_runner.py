@@ -276,3 +276,45 @@ async def test_multiprocess_error_budget_counts_all_processes(server: ScriptedSe
         processes=2,
     )
     assert outcome.stop_reason == "error_budget" and len(records) < 40
+
+
+async def test_precise_waker_never_wakes_early_and_works_without_a_timerfd() -> None:
+    from harness.runner import PreciseWaker
+
+    waker = PreciseWaker()
+    late = []
+    try:
+        for _ in range(15):
+            deadline = time.perf_counter() + 0.003
+            await waker.sleep_until(deadline)
+            late.append(time.perf_counter() - deadline)
+        await waker.sleep_until(time.perf_counter() - 1.0)  # a deadline in the past returns at once
+    finally:
+        waker.close()
+    assert min(late) >= 0.0
+    waker = PreciseWaker()
+    waker.close()  # the fallback (no timerfd): asyncio.sleep
+    deadline = time.perf_counter() + 0.003
+    await waker.sleep_until(deadline)
+    assert time.perf_counter() >= deadline
+
+
+@pytest.mark.bench
+async def test_precise_waker_is_closer_to_the_deadline_than_asyncio_sleep() -> None:
+    """Same run, alternating: the timerfd's median lateness is below asyncio.sleep's (which epoll rounds up to ms)."""
+    from harness.runner import PreciseWaker
+
+    waker = PreciseWaker()
+    precise, plain = [], []
+    try:
+        for i in range(60):
+            deadline = time.perf_counter() + 0.0023
+            if i % 2:
+                await waker.sleep_until(deadline)
+                precise.append(time.perf_counter() - deadline)
+            else:
+                await asyncio.sleep(deadline - time.perf_counter())
+                plain.append(time.perf_counter() - deadline)
+    finally:
+        waker.close()
+    assert float(np.median(precise)) < float(np.median(plain)), (np.median(precise), np.median(plain))

@@ -1,0 +1,171 @@
+"""`bench decide` and `bench report` on one real run: llama.cpp and vLLM CPU, synthetic workload, two concurrencies.
+
+One `bench run --engines llamacpp,vllm` (vLLM launched once, llama.cpp once) with small sizes, a generous SLO
+(e2e p99 within 120 s, so goodput exists without judging speed), then re-summarized with the relaxed verdict policy
+below so the short points are VALID, then `bench decide --json` and `bench report`. The checks: exit codes, a
+ranking of exactly the engines that ran, and every measured criterion value traced back to summary.json or the
+manifest (nothing made up; criteria without data stay null).
+
+Relaxed policy (short runs on 2 shared cores): min 1 request, no minimum duration or send rate, send lag p99 up to
+1 s, client CPU up to 100%; errors and token-count mismatches still must be zero.
+Everything runs at nice 19 (another developer measures on this machine). Skips when an engine is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters import registry
+
+pytestmark = [pytest.mark.live, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ("llamacpp", "vllm")
+POINTS = ("concurrency=1", "concurrency=2")
+RELAXED_POLICY = {
+    "min_requests": 1,
+    "min_duration_s": 0.0,
+    "min_send_rate_fraction": 0.0,
+    "max_send_lag_p99_ms": 1000.0,
+    "max_client_cpu_util": 1.0,
+    "max_error_rate": 0.0,
+    "max_token_count_mismatch": 0.0,
+    "max_output_length_mismatch": 0.0,
+}
+
+
+def bench(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    argv = ["nice", "-n", "19", sys.executable, "-m", "harness.cli", *args]
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert done.returncode == 0, (
+        f"{done.args} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
+    return done
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    for name in ENGINES:
+        avail = registry.availability(registry.get(name))
+        if not avail.runnable:
+            pytest.skip(f"{name} cannot run here: {avail.reason}")
+    out = tmp_path_factory.mktemp("decide") / "synthetic"
+    ok(bench("run", "--engines", ",".join(ENGINES), "--workload", "synthetic", "--set", "input_tokens=64",
+             "--set", "output_tokens=16", "--requests", "6", "--warmup", "1", "--concurrency", "1,2",
+             "--slo", "e2e_p99=120s", "--out", str(out)))  # fmt: skip
+    policy = out.parent / "relaxed-policy.json"
+    policy.write_text(json.dumps(RELAXED_POLICY))
+    ok(bench("summarize", str(out), "--policy", str(policy)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def decision(run_dir: Path) -> dict[str, Any]:
+    path = run_dir.parent / "decision.json"
+    ok(bench("decide", str(run_dir), "--json", str(path)))
+    return dict(json.loads(path.read_text()))
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((run_dir / "summary.json").read_text()))
+
+
+def _point(s: dict[str, Any], engine: str, point: str) -> dict[str, Any]:
+    return next(p for p in s["points"] if p["engine"] == engine and p["point"] == point)
+
+
+def test_run_points_are_valid_under_the_relaxed_policy(run_dir: Path) -> None:
+    s = _summary(run_dir)
+    assert {(p["engine"], p["point"]) for p in s["points"]} == {(e, p) for e in ENGINES for p in POINTS}
+    for p in s["points"]:
+        assert p["verdict"]["status"] == "VALID", (p["engine"], p["point"], p["verdict"])
+        assert p["requests"]["ok"] == 6 and p["error_rate"] == 0.0
+
+
+def test_decide_ranks_the_engines_that_ran(decision: dict[str, Any]) -> None:
+    assert decision["kind"] == "decision"
+    assert sorted(decision["ranking"]) == sorted(ENGINES)
+    assert decision["winner"] == decision["ranking"][0]
+    totals = {s["engine"]: s["total"] for s in decision["scores"]}
+    assert totals[decision["ranking"][0]] >= totals[decision["ranking"][1]]
+    assert [r["engines"] for r in decision["inputs"]["runs"]] == [sorted(ENGINES)]
+    print("ranking", decision["ranking"], "totals", totals)
+
+
+def test_every_measured_value_traces_to_the_run(decision: dict[str, Any], run_dir: Path) -> None:
+    s = _summary(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    cold = {e["name"]: e["cold_start_s"] for e in manifest["engines"]}
+    kinds = {c["name"]: c["kind"] for c in decision["criteria"]}
+    traced = 0
+    for score in decision["scores"]:
+        engine = score["engine"]
+        points = [p for p in s["points"] if p["engine"] == engine]
+        for name, c in score["criteria"].items():
+            if kinds[name] != "measured":
+                continue
+            raw = c["raw"]
+            if name in ("ttft_p95", "tpot_p95"):
+                at = c["note"].split("common load ")[1].split(" ")[0]
+                metric = "ttft_ms" if name == "ttft_p95" else "tpot_ms"
+                assert raw == _point(s, engine, at)[metric]["p95"], (engine, name, c)
+            elif name == "goodput":
+                assert raw == max(p["goodput"]["requests_per_s"] for p in points), (engine, c)
+            elif name == "cold_start":
+                assert raw == pytest.approx(cold[engine], rel=1e-12), (engine, c)
+            elif name == "error_rate":
+                measured = sum(p["requests"]["measured"] for p in points)
+                weighted = sum(p["error_rate"] * p["requests"]["measured"] for p in points) / measured
+                assert raw == pytest.approx(weighted, abs=1e-12), (engine, c)
+            else:
+                # nothing in this run measures long context, prefix reuse (synthetic only); memory: see below
+                assert raw is None and c["score"] is None, (engine, name, c)
+                continue
+            assert raw is not None and c["score"] in (1, 2, 3, 4, 5)
+            traced += 1
+    assert traced == 5 * len(ENGINES)
+    for row in decision["capacity"]:
+        cap = row["capacity"]
+        assert cap["requests_per_s"] == _point(s, cap["engine"], cap["at_point"])["requests_per_s"]
+    print({sc["engine"]: {k: v["raw"] for k, v in sc["criteria"].items() if kinds[k] == "measured"} for sc in
+           decision["scores"]})  # fmt: skip
+
+
+@pytest.mark.xfail(
+    reason="harness/decide.py reads point `memory`, but summary.json carries memory as "
+    "telemetry.engine_rss_peak_bytes: memory_per_request is missing on every real run",
+    strict=False,
+)
+def test_decide_sees_the_measured_memory(decision: dict[str, Any], run_dir: Path) -> None:
+    s = _summary(run_dir)
+    assert all(p["telemetry"]["engine_rss_peak_bytes"] for p in s["points"])
+    for score in decision["scores"]:
+        assert score["criteria"]["memory_per_request"]["raw"] is not None, score["criteria"][
+            "memory_per_request"
+        ]
+
+
+def test_report_renders_both_engines(run_dir: Path) -> None:
+    html = run_dir.parent / "report.html"
+    ok(bench("report", str(run_dir), "--out", str(html)))
+    text = html.read_text()
+    assert len(text) > 1000
+    for engine in ENGINES:
+        assert engine in text
+    # works offline: no script or stylesheet fetched from anywhere
+    assert not re.search(r"<script[^>]+src=\"https?:", text) and not re.search(
+        r"<link[^>]+href=\"https?:", text
+    )
+    print(f"report: {html} ({len(text):,} bytes)")
