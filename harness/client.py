@@ -547,6 +547,7 @@ class _StreamReader:
         self.conn, self.framing, self.rec, self.parse = conn, framing, rec, codec.parse_event
         self.run_start, self.texts = run_start, texts
         self.parser = SSEParser()
+        self.plain = True  # no CR seen: the fast path below is exact (see `split`)
         self.usage: Usage | None = None
         self.saw_done = False
         self.stopped = False  # [DONE], an error event or an unparsable one: the record is complete
@@ -554,9 +555,26 @@ class _StreamReader:
     def feed(self, t: float, data: bytes) -> None:
         body = self.framing.feed(data)
         if body and not self.stopped:
-            self.events(t - self.run_start, self.parser.feed(body))
+            self.events(t - self.run_start, self.split(body))
         if self.stopped or self.framing.done:
             self.conn._wake()
+
+    def split(self, body: bytes) -> list[bytes]:
+        """The payloads of the events `body` completes. Fast path for what servers send nearly always — whole
+        events of one `data: ` line each, LF endings, nothing held over — equal to what `SSEParser` returns; anything
+        else (CR, comments, other fields, multi-line data, an event split across reads) goes through the parser."""
+        parser = self.parser
+        if self.plain and b"\r" in body:
+            self.plain = False
+        if self.plain and parser.pending == 0 and parser.events and body.endswith(b"\n\n"):
+            parts = body.split(b"\n\n")
+            parts.pop()  # the empty tail after the last blank line
+            for part in parts:
+                if not part.startswith(b"data: ") or b"\n" in part:
+                    break
+            else:
+                return [part[6:] for part in parts]
+        return parser.feed(body)
 
     def events(self, t: float, payloads: list[bytes]) -> None:
         rec = self.rec

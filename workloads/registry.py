@@ -203,7 +203,7 @@ def _validate(data: Any, label: str) -> BaseWorkloadSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"workload {label}: expected a mapping of fields, got {type(data).__name__}")
     kind = data.get("kind")
-    if kind not in WORKLOAD_KINDS:
+    if not isinstance(kind, str) or kind not in WORKLOAD_KINDS:
         raise ConfigError(
             f"workload {label}: field `kind`: must be one of {sorted(WORKLOAD_KINDS)} (got {kind!r})"
         )
@@ -257,7 +257,13 @@ def load_workload(name_or_path: str, overrides: Mapping[str, Any] | None = None)
             raise ConfigError(
                 f"workload {name_or_path!r} is neither a built-in ({', '.join(builtin_names())}) nor a file"
             )
-        w = parse_workload(path.read_text(), path.name, path.resolve().parent, str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"workload {path.name}: not UTF-8 text (byte {e.start}); save it as UTF-8 YAML"
+            ) from None
+        w = parse_workload(text, path.name, path.resolve().parent, str(path))
     return w.with_overrides(overrides) if overrides else w
 
 
