@@ -10,9 +10,11 @@ process, closed loop at 64 and 256 concurrent streams, and is judged on:
 - client CPU-seconds per streamed token: the child's whole process tree (`os.wait4` rusage), marginal between a
   run of one wave and of `waves` waves, so start-up (vLLM's torch import, its tokenizer) is not charged per token;
 - its ceiling: requests/s with TTFT = ITL = 0 (the server writes each 256-token answer in one write, so it costs
-  little; its CPU use is printed to show it was not the bottleneck), 256 events to parse per request.
+  little; its CPU use is printed to show it was not the bottleneck), 256 events to parse per request; each client
+  runs `--ceiling-reps` times, interleaved in rotating order (a shared machine's load drifts between runs), and the
+  best run of each is compared (all runs are printed).
 
-    python -m benchmarks.peers [--concurrency 64,256] [--waves 4] [--processes 1] [--json out.json]
+    python -m benchmarks.peers [--concurrency 64,256] [--waves 4] [--processes 1] [--ceiling-reps 3] [--json out.json]
 
 Targets (the issue): timing error <= 1 ms p50 and <= 2 ms p99 at 256 streams; CPU per streamed token <= 2/3 of
 vLLM bench serve's; a higher ceiling. The machine's own contention is printed (run-queue wait of each client), since

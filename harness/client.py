@@ -31,11 +31,16 @@ A request that still meets a closed pooled connection fails as `connect_error` w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
+import select
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -411,6 +416,7 @@ class Session:
         self._limit = asyncio.Semaphore(connections) if connections > 0 else None
         self._open: set[_Http1] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._addrs: dict[_Origin, list[tuple[int, Any]]] = {}
 
     async def __aenter__(self) -> Session:
         return self
@@ -448,27 +454,63 @@ class Session:
             self._open.discard(conn)
         return None
 
-    async def connect(self, origin: _Origin, timeout_s: float | None) -> tuple[_Http1, bool]:
-        """A connection (pooled if one is idle and fresh enough) and whether it was reused."""
+    async def connect(
+        self, origin: _Origin, timeout_s: float | None, request: bytes = b""
+    ) -> tuple[_Http1, bool, bool]:
+        """A connection (pooled if one is idle and fresh enough), whether it was reused, and whether `request` has
+        already been written on it.
+
+        A new plain-HTTP connection writes `request` on the socket the moment the TCP connect completes, before
+        asyncio builds its transport (which takes more event-loop iterations: under load, milliseconds the server
+        would otherwise wait for the request)."""
         if self.keepalive and (conn := self._pooled(origin)) is not None:
-            return conn, True
+            return conn, True, False
         loop = asyncio.get_running_loop()
-        ctx = None
-        if origin.scheme == "https":
-            ctx = self._ssl = self._ssl or ssl.create_default_context()
         try:
             async with asyncio.timeout(timeout_s):
-                _, proto = await loop.create_connection(
-                    lambda: _Http1(loop),
-                    origin.host,
-                    origin.port,
-                    ssl=ctx,
-                    server_hostname=origin.host if ctx else None,
-                )
+                if origin.scheme == "https":
+                    ctx = self._ssl = self._ssl or ssl.create_default_context()
+                    _, proto = await loop.create_connection(
+                        lambda: _Http1(loop), origin.host, origin.port, ssl=ctx, server_hostname=origin.host
+                    )
+                    written = False
+                else:
+                    proto, written = await self._connect_plain(loop, origin, request)
         except TimeoutError:
             raise _ConnectTimeout() from None
         self._open.add(proto)
-        return proto, False
+        return proto, False, written
+
+    async def _connect_plain(
+        self, loop: asyncio.AbstractEventLoop, origin: _Origin, request: bytes
+    ) -> tuple[_Http1, bool]:
+        addrs = self._addrs.get(origin)
+        if addrs is None:  # resolved once per session (a numeric host costs no lookup)
+            infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+            addrs = self._addrs[origin] = [(fam, addr) for fam, _, _, _, addr in infos]
+        error: OSError | None = None
+        for fam, addr in addrs:
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if not _connected_at_once(sock, addr):
+                    await loop.sock_connect(sock, addr)
+                sent = 0
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    sent = sock.send(request) if request else 0
+                _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if sent < len(request) and proto.transport is not None:
+                proto.transport.write(request[sent:])
+            return proto, bool(request)
+        raise error or OSError(f"cannot connect to {origin.host}:{origin.port}")
 
     def release(self, origin: _Origin, conn: _Http1, reusable: bool) -> None:
         conn.stop_stall_timer()
@@ -478,6 +520,26 @@ class Session:
         else:
             conn.abort()
             self._open.discard(conn)
+
+
+def _connected_at_once(sock: socket.socket, addr: Any) -> bool:
+    """Start a non-blocking connect; True when it has completed already (on loopback the handshake finishes inside
+    the syscall: measured 200 of 200), so the request can go out now rather than event-loop iterations later —
+    under load each iteration, including any wait for a CPU, was milliseconds (sock_connect 9-18 ms p50 at 64
+    streams on the shared 2-core machine vs 0.06 ms idle)."""
+    err = sock.connect_ex(addr)
+    if err == 0:
+        return True
+    if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+        raise OSError(err, os.strerror(err))
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(0):
+        return False  # still connecting: the event loop waits for it (sock_connect sees EALREADY)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 def make_session(target: Target, connections: int = 0) -> Session:
@@ -547,7 +609,6 @@ class _StreamReader:
         self.conn, self.framing, self.rec, self.parse = conn, framing, rec, codec.parse_event
         self.run_start, self.texts = run_start, texts
         self.parser = SSEParser()
-        self.plain = True  # no CR seen: the fast path below is exact (see `split`)
         self.usage: Usage | None = None
         self.saw_done = False
         self.stopped = False  # [DONE], an error event or an unparsable one: the record is complete
@@ -555,26 +616,9 @@ class _StreamReader:
     def feed(self, t: float, data: bytes) -> None:
         body = self.framing.feed(data)
         if body and not self.stopped:
-            self.events(t - self.run_start, self.split(body))
+            self.events(t - self.run_start, self.parser.feed(body))
         if self.stopped or self.framing.done:
             self.conn._wake()
-
-    def split(self, body: bytes) -> list[bytes]:
-        """The payloads of the events `body` completes. Fast path for what servers send nearly always — whole
-        events of one `data: ` line each, LF endings, nothing held over — equal to what `SSEParser` returns; anything
-        else (CR, comments, other fields, multi-line data, an event split across reads) goes through the parser."""
-        parser = self.parser
-        if self.plain and b"\r" in body:
-            self.plain = False
-        if self.plain and parser.pending == 0 and parser.events and body.endswith(b"\n\n"):
-            parts = body.split(b"\n\n")
-            parts.pop()  # the empty tail after the last blank line
-            for part in parts:
-                if not part.startswith(b"data: ") or b"\n" in part:
-                    break
-            else:
-                return [part[6:] for part in parts]
-        return parser.feed(body)
 
     def events(self, t: float, payloads: list[bytes]) -> None:
         rec = self.rec
@@ -733,10 +777,11 @@ async def execute(
     try:
         async with asyncio.timeout(timeout.total):
             rec.sent = _now(run_start)
-            conn, reused = await session.connect(origin, timeout.sock_connect)
-            if conn.transport is None or conn.closed:
-                raise _Disconnected("the connection closed before the request was written")
-            conn.transport.write(request)
+            conn, reused, written = await session.connect(origin, timeout.sock_connect, request)
+            if not written:
+                if conn.transport is None or conn.closed:
+                    raise _Disconnected("the connection closed before the request was written")
+                conn.transport.write(request)
             conn.watch_stalls(timeout.sock_read)
             resp = await _read_head(conn, call.method)
             rec.first_byte = resp.t_head - run_start

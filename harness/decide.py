@@ -1,7 +1,7 @@
 """`bench decide`: the I/O around the matrix. Reads run directories, data files and user files; writes the decision.
 
-Reading: manifests through `harness.rundir.RunDir`; `summary.json` as raw JSON (schema-checked) so fields the
-strict Summary model does not carry yet — telemetry `memory` — still reach the matrix. Everything else is the pure
+Reading: manifests through `harness.rundir.RunDir`; `summary.json` as raw JSON (schema-checked), memory from each
+point's `telemetry` block. Everything else is the pure
 functions in `matrix/`. The decision JSON (`kind: "decision"`) is self-describing: inputs, criteria and rules,
 weights, per-criterion raw value + score + rule, ranking, sensitivity, capacity, cost, plan and warnings.
 
@@ -165,20 +165,14 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     return obj
 
 
-def _memory_peak(mem: Any) -> float | None:
-    """Peak memory in bytes from a PointSummary `memory` block, whatever its detail; None when absent."""
-    if isinstance(mem, int | float) and not isinstance(mem, bool):
-        return float(mem)
-    if not isinstance(mem, Mapping):
-        return None
-    for key in ("peak_bytes", "max_bytes", "rss_max_bytes", "peak_rss_bytes", "max"):
-        value = mem.get(key)
+def _memory_peak(point: Mapping[str, Any]) -> float | None:
+    """Peak memory of the engine during the point, from its telemetry (docs/telemetry.md): GPU memory where a GPU
+    was sampled, else the RSS of the engine's process tree (the figure that matters for CPU engines)."""
+    telemetry = point.get("telemetry") or {}
+    for key in ("gpu_memory_peak_bytes", "engine_rss_peak_bytes"):
+        value = telemetry.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-    for key in ("rss_bytes", "rss", "used_bytes", "gpu_used_bytes"):
-        value = _memory_peak(mem.get(key))
-        if value is not None:
-            return value
     return None
 
 
@@ -255,7 +249,7 @@ def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, An
                     m: {k: v for k, v in (p.get(f"{m}_ms") or {}).items() if isinstance(v, int | float)}
                     for m in ("ttft", "tpot", "itl", "e2e")
                 },
-                memory_peak_bytes=_memory_peak(p.get("memory")),
+                memory_peak_bytes=_memory_peak(p),
                 closed_loop=bool(load.get("closed_loop", load.get("kind") == "concurrency")),
             )
         )

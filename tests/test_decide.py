@@ -49,7 +49,7 @@ def _point(
                     "reasons": [] if valid else [{"code": "client_saturated"}], "recommendation": ""},
     }  # fmt: skip
     if memory is not None:
-        p["memory"] = {"rss_bytes": {"max": memory}}
+        p["telemetry"] = {"engine_rss_peak_bytes": memory}
     return p
 
 

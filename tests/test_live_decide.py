@@ -143,11 +143,6 @@ def test_every_measured_value_traces_to_the_run(decision: dict[str, Any], run_di
            decision["scores"]})  # fmt: skip
 
 
-@pytest.mark.xfail(
-    reason="harness/decide.py reads point `memory`, but summary.json carries memory as "
-    "telemetry.engine_rss_peak_bytes: memory_per_request is missing on every real run",
-    strict=False,
-)
 def test_decide_sees_the_measured_memory(decision: dict[str, Any], run_dir: Path) -> None:
     s = _summary(run_dir)
     assert all(p["telemetry"]["engine_rss_peak_bytes"] for p in s["points"])
