@@ -228,6 +228,7 @@ def summarize_point(
         token_count_mismatch=_mean([abs(s - c) / s for s, c in server]),
         output_length_mismatch=_mean([abs(a - e) / e for a, e in pinned]),
         output_length_mismatched=sum(1 for a, e in pinned if a != e),
+        engine_disagreements=_disagreements(telemetry),
     )
     return PointSummary(
         engine=meta.engine,
@@ -267,6 +268,16 @@ def summarize_point(
         breakdowns=found,
         prefix_reuse=prefix_reuse(found),
     )
+
+
+def _disagreements(telemetry: TelemetrySummary | None) -> list[str]:
+    rec = telemetry.reconciliation if telemetry else None
+    if rec is None:
+        return []
+    # with failed requests in the point the counts are expected to differ (the error-rate rule judges those)
+    counts = [f"{c.metric}: {c.reason}" for c in rec.counts if c.verdict == "disagree" and not rec.failed]
+    ttft = [f"TTFT p{c.quantile * 100:g}: {c.reason}" for c in rec.ttft if c.verdict == "disagree"]
+    return counts + ttft
 
 
 def _parse_point_id(point: str) -> tuple[str | None, float | None]:

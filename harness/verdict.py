@@ -26,6 +26,7 @@ ReasonCode = Literal[
     "error_rate",
     "token_count_mismatch",
     "output_length_mismatch",
+    "engine_disagrees",
 ]
 
 
@@ -83,6 +84,9 @@ class PointChecks(BaseModel):
         None  # mean |actual − expected| / expected over pinned-length requests
     )
     output_length_mismatched: int = 0  # requests whose output length differs from the pinned length
+    # where the client's counts or TTFT disagree with the engine's own counters / histogram beyond their
+    # resolution (harness.reconcile): the disagreements, one line each; empty when they agree or cannot be compared
+    engine_disagreements: list[str] = []
 
 
 class VerdictReason(BaseModel):
@@ -173,6 +177,13 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             f"(mean {c.output_length_mismatch:.1%} off, > {p.max_output_length_mismatch:.0%})",
             "engine may not honour ignore_eos; compare engines on tokens/s and TPOT, not on requests/s or E2E, "
             "or pin lengths another way (min_tokens)",
+        )
+    if c.engine_disagreements:
+        fail(
+            "engine_disagrees",
+            "client and engine disagree: " + "; ".join(c.engine_disagreements),
+            "find out which side is right before trusting either: look for dropped or cut streams, a proxy "
+            "between client and engine, or requests the engine counted that the client did not send",
         )
     recommendation = "; ".join(dict.fromkeys(r.recommendation for r in reasons))
     return Verdict(status="INVALID" if reasons else "VALID", reasons=reasons, recommendation=recommendation)

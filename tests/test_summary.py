@@ -254,3 +254,16 @@ def test_summarize_run_notes_truncation_and_missing_manifest(tmp_path: Path) -> 
     assert s.points[0].load.kind == "rate" and s.points[0].load.value == 2
     assert any("no manifest.json" in n for n in s.notes)
     assert any("skipped a truncated last line (line 4" in n for n in s.notes)
+
+
+def test_client_engine_disagreement_makes_the_point_invalid() -> None:
+    from harness.verdict import PointChecks, judge
+
+    base = dict(measured=100, duration_s=30.0, closed_loop=True, error_rate=0.0)
+    assert judge(PointChecks(**base)).status == "VALID"
+    verdict = judge(
+        PointChecks(**base, engine_disagreements=["generation_tokens_total: the client counted 12 fewer"])
+    )
+    assert verdict.status == "INVALID"
+    assert [r.code for r in verdict.reasons] == ["engine_disagrees"]
+    assert "12 fewer" in verdict.reasons[0].message
