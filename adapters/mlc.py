@@ -39,11 +39,14 @@ INFO = EngineInfo(
 )
 
 # EngineMetrics.prometheus_text (python/mlc_llm/serve/engine_base.py) prints `key<TAB>value` for the engine
-# metrics of cpp/serve/metrics.cc; only cumulative token counts map onto canonical names.
+# metrics of cpp/serve/metrics.cc; only cumulative token counts map onto canonical names. Per cpp/serve/metrics.h
+# (mlc-ai/mlc-llm, read 2026-11-24): `prompt_tokens_sum` / `completion_tokens_sum` are the finished requests'
+# input / output tokens; `prefill_tokens_sum` excludes the prefix-cached length and `decode_tokens_sum` includes
+# tokens rolled back later (speculative decoding), so neither is the canonical prompt / generation count.
 METRICS = MetricMap(
     names={
-        "prefill_tokens_sum": "prompt_tokens_total",
-        "decode_tokens_sum": "generation_tokens_total",
+        "prompt_tokens_sum": "prompt_tokens_total",
+        "completion_tokens_sum": "generation_tokens_total",
     }
 )
 

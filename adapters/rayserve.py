@@ -42,7 +42,9 @@ INFO = EngineInfo(
     container_image=IMAGE,
 )
 
-# Ray re-exports the vLLM engine's metrics with a `ray_` prefix; both spellings seen in exporters are listed.
+# Ray re-exports the vLLM engine's metrics with a `ray_` prefix; both spellings seen in exporters are listed. A Ray
+# Serve LLM test that scrapes Ray's exporter (imports ray.llm._internal; search-index file id 71560970493, read
+# 2026-11-24) expects `ray_vllm_time_to_first_token_seconds`: `:` becomes `_`. No real dump was found.
 METRICS = MetricMap(
     names={
         "ray_vllm:num_requests_running": "requests_running",

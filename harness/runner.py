@@ -1,7 +1,8 @@
 """Runs one load point: dispatches requests on the arrival schedule, marks phases, stops, and samples the client's CPU.
 
 Open loop (a rate): request i is due at `start + send_times(point)[i]`, dispatched with no concurrency cap (a semaphore
-would turn a backlog into a burst, vllm PR#45502) and no drift (each wake-up aims at an absolute deadline). When the
+would turn a backlog into a burst, vllm PR#45502) and no drift (each wake-up aims at an absolute deadline, through a
+timerfd on Linux: `PreciseWaker`, since asyncio's own timers wake up to 1 ms late). When the
 client is late the request is still sent at once and the lag is recorded (`sent - scheduled`); latency counts from
 `scheduled`. Closed loop (a concurrency): N workers each send their next request when the previous one finished;
 `scheduled` is the moment the slot became free.

@@ -439,6 +439,39 @@ def test_sglang_stream_recorded() -> None:
     assert [(d.text, d.tokens, d.finish_reason) for d in deltas] == [("abc", 1, None), ("", 0, "stop")]
 
 
+def test_trtllm_documented_nonstreamed_response() -> None:
+    """trtllm-serve's example response in TensorRT-LLM's Kimi-K2-Thinking deployment guide (max_tokens=128)."""
+    body = (FIXTURES / "streams/trtllm/chat_nostream_kimi_k2_guide.json").read_bytes()
+    d = trtllm.ADAPTER.parse_response(body)
+    # the thinking text arrives in `content` (reasoning_content is ""), and it still counts as output
+    assert d.text.startswith("<think> The user is asking") and d.text.endswith("Pennsylvania, Connecticut")
+    assert (d.finish_reason, d.tokens, d.tokens_exact, d.error) == ("length", 128, True, None)
+    assert d.usage is not None
+    assert (d.usage.prompt_tokens, d.usage.completion_tokens, d.usage.cached_tokens) == (12, 128, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "object_kind"),
+    [
+        ("chat_nostream_readme_vllm.json", "This is only a test.", "chat"),
+        ("completions_nostream_readme_vllm.json", " a field of computer science that focuses on developing "
+         "algorithms that allow computers to learn from", "completions"),
+        ("chat_nostream_readme_trtllm.json", "It looks like you're testing the system!", "chat"),
+    ],
+)  # fmt: skip
+def test_triton_documented_responses_carry_no_usage(name: str, text: str, object_kind: str) -> None:
+    """The example outputs in Triton's python/openai/README.md (vLLM and TRT-LLM backends) have `"usage": null`:
+    the count of output tokens must then come from elsewhere (stream chunks or the tokenizer), never be 0 tokens."""
+    body = (FIXTURES / "streams/triton" / name).read_bytes()
+    assert (
+        orjson.loads(body)["object"]
+        == {"chat": "chat.completion", "completions": "text_completion"}[object_kind]
+    )
+    d = triton.ADAPTER.parse_response(body)
+    assert (d.text, d.finish_reason, d.usage, d.error) == (text, "stop", None, None)
+    assert d.tokens == 0 and not d.tokens_exact  # unknown, flagged as not stated by the engine
+
+
 # ---------------------------------------------------------------- real metric dumps
 
 
