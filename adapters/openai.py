@@ -30,7 +30,12 @@ def build_openai(
 ) -> HttpCall:
     """A chat or completions call. `pin_fields` are the engine's way to force exactly `max_tokens` output
     (e.g. {"ignore_eos": True} or {"min_tokens": n}); they are added only when the spec asks to pin."""
-    body: dict[str, Any] = {"model": model, "max_tokens": spec.max_tokens, "temperature": 0.0, "stream": stream}
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": spec.max_tokens,
+        "temperature": 0.0,
+        "stream": stream,
+    }
     if spec.api == "chat":
         body["messages"] = [dict(m) for m in spec.messages]
         path = CHAT_PATH
@@ -107,4 +112,6 @@ def parse_openai_response(body: bytes) -> StreamDelta:
     finish = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
     usage = usage_from(obj.get("usage"))
     tokens = usage.completion_tokens if usage and usage.completion_tokens is not None else 0
-    return StreamDelta(text=text, tokens=tokens, tokens_exact=usage is not None, finish_reason=finish, usage=usage)
+    return StreamDelta(
+        text=text, tokens=tokens, tokens_exact=usage is not None, finish_reason=finish, usage=usage
+    )

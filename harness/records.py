@@ -39,7 +39,9 @@ class RequestRecord:
     scheduled: float
     sent: float | None = None
     first_byte: float | None = None  # first response byte (headers)
-    chunk_times: list[float] = field(default_factory=list)  # arrival time of every chunk that carried output tokens
+    chunk_times: list[float] = field(
+        default_factory=list
+    )  # arrival time of every chunk that carried output tokens
     chunk_tokens: list[int] = field(default_factory=list)  # output tokens each of those chunks carried
     done: float | None = None
     status: Status = "ok"
