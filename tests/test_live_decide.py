@@ -129,13 +129,18 @@ def test_every_measured_value_traces_to_the_run(decision: dict[str, Any], run_di
                 measured = sum(p["requests"]["measured"] for p in points)
                 weighted = sum(p["error_rate"] * p["requests"]["measured"] for p in points) / measured
                 assert raw == pytest.approx(weighted, abs=1e-12), (engine, c)
+            elif name == "memory_per_request":
+                # peak engine RSS / requests in flight, at the most loaded point (closed loop: its concurrency)
+                top = max(points, key=lambda p: p["load"]["value"])
+                expected = top["telemetry"]["engine_rss_peak_bytes"] / top["load"]["value"] / 2**20
+                assert raw == pytest.approx(expected, rel=1e-9), (engine, c)
             else:
-                # nothing in this run measures long context, prefix reuse (synthetic only); memory: see below
+                # nothing in this run measures long context or prefix reuse (synthetic only)
                 assert raw is None and c["score"] is None, (engine, name, c)
                 continue
             assert raw is not None and c["score"] in (1, 2, 3, 4, 5)
             traced += 1
-    assert traced == 5 * len(ENGINES)
+    assert traced == 6 * len(ENGINES)
     for row in decision["capacity"]:
         cap = row["capacity"]
         assert cap["requests_per_s"] == _point(s, cap["engine"], cap["at_point"])["requests_per_s"]
