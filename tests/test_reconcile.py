@@ -126,7 +126,7 @@ def test_missing_engine_counters_are_unavailable_not_disagreements() -> None:
         (0.050, 0.045, "agree", 0.0, "inside"),
         # 10 ms above the bucket's upper bound (60 ms): within the 25 ms tolerance
         (0.070, 0.045, "agree", 10.0, "within"),
-        # 140 ms above [80, 100] ms: beyond max(25 ms, 10% of 240 ms) -> disagree, with the reason
+        # 140 ms above [80, 100] ms: beyond max(25 ms, 20% of 240 ms) -> disagree, with the reason
         (0.240, 0.090, "disagree", 140.0, "time spent outside the engine"),
         # the client below the engine's bucket [250, 500] ms by 150 ms: it cannot see a token first
         (0.100, 0.300, "disagree", -150.0, "below"),
