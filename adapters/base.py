@@ -225,3 +225,17 @@ def require(flag: bool, message: str) -> None:
 
 def optional_flag(flag: str, value: object | None) -> Sequence[str]:
     return [] if value is None else [flag, str(value)]
+
+
+def no_tokenizer(reason: str) -> tuple[Callable[..., HttpCall], Callable[[Mapping[str, Any]], list[int]]]:
+    """(`tokenize_call`, `tokens_from`) for an engine without a tokenize endpoint: asking for one raises `reason`."""
+
+    def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
+        from harness.errors import EngineError
+
+        raise EngineError(reason)
+
+    def tokens_from(payload: Mapping[str, Any]) -> list[int]:
+        return []
+
+    return tokenize_call, tokens_from

@@ -17,6 +17,7 @@ from adapters.base import (
     FunctionAdapter,
     HttpCall,
     MetricMap,
+    no_tokenizer,
     optional_flag,
     require,
 )
@@ -87,14 +88,7 @@ def version_from(payload: Mapping[str, Any]) -> str | None:
     return None
 
 
-def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
-    from harness.errors import EngineError
-
-    raise EngineError("mii: no tokenize endpoint")
-
-
-def tokens_from(payload: Mapping[str, Any]) -> list[int]:
-    return []
+tokenize_call, tokens_from = no_tokenizer("mii: no tokenize endpoint")
 
 
 def local_status() -> tuple[bool, str]:

@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from adapters.base import EngineConfig, EngineInfo, FunctionAdapter, HttpCall, MetricMap, require
+from adapters.base import (
+    EngineConfig,
+    EngineInfo,
+    FunctionAdapter,
+    HttpCall,
+    MetricMap,
+    no_tokenizer,
+    require,
+)
 from adapters.knowledge import ENGINE_FACTS, local_gpu_status
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
@@ -115,14 +123,7 @@ def version_from(payload: Mapping[str, Any]) -> str | None:
     return str(version) if version else None
 
 
-def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
-    from harness.errors import EngineError
-
-    raise EngineError("ollama: no tokenize endpoint; token counts come from usage")
-
-
-def tokens_from(payload: Mapping[str, Any]) -> list[int]:
-    return []
+tokenize_call, tokens_from = no_tokenizer("ollama: no tokenize endpoint; token counts come from usage")
 
 
 def local_status() -> tuple[bool, str]:

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from adapters.base import EngineConfig, EngineInfo, FunctionAdapter, HttpCall, MetricMap, require
+from adapters.base import (
+    EngineConfig,
+    EngineInfo,
+    FunctionAdapter,
+    HttpCall,
+    MetricMap,
+    no_tokenizer,
+    require,
+)
 from adapters.knowledge import ENGINE_FACTS, docker_gpu_run, local_gpu_status
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
@@ -133,14 +141,7 @@ def version_from(payload: Mapping[str, Any]) -> str | None:
     return None
 
 
-def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
-    from harness.errors import EngineError
-
-    raise EngineError("triton: the OpenAI frontend has no tokenize endpoint")
-
-
-def tokens_from(payload: Mapping[str, Any]) -> list[int]:
-    return []
+tokenize_call, tokens_from = no_tokenizer("triton: the OpenAI frontend has no tokenize endpoint")
 
 
 def local_status() -> tuple[bool, str]:

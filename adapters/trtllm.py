@@ -24,6 +24,7 @@ from adapters.base import (
     FunctionAdapter,
     HttpCall,
     MetricMap,
+    no_tokenizer,
     optional_flag,
     require,
 )
@@ -139,14 +140,9 @@ def version_from(payload: Mapping[str, Any]) -> str | None:
     return str(version) if version else None
 
 
-def tokenize_call(text: str, model: str, add_special: bool = False) -> HttpCall:
-    from harness.errors import EngineError
-
-    raise EngineError("trtllm: trtllm-serve has no tokenize endpoint; count tokens from usage")
-
-
-def tokens_from(payload: Mapping[str, Any]) -> list[int]:
-    return []
+tokenize_call, tokens_from = no_tokenizer(
+    "trtllm: trtllm-serve has no tokenize endpoint; count tokens from usage"
+)
 
 
 def local_status() -> tuple[bool, str]:
