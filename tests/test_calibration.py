@@ -54,9 +54,9 @@ from harness.sse import SSEParser
 from workloads.spec import RequestSpec
 
 TTFT_P50_MS, TTFT_P99_MS = 2.0, 10.0
-TTFT_MS_AT = {
-    256: (3.0, 20.0)
-}  # (p50, p99) where the default above is not what this machine's harness achieves
+# (p50, p99) where the default above is not what this machine's harness achieves: at 256 streams client and server
+# share 2 cores; unstarved runs measured 1.5-6.2 ms p50 and 11.5-40.5 ms p99 (benchmarks/README.md)
+TTFT_MS_AT = {256: (8.0, 50.0)}
 ITL_P50_MS, ITL_P99_MS = 0.5, 5.0
 
 
