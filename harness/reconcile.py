@@ -7,8 +7,9 @@ between the scrapes at the point's start and end (`adapters.prometheus.delta`) i
 - Counts (output tokens vs `generation_tokens_total`, prompt tokens vs `prompt_tokens_total`, finished requests vs
   `requests_finished_total`) must agree exactly; a difference is reported with the likeliest reason (requests that
   failed mid-way, counts that are client estimates rather than the server's usage, traffic from elsewhere).
-- TTFT: a Prometheus histogram only resolves an observation to its bucket, so the client's p50/p90 is set against
-  the bucket interval [lower, upper] that holds the engine's p50/p90. Inside it: agree. Above it: the client adds
+- TTFT: a Prometheus histogram only resolves an observation to its bucket, so the client's p50/p90, taken at the
+  rank the histogram uses (the ceil(q·n)-th smallest TTFT), is set against the bucket interval [lower, upper] that
+  holds the engine's p50/p90. Inside it: agree. Above it: the client adds
   time the engine never sees (its own queueing, network, HTTP, SSE), so up to `ttft_tolerance` above still agrees and
   the excess is reported; more is a disagreement with the reason. Below it beyond the tolerance is a disagreement too
   (the client cannot see a token before the engine made it): the two measure different things.
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from adapters.prometheus import Histogram, Value
@@ -196,7 +198,10 @@ def _counts(recs: list[RequestRecord], delta: Mapping[str, Value]) -> list[Count
 def _ttft_check(
     q: float, client_s: list[float], h: Histogram | None, send_lag_ms: float | None, policy: ReconcilePolicy
 ) -> TtftCheck:
-    client_ms = metrics.percentile(client_s, q * 100) * 1000.0 if client_s else None
+    # the client's value at the rank the histogram picks its bucket by (the ceil(q·n)-th smallest), not an
+    # interpolated percentile: with few requests the two conventions land on different requests (7 requests, p90:
+    # interpolation mixes the 6th and the slow 7th, the histogram's bucket holds the 7th alone)
+    client_ms = float(np.percentile(client_s, q * 100, method="inverted_cdf")) * 1000.0 if client_s else None
     interval = bucket_interval(h, q) if h is not None else None
     if client_ms is None or interval is None or h is None:
         why = "the engine has no TTFT histogram" if h is None else "the engine observed no TTFT in this point"
