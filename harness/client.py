@@ -261,6 +261,15 @@ class _Framing:
     def _chunked(self, data: bytes) -> bytes:
         if self.buf:
             data, self.buf = self.buf + data, b""
+        elif self.left == -1:  # the common read: exactly one whole chunk (size line, data, CRLF)
+            eol = data.find(b"\r\n")
+            if 0 < eol < 16 and data.endswith(b"\r\n"):
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = 0  # an extension or worse: the general path below decides
+                if size and len(data) == eol + size + 4:
+                    return data[eol + 2 : -2]
         out: list[bytes] = []
         pos, n = 0, len(data)
         while pos < n and not self.done:

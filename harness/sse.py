@@ -52,6 +52,15 @@ class SSEParser:
             self._skip_lf = chunk[-1] == 0x0D
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf
+        if (
+            not buf
+            and chunk.startswith(b"data:")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and self._bom_checked
+        ):  # the common read: exactly one whole one-line data event (a token chunk), nothing pending
+            self._events += 1
+            return [chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2]]
         buf += chunk
         if not self._bom_checked:
             if len(buf) < 3 and _BOM.startswith(bytes(buf)):
