@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness import loop as event_loop
 from harness.calibration import (
     ScriptConfig,
     chunk_schedule,
@@ -317,7 +318,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate against a scripted server already serving at `url` (configured like `cfg`), talking to it with
     `codec` (the composition root passes `adapters.scripted.make_adapter()`: harness/ knows no engine)."""
-    points = asyncio.run(_calibrate_at(url, cfg, codec, progress))
+    points = event_loop.run(_calibrate_at(url, cfg, codec, progress))
     good = [p for p in points if not p.saturated]
     bad = [p for p in points if p.saturated]
     best = max(good, key=lambda p: p.tokens_per_s, default=None)
@@ -353,7 +354,7 @@ def run_calibration(
     zero = ScriptConfig(ttft=0.0, itl=0.0, output_tokens=cfg.ceiling_tokens, max_tracked=10_000)
     zero = replace(zero, workers=cfg.server_workers)
     with serve_in_process(zero) as url:
-        rps, tps, cpu = asyncio.run(_zero_delay_ceiling(url, cfg, codec))
+        rps, tps, cpu = event_loop.run(_zero_delay_ceiling(url, cfg, codec))
     note = (
         f"throughput ceiling (TTFT = ITL = 0, {cfg.ceiling_tokens}-token streamed answers, {max(cfg.concurrency)} "
         f"streams, as benchmarks/peers.py measures it): {rps:.1f} req/s, {tps:,.0f} tok/s, client CPU {cpu:.0%}"

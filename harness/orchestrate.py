@@ -22,6 +22,7 @@ from typing import Any, Literal
 from adapters import registry
 from adapters.base import Adapter, EngineConfig
 from adapters.process import Endpoint, attached, launched
+from harness import loop as event_loop
 from harness.client import Connection, Target
 from harness.distributed import DistributedConfig, distributed_runner
 from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable, SchemaError
@@ -770,6 +771,6 @@ def execute(cfg: RunConfig, progress: Progress) -> RunResult:
     """Run the benchmark. Records are on disk as each request ends, so an interrupted run keeps them."""
     started = time.perf_counter()
     try:
-        return asyncio.run(execute_async(cfg, progress))
+        return event_loop.run(execute_async(cfg, progress))
     finally:
         progress(f"took {time.perf_counter() - started:.0f} s")

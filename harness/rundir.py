@@ -92,6 +92,7 @@ class HostInfo(BaseModel):
     cpu_model: str | None
     cores: int | None
     memory_bytes: int | None
+    event_loop: str | None = None  # the client's event loop (harness.loop), e.g. "uvloop 0.23.0"
 
 
 class Manifest(BaseModel):
@@ -130,6 +131,8 @@ def _cpu_model() -> str | None:
 def host_info() -> HostInfo:
     import psutil
 
+    from harness.loop import loop_name
+
     return HostInfo(
         hostname=socket.gethostname(),
         os=platform.platform(),
@@ -137,6 +140,7 @@ def host_info() -> HostInfo:
         cpu_model=_cpu_model(),
         cores=os.cpu_count(),
         memory_bytes=int(psutil.virtual_memory().total),
+        event_loop=loop_name(),
     )
 
 

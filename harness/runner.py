@@ -43,6 +43,7 @@ import numpy as np
 import orjson
 import psutil
 
+from harness import loop as event_loop
 from harness.client import Session, Target, execute, make_session, new_record, timeouts_for
 from harness.records import Phase, RequestRecord
 from workloads.arrival import LoadPoint, send_times
@@ -774,7 +775,7 @@ def _child_main(job: _ChildJob, out: Any, go: Any, t0: Any, budget: Any) -> None
         else:
             child["workers"] = job.workers
             connections = job.workers
-        outcome = asyncio.run(
+        outcome = event_loop.run(
             execute_point(
                 job.target, iter(job.specs), job.point, job.stop, sink, job.run_start, job.requests,
                 keep_text=job.keep_text, connections=connections, **child,

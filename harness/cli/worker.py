@@ -22,16 +22,16 @@ def worker(
     ] = 300.0,
 ) -> None:
     """Connect to a `bench run --distributed` master and run the shares of its load points it sends."""
-    import asyncio
 
     from rich.console import Console
 
+    from harness import loop as event_loop
     from harness.distributed import parse_master
     from harness.distributed_worker import serve_worker
 
     host, port = parse_master(master)
     console = Console(stderr=True, log_path=False)
-    asyncio.run(
+    event_loop.run(
         serve_worker(
             host,
             port,
