@@ -10,8 +10,9 @@ last chunk would have been. `itl` is the gap between chunks, so with `tokens_per
 Output length: `max_tokens` when `ignore_eos` is set (the pinned length), else `min(max_tokens, output_tokens)`.
 A body field `"scripted": {"ttft", "itl", "tokens_per_chunk", "output_tokens", "fault"}` overrides per request.
 
-The server never hides its own lateness: for every chunk it records the delay it really achieved (write time minus
-scripted time), per request id (body `request_id`, else header `X-Request-Id`, else generated) and in aggregate, at
+The server never hides its own lateness: a request's `t0` is when its bytes arrived (the kernel's receive
+timestamp, SO_TIMESTAMPNS on Linux; the read's time elsewhere), not when the server got round to reading them, and
+for every chunk it records the delay it really achieved (write time minus scripted time), per request id (body `request_id`, else header `X-Request-Id`, else generated) and in aggregate, at
 `GET /calibration/stats` (`?detail=1` for per-request lags, `?brief=1` for counters and CPU only; `POST
 /calibration/reset` clears). Client timing error is then measured minus truth minus that lag. Its stats also carry
 its CPU time and its run-queue wait (schedstat), so a server starved by other processes is visible.
@@ -195,6 +196,7 @@ class _Stats:
         self.faults: dict[str, int] = {}
         self.lags = array("d")
         self.first_lags = array("d")
+        self.intakes = array("d")  # kernel arrival of each request -> the server reading it (its own delay)
         self.per_request: dict[str, dict[str, Any]] = {}
 
     def track(self, rid: str, entry: dict[str, Any]) -> None:
@@ -211,8 +213,10 @@ class _Stats:
             return out
         if raw:  # for merging across worker processes
             out |= {"lags_raw": self.lags.tobytes().hex(), "first_lags_raw": self.first_lags.tobytes().hex()}
+            out |= {"intakes_raw": self.intakes.tobytes().hex()}
         else:
             out |= {"lag_ms": _pct(self.lags), "first_lag_ms": _pct(self.first_lags)}
+            out |= {"intake_ms": _pct(self.intakes)}
         if detail:
             out["per_request"] = {
                 rid: {
@@ -244,7 +248,7 @@ def _merge(parts: list[dict[str, Any]], detail: bool) -> dict[str, Any]:
         for k, v in p["faults"].items():
             faults[k] = faults.get(k, 0) + int(v)
     out["faults"] = faults
-    for key in ("lag", "first_lag"):
+    for key in ("lag", "first_lag", "intake"):
         if any(f"{key}s_raw" not in p for p in parts):
             continue
         merged = array("d")
@@ -282,6 +286,40 @@ class _Stream:
         self.stall_s = 0.0
 
 
+# When a request arrived: the kernel's receive timestamp of its bytes (SO_TIMESTAMPNS, CLOCK_REALTIME, Linux), not
+# the moment this process got round to reading them. Under load the server's own loop can read a request tens of
+# milliseconds after it arrived (it is busy writing 51k chunks/s at 256 streams); a `t0` taken at the read would
+# leave that delay out of the lags it reports and charge it to the client. asyncio's transport reads with
+# `sock.recv`, so a socket subclass whose `recv` is a `recvmsg` keeps the timestamp for `_Conn` to pick up.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # 35 on Linux; Python 3.11 does not export the name
+_TIMESTAMPS = sys.platform == "linux"
+
+
+class _StampedSocket(socket.socket):
+    """An accepted connection whose reads also return the kernel's receive time of the bytes read."""
+
+    rx_realtime: float | None = None
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancillary, _, _ = self.recvmsg(bufsize, 64, flags)
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+                sec, nsec = struct.unpack_from("qq", value)
+                self.rx_realtime = sec + nsec * 1e-9
+        return data
+
+
+class _StampedListener(socket.socket):
+    """A listening socket whose accepted connections are `_StampedSocket`s (SO_TIMESTAMPNS is inherited)."""
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, addr = self._accept()  # type: ignore[attr-defined]
+        sock = _StampedSocket(self.family, self.type, self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+
 class _Conn(asyncio.Protocol):
     """One HTTP/1.1 connection: parses requests (Content-Length bodies), answers them one at a time."""
 
@@ -292,10 +330,14 @@ class _Conn(asyncio.Protocol):
         self.busy = False
         self.keep_alive = True
         self.stream: _Stream | None = None
+        self.stamped: _StampedSocket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        raw = transport.get_extra_info("socket")
+        raw = getattr(raw, "_sock", raw)  # asyncio hands out a TransportSocket around the real one
+        self.stamped = raw if isinstance(raw, _StampedSocket) else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -305,6 +347,12 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         t0 = time.monotonic()
+        stamped = self.stamped
+        if stamped is not None and stamped.rx_realtime is not None:
+            # the kernel's arrival time on the monotonic clock (the two clocks read back to back: < 1 µs apart)
+            arrived = stamped.rx_realtime - (time.time() - time.monotonic())
+            stamped.rx_realtime = None
+            t0 = min(t0, arrived)
         self.buf += data
         if not self.busy:
             self._parse(t0)
@@ -415,12 +463,8 @@ class ScriptedServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._sock is not None:
-            self._server = await loop.create_server(lambda: _Conn(self), sock=self._sock, backlog=4096)
-        else:
-            self._server = await loop.create_server(
-                lambda: _Conn(self), self.cfg.host, self.cfg.port, backlog=4096, reuse_address=True
-            )
+        sock = self._sock if self._sock is not None else _listen(self.cfg.host, self.cfg.port, False)
+        self._server = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=4096)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
         if self._control is not None:
@@ -564,7 +608,10 @@ class ScriptedServer:
         usage = {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
         oid = ("chatcmpl-" if chat else "cmpl-") + rid
         created = int(time.time())
+        intake = max(0.0, time.monotonic() - t0)
+        self.stats.intakes.append(intake)
         entry: dict[str, Any] = {"t0": t0, "ttft": ttft, "itl": itl, "tokens_per_chunk": per_chunk, "n": n}
+        entry["intake_ms"] = intake * 1000.0
         entry |= {"shift": shift, "stream": stream, "finish": finish, "lags": array("d")}
         if not stream:
             text = cfg.token_text * n
@@ -689,7 +736,7 @@ class ScriptedServer:
         pop, push, seq = heapq.heappop, heapq.heappush, self._seq
         yield_at = clock() + _SLICE_S
         while heap and heap[0][0] <= (now := clock()):
-            if now > yield_at:  # let the loop read new requests (their receipt time is their t0)
+            if now > yield_at:  # let the loop read new requests (their arrival, not this, is their t0; reading them late is lag)
                 self._timer_at = heap[0][0]
                 self._timer = asyncio.get_running_loop().call_soon(self._fire)
                 return
@@ -810,8 +857,12 @@ async def _serve_forever(
 
 
 def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock: socket.socket = _StampedListener(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if _TIMESTAMPS:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
