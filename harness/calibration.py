@@ -352,7 +352,8 @@ class _Conn(asyncio.Protocol):
             # the kernel's arrival time on the monotonic clock (the two clocks read back to back: < 1 µs apart)
             arrived = stamped.rx_realtime - (time.time() - time.monotonic())
             stamped.rx_realtime = None
-            t0 = min(t0, arrived)
+            if 0.0 <= t0 - arrived < 1.0:  # else the wall clock was stepped: keep the read's own time
+                t0 = arrived
         self.buf += data
         if not self.busy:
             self._parse(t0)
@@ -736,7 +737,9 @@ class ScriptedServer:
         pop, push, seq = heapq.heappop, heapq.heappush, self._seq
         yield_at = clock() + _SLICE_S
         while heap and heap[0][0] <= (now := clock()):
-            if now > yield_at:  # let the loop read new requests (their arrival, not this, is their t0; reading them late is lag)
+            if (
+                now > yield_at
+            ):  # let the loop read new requests (their arrival, not this, is their t0; reading them late is lag)
                 self._timer_at = heap[0][0]
                 self._timer = asyncio.get_running_loop().call_soon(self._fire)
                 return

@@ -1,0 +1,118 @@
+"""Arrival times from the kernel (SO_TIMESTAMPNS on Linux): a process that reads late still times bytes by when they
+arrived. The scripted server times a request from its arrival, so its own late read is lag it reports rather than
+error charged to the client; the client (on asyncio's loop) stamps a read by when its bytes arrived, so a busy
+client does not stretch the engine's latencies. Each side is made late on purpose by blocking its event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from adapters.scripted import make_adapter
+from harness.calibrate import calibration_specs
+from harness.calibration import ScriptConfig, ScriptedServer, fetch_stats, serve_in_process
+from harness.client import Target, make_session, send_request, timeouts_for
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="kernel receive timestamps are read on Linux only"
+)
+
+BLOCK_S = 0.2
+
+
+@pytest.fixture()
+def server_in_thread() -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+    """The scripted server on an event loop in a thread of this process, so the test can block that loop."""
+    loop = asyncio.new_event_loop()
+    ready, box = threading.Event(), {}
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        async with ScriptedServer(ScriptConfig(ttft=0.05, itl=0.005, output_tokens=4)) as srv:
+            box["url"] = srv.url
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield box["url"], loop
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
+def test_the_server_times_a_request_from_its_arrival_not_its_late_read(
+    server_in_thread: tuple[str, asyncio.AbstractEventLoop],
+) -> None:
+    url, loop = server_in_thread
+    blocked = threading.Event()
+
+    def block() -> None:
+        blocked.set()
+        time.sleep(BLOCK_S)
+
+    loop.call_soon_threadsafe(block)
+    assert blocked.wait(5)
+    body = {
+        "model": "scripted",
+        "prompt": "hi",
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "request_id": "late-read",
+    }
+    req = urllib.request.Request(
+        f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    sent = time.monotonic()
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+    stats = fetch_stats(url, detail=True)
+    entry: dict[str, Any] = stats["per_request"]["late-read"]
+    # read ~0.2 s late, timed from the arrival: within 5 ms of the send (loopback), the delay reported as intake
+    assert abs(entry["t0"] - sent) < 0.005, entry["t0"] - sent
+    assert entry["intake_ms"] > BLOCK_S * 1000 * 0.7, entry
+    assert stats["intake_ms"]["max"] > BLOCK_S * 1000 * 0.7
+    # the answer was due 65 ms after arrival and left after the block: the lateness is the server's, reported
+    assert entry["lags_ms"][-1] > (BLOCK_S - 0.065) * 1000 * 0.7, entry["lags_ms"]
+
+
+def test_the_client_stamps_a_read_by_its_arrival_on_asyncio() -> None:
+    """Chunks due at 50, 150 and 250 ms after the request arrives; the client's loop is blocked from 80 to 200 ms, so
+    the 150 ms chunk waits in the socket. Its record says it came at ~150 ms (the kernel's time), not ~200 ms."""
+    with serve_in_process(ScriptConfig(ttft=0.05, itl=0.1, output_tokens=3)) as url:
+        target = Target("scripted", url, make_adapter(), "scripted")
+        spec = next(calibration_specs("stamped", 3))
+
+        async def main() -> tuple[float, Any]:
+            loop = asyncio.get_running_loop()
+            run_start = time.perf_counter()
+            async with make_session(target) as session:
+                loop.call_later(0.08, time.sleep, 0.12)
+                rec = await send_request(
+                    session, target, spec, point="p", phase="measure", scheduled=0.0, run_start=run_start,
+                    timeout=timeouts_for(True, 5.0, 10.0),
+                )  # fmt: skip
+            return run_start, rec
+
+        run_start, rec = asyncio.run(
+            main()
+        )  # asyncio's own loop: its transport reads through the stamped socket
+        truth = fetch_stats(url, detail=True)["per_request"][spec.request_id]
+    assert rec.ok, rec.error
+    assert sum(rec.chunk_tokens) == 3 and len(rec.chunk_times) == 3, (rec.chunk_times, rec.chunk_tokens)
+    # the server's clock is the same CLOCK_MONOTONIC as the client's perf_counter: compare absolute times
+    writes = [truth["t0"] + 0.05 + 0.1 * j + lag / 1000.0 for j, lag in enumerate(truth["lags_ms"])]
+    got = [run_start + t for t in rec.chunk_times]
+    # each chunk within 3 ms of its write, the one that waited in the socket included (~50 ms late otherwise)
+    for g, w in zip(got, writes, strict=True):
+        assert abs(g - w) < 0.003, ([g - w for g, w in zip(got, writes, strict=True)], truth["lags_ms"])
