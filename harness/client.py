@@ -2,9 +2,10 @@
 
 Times are `time.perf_counter()` minus the run's start (one monotonic clock, system-wide on Linux): `scheduled` (given
 by the runner), `sent` (just before the request is written), `first_byte` (the read that completed the response
-headers), one entry in `chunk_times` per transport read that carried output tokens, stamped when the event loop
-handed that read over (all events of one read arrived together, so they share one timestamp and their tokens are
-summed into one chunk), and `done` (the `[DONE]` event, or end of body).
+headers), one entry in `chunk_times` per transport read that carried output tokens, stamped when its bytes arrived
+(the kernel's receive timestamp, SO_TIMESTAMPNS, on asyncio's loop on Linux) or else when the event loop handed the
+read over (uvloop, which reads the socket itself; other systems); all events of one read share its timestamp and
+their tokens are summed into one chunk; and `done` (the `[DONE]` event, or end of body).
 
 The client knows no engine: the target's codec builds the call and parses each `data:` payload. A failing request
 never raises: it ends with a `status` (see `harness.records.Status`), an `error` reason and the HTTP status.
