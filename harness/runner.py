@@ -281,7 +281,7 @@ class _PointRun:
     measured_failed: int = 0
     max_lag: float = 0.0
     counts: Counter[str] = field(default_factory=Counter)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     turns: dict[str, asyncio.Future[_Turn]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # multi-process children: a fixed start, a precomputed open-loop plan (offset from t0, spec, phase), and the
@@ -356,7 +356,7 @@ class _PointRun:
         return spec, phase
 
     # -- one request ---------------------------------------------------------------------------------------------
-    async def one(self, spec: RequestSpec, phase: Phase, due: float, worker: int) -> None:
+    async def one(self, spec: RequestSpec, phase: Phase, due: float, worker: int) -> RequestRecord:
         rec = new_record(
             self.target, spec, point=self.point.id, phase=phase, scheduled=due - self.run_start, worker=worker
         )
@@ -385,6 +385,7 @@ class _PointRun:
             self.finish(rec, phase)
             if turn_fut is not None and not turn_fut.done():
                 turn_fut.set_result(_Turn(sent_spec, rec))
+        return rec
 
     async def with_history(self, spec: RequestSpec, rec: RequestRecord) -> RequestSpec:
         parent_fut = self.turns.get(spec.history_from or "")
@@ -479,13 +480,19 @@ class _PointRun:
             task.add_done_callback(self.tasks.discard)
         self.close_window(self.plan_reason)
 
-    async def closed_worker(self, worker: int) -> None:
+    async def closed_worker(self, worker: int, free_at: float) -> None:
+        """One slot of a closed loop. A request is due when its slot became free: at the point's start for every
+        slot's first request, then when the slot's previous request ended as the client saw it (`done`). Whatever
+        the client spends after that before sending (the start-up burst of a high concurrency, writing the record)
+        is send lag, inside the latency, never hidden in a later `scheduled` (PITFALLS 1 and 5)."""
         while not self.stopping:
-            due = time.perf_counter()
+            due = free_at
             item = self.take(due)
             if item is None:
                 return
-            await self.one(item[0], item[1], due, self.worker_base + worker)
+            rec = await self.one(item[0], item[1], due, self.worker_base + worker)
+            now = time.perf_counter()
+            free_at = now if rec.done is None else min(now, self.run_start + rec.done)
 
     async def watch_abort(self, abort: asyncio.Event) -> None:
         await abort.wait()
@@ -510,8 +517,9 @@ class _PointRun:
             drivers = [loop.create_task(self.open_loop_planned())]
         elif self.point.closed_loop:
             await asyncio.sleep(max(0.0, self.t0 - time.perf_counter()))
+            start = time.perf_counter()  # every slot is free now
             n_workers = self.workers if self.workers is not None else self.point.concurrency
-            drivers = [loop.create_task(self.closed_worker(w)) for w in range(n_workers)]
+            drivers = [loop.create_task(self.closed_worker(w, start)) for w in range(n_workers)]
         else:
             self.schedule = _deadlines(self.point, self.t0)
             drivers = [loop.create_task(self.open_loop())]
