@@ -317,6 +317,9 @@ class _StampedListener(socket.socket):
         sock = _StampedSocket(self.family, self.type, self.proto, fileno=fd)
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)
+        # every chunk leaves when written (asyncio sets this only on sockets that say IPPROTO_TCP; without it Nagle
+        # held 16-token streams' chunks back ~20 ms, seen as TTFT 41 ms against 20 ms scripted)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, addr
 
 
@@ -861,7 +864,7 @@ async def _serve_forever(
 
 def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock: socket.socket = _StampedListener(family, socket.SOCK_STREAM)
+    sock: socket.socket = _StampedListener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if _TIMESTAMPS:
         with contextlib.suppress(OSError):
