@@ -54,6 +54,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from harness import kernel_time
+from harness.kernel_time import StampedListener, StampedSocket
+
 __all__ = [
     "FAULT_KINDS",
     "Faults",
@@ -290,39 +293,7 @@ class _Stream:
 # the moment this process got round to reading them. Under load the server's own loop can read a request tens of
 # milliseconds after it arrived (it is busy writing 51k chunks/s at 256 streams); a `t0` taken at the read would
 # leave that delay out of the lags it reports and charge it to the client. asyncio's transport reads with
-# `sock.recv`, so a socket subclass whose `recv` is a `recvmsg` keeps the timestamp for `_Conn` to pick up.
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # 35 on Linux; Python 3.11 does not export the name
-_TIMESTAMPS = sys.platform == "linux"
-
-
-class _StampedSocket(socket.socket):
-    """An accepted connection whose reads also return the kernel's receive time of the bytes read."""
-
-    rx_realtime: float | None = None
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data, ancillary, _, _ = self.recvmsg(bufsize, 64, flags)
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
-                sec, nsec = struct.unpack_from("qq", value)
-                self.rx_realtime = sec + nsec * 1e-9
-        return data
-
-
-class _StampedListener(socket.socket):
-    """A listening socket whose accepted connections are `_StampedSocket`s (SO_TIMESTAMPNS is inherited)."""
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        fd, addr = self._accept()  # type: ignore[attr-defined]
-        sock = _StampedSocket(self.family, self.type, self.proto, fileno=fd)
-        if socket.getdefaulttimeout() is None and self.gettimeout():
-            sock.setblocking(True)
-        # every chunk leaves when written (asyncio sets this only on sockets that say IPPROTO_TCP; without it Nagle
-        # held 16-token streams' chunks back ~20 ms, seen as TTFT 41 ms against 20 ms scripted)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, addr
-
-
+# `sock.recv`, so a `harness.kernel_time.StampedSocket` keeps the timestamp for `_Conn` to pick up.
 class _Conn(asyncio.Protocol):
     """One HTTP/1.1 connection: parses requests (Content-Length bodies), answers them one at a time."""
 
@@ -333,14 +304,14 @@ class _Conn(asyncio.Protocol):
         self.busy = False
         self.keep_alive = True
         self.stream: _Stream | None = None
-        self.stamped: _StampedSocket | None = None
+        self.stamped: StampedSocket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         raw = transport.get_extra_info("socket")
         raw = getattr(raw, "_sock", raw)  # asyncio hands out a TransportSocket around the real one
-        self.stamped = raw if isinstance(raw, _StampedSocket) else None
+        self.stamped = raw if isinstance(raw, StampedSocket) else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -350,13 +321,8 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         t0 = time.monotonic()
-        stamped = self.stamped
-        if stamped is not None and stamped.rx_realtime is not None:
-            # the kernel's arrival time on the monotonic clock (the two clocks read back to back: < 1 µs apart)
-            arrived = stamped.rx_realtime - (time.time() - time.monotonic())
-            stamped.rx_realtime = None
-            if 0.0 <= t0 - arrived < 1.0:  # else the wall clock was stepped: keep the read's own time
-                t0 = arrived
+        if self.stamped is not None:
+            t0 = self.stamped.arrival(t0)
         self.buf += data
         if not self.busy:
             self._parse(t0)
@@ -864,11 +830,9 @@ async def _serve_forever(
 
 def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock: socket.socket = _StampedListener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock: socket.socket = StampedListener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if _TIMESTAMPS:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    kernel_time.enable(sock)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))

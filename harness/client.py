@@ -39,8 +39,6 @@ import os
 import select
 import socket
 import ssl
-import struct
-import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -52,6 +50,8 @@ import aiohttp
 import orjson
 
 from adapters.base import HttpCall, StreamDelta, Usage
+from harness import kernel_time
+from harness.kernel_time import StampedSocket
 from harness.records import Phase, RequestRecord, Status
 from harness.sse import SSEParser
 from workloads.spec import RequestSpec
@@ -138,28 +138,6 @@ def _read_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
     return buf
 
 
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # 35 on Linux; Python 3.11 does not export the name
-_KERNEL_STAMPS = sys.platform == "linux"
-
-
-class _StampedSocket(socket.socket):
-    """A connection whose reads also return the kernel's receive time of the bytes read (CLOCK_REALTIME)."""
-
-    rx_realtime: float | None = None
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        target = memoryview(buffer)[:nbytes] if nbytes else buffer
-        n, ancillary, _, _ = self.recvmsg_into([target], 64, flags)
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
-                sec, nsec = _TIMESPEC.unpack_from(value)
-                self.rx_realtime = sec + nsec * 1e-9
-        return n
-
-
-_TIMESPEC = struct.Struct("qq")
-
-
 class _Http1(asyncio.BufferedProtocol):
     """A client connection: buffers reads with the time each arrived, wakes the one reader, watches for stalls."""
 
@@ -179,14 +157,14 @@ class _Http1(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         # while a stream is read, each read goes straight to this (read time, bytes) callback: no task switch per read
         self.sink: Callable[[float, bytes], None] | None = None
-        self.stamped: _StampedSocket | None = None
+        self.stamped: StampedSocket | None = None
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
         raw = transport.get_extra_info("socket")
         raw = getattr(raw, "_sock", raw)  # asyncio hands out a TransportSocket around the real one
-        self.stamped = raw if isinstance(raw, _StampedSocket) else None
+        self.stamped = raw if isinstance(raw, StampedSocket) else None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.read_buf
@@ -196,13 +174,8 @@ class _Http1(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         t = time.perf_counter()
-        stamped = self.stamped
-        if stamped is not None and stamped.rx_realtime is not None:
-            # when the bytes arrived, on the monotonic clock (the two clocks read back to back, < 1 µs apart)
-            arrived = stamped.rx_realtime - (time.time() - time.perf_counter())
-            stamped.rx_realtime = None
-            if 0.0 <= t - arrived < 1.0:  # else the wall clock was stepped: keep the read's own time
-                t = arrived
+        if self.stamped is not None:
+            t = self.stamped.arrival(t)
         self.last = t
         sink = self.sink
         if sink is not None:
@@ -582,11 +555,9 @@ class Session:
             addrs = self._addrs[origin] = await self._resolve(loop, origin)
         error: OSError | None = None
         for fam, addr in addrs:
-            sock = _StampedSocket(fam, socket.SOCK_STREAM)
+            sock = StampedSocket(fam, socket.SOCK_STREAM)
             try:
-                if _KERNEL_STAMPS:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+                kernel_time.enable(sock)
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if not _connected_at_once(sock, addr):
