@@ -9,7 +9,8 @@ between the scrapes at the point's start and end (`adapters.prometheus.delta`) i
   failed mid-way, counts that are client estimates rather than the server's usage, traffic from elsewhere).
 - TTFT: a Prometheus histogram only resolves an observation to its bucket, so the client's p50/p90, taken at the
   rank the histogram uses (the ceil(q·n)-th smallest TTFT), is set against the bucket interval [lower, upper] that
-  holds the engine's p50/p90. Inside it: agree. Above it: the client adds
+  holds the engine's p50/p90 (not when that rank is the last: the slowest single request is no quantile).
+  Inside it: agree. Above it: the client adds
   time the engine never sees (its own queueing, network, HTTP, SSE), so up to `ttft_tolerance` above still agrees and
   the excess is reported; more is a disagreement with the reason. Below it beyond the tolerance is a disagreement too
   (the client cannot see a token before the engine made it): the two measure different things.
@@ -203,8 +204,17 @@ def _ttft_check(
     # interpolation mixes the 6th and the slow 7th, the histogram's bucket holds the 7th alone)
     client_ms = float(np.percentile(client_s, q * 100, method="inverted_cdf")) * 1000.0 if client_s else None
     interval = bucket_interval(h, q) if h is not None else None
-    if client_ms is None or interval is None or h is None:
+    # a quantile at the last rank is the slowest single request, not a quantile: one request the API server kept
+    # before the engine saw it (a freshly started vLLM's first request, 600 ms against 110-130 ms) would decide it
+    slowest = len(client_s) > 1 and q < 1 and math.ceil(q * len(client_s)) >= len(client_s)
+    if client_ms is None or interval is None or h is None or slowest:
         why = "the engine has no TTFT histogram" if h is None else "the engine observed no TTFT in this point"
+        if slowest and interval is not None:
+            need = math.floor(1 / (1 - q)) + 1
+            why = (
+                f"with {len(client_s)} requests the p{q * 100:g} is the slowest single request; "
+                f"comparing it needs at least {need}"
+            )
         if client_ms is None:
             why = "no client TTFT (no successful streamed request)"
         return TtftCheck(

@@ -140,7 +140,10 @@ def test_the_servers_stamped_sockets_send_each_chunk_at_once() -> None:
             return recs
 
         recs = asyncio.run(main())
+    # Nagle: 16 tokens in ~5 reads, first token 41-44 ms. Sent at once: one read per token, except where the
+    # client itself read late on a busy machine (CI: one read of 3 tokens), so at least 10 reads and TTFT < 35 ms.
     for rec in recs:
         assert rec.ok, rec.error
-        assert rec.chunk_times[0] - rec.scheduled < 0.03, (rec.request_id, rec.chunk_times[0] - rec.scheduled)
-        assert max(rec.chunk_tokens) <= 2, (rec.request_id, rec.chunk_tokens)
+        ttft = rec.chunk_times[0] - rec.scheduled
+        assert ttft < 0.035, (rec.request_id, ttft)
+        assert len(rec.chunk_tokens) >= 10, (rec.request_id, rec.chunk_tokens)
