@@ -90,7 +90,8 @@ def test_run_points_are_valid_under_the_relaxed_policy(run_dir: Path) -> None:
     s = _summary(run_dir)
     assert {(p["engine"], p["point"]) for p in s["points"]} == {(e, p) for e in ENGINES for p in POINTS}
     for p in s["points"]:
-        assert p["verdict"]["status"] == "VALID", (p["engine"], p["point"], p["verdict"])
+        reasons = "; ".join(f"{r['code']}: {r['message']}" for r in p["verdict"]["reasons"])
+        assert p["verdict"]["status"] == "VALID", f"{p['engine']} {p['point']}: {reasons}"
         assert p["requests"]["ok"] == 6 and p["error_rate"] == 0.0
 
 

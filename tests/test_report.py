@@ -48,7 +48,10 @@ FAST, SLOW, THIRD = (
     ScriptConfig(ttft=0.05, itl=0.008),
     ScriptConfig(ttft=0.04, itl=0.004),
 )
-POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 50\n"
+# Send lag up to 500 ms: these runs exist to check the report, not the machine. A closed loop's send lag counts the
+# client's own time between a request's end and its slot's next send, and a shared CI machine can stall the client
+# once for longer than 50 ms in a 1.5 s point (p99 of 30 requests is their maximum): that is the calibration tests' job.
+POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 500\n"
 PLAN = """schema_version: 1
 use_cases:
   - name: support-chat
@@ -140,7 +143,7 @@ def test_frames_carry_the_scripted_truth(runs: Runs) -> None:
     assert points.loc[("fast", "concurrency=4"), "verdict"] == "INVALID"
     assert "too_short" in points.loc[("fast", "concurrency=4"), "reason_codes"]
     others = points.drop(("fast", "concurrency=4"))
-    assert (others["verdict"] == "VALID").all(), others[["verdict", "reason_codes"]].to_dict("index")
+    assert (others["verdict"] == "VALID").all(), str(others[["verdict", "reason_codes"]].to_dict("index"))
 
     records = api.records_frame([runs.run])
     assert len(records) == 4 * 30 and records["ok"].all()
