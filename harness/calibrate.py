@@ -123,6 +123,8 @@ class PointCalibration:
     server_cpu_wait: float | None
     saturated: bool
     reasons: tuple[str, ...] = ()
+    # the server's own delay reading a request after the kernel had it (part of its first-chunk lag, so subtracted)
+    server_intake: ErrorStats = field(default_factory=ErrorStats)
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,13 @@ def _point(
         send_lag=ErrorStats.of(send_lags),
         request_path=ErrorStats.of(errs["req_path"]),
         response_path=ErrorStats.of(errs["resp_path"]),
+        server_intake=ErrorStats.of(
+            [
+                float(per_req[r.request_id].get("intake_ms", 0.0)) / 1000.0
+                for r in ok
+                if r.request_id in per_req
+            ]
+        ),
         requests_per_s=rps,
         tokens_per_s=tps,
         ideal_requests_per_s=ideal,
@@ -409,7 +418,9 @@ def render_table(result: CalibrationResult) -> Any:
         f"{cfg.output_tokens} tokens, {cfg.tokens_per_chunk}/chunk, {cfg.connection} connections); "
         "errors in ms, p50 / p99"
     )
-    for col in ("conc", "ok/req", "TTFT err", "ITL err", "TTFT raw", "ITL raw", "server lag", "send lag"):
+    for col in ("conc", "ok/req", "TTFT err", "ITL err", "TTFT raw", "ITL raw", "server lag", "srv intake"):
+        t.add_column(col, justify="right")
+    for col in ("send lag", "resp path"):
         t.add_column(col, justify="right")
     for col in ("req/s (ideal)", "tok/s", "client CPU", "CPU wait c/s", "srv µs/chunk", "judged"):
         t.add_column(col, justify="right")
@@ -422,7 +433,9 @@ def render_table(result: CalibrationResult) -> Any:
             pair(p.ttft_error_raw),
             pair(p.itl_error_raw),
             pair(p.server_lag),
+            pair(p.server_intake),
             pair(p.send_lag),
+            pair(p.response_path),
             f"{p.requests_per_s:.1f} ({p.ideal_requests_per_s:.1f})",
             f"{p.tokens_per_s:,.0f}",
             frac(p.client_cpu),

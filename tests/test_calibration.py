@@ -298,6 +298,9 @@ def _judge(p: PointCalibration) -> None:
 def test_measured_ttft_and_itl_match_the_script(calibration: CalibrationResult, concurrency: int) -> None:
     point = next(p for p in calibration.points if p.concurrency == concurrency)
     assert point.requests >= max(20, 2 * concurrency)
+    # the server's own read delay, per measured request (inside its first-chunk lag): a time, never negative
+    intake = point.server_intake
+    assert intake.count == point.ok and intake.p1 is not None and intake.p1 >= 0.0
     _judge(point)
 
 
