@@ -19,6 +19,7 @@ Definitions: docs/telemetry.md.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ def _ttft_check(
     if client_ms is None or interval is None or h is None or slowest:
         why = "the engine has no TTFT histogram" if h is None else "the engine observed no TTFT in this point"
         if slowest and interval is not None:
-            need = math.floor(1 / (1 - q)) + 1
+            need = next(n for n in itertools.count(2) if math.ceil(q * n) < n)
             why = (
                 f"with {len(client_s)} requests the p{q * 100:g} is the slowest single request; "
                 f"comparing it needs at least {need}"

@@ -175,15 +175,15 @@ def test_a_slow_first_request_among_few_is_compared_at_the_histograms_rank() -> 
 
 def test_a_quantile_that_is_the_slowest_request_is_not_compared() -> None:
     """With 7 requests the p90 rank (ceil(6.3) = 7) is the maximum: one request the API server kept before the
-    engine saw it (CI: the warm-up on a fresh vLLM, client ~300 ms above the engine) would decide the verdict.
-    From 10 requests on, the p90 is the 9th of 10 and compared again."""
+    engine saw it (a fresh vLLM's warm-up; the likely cause of CI's `engine_disagrees` on vLLM at concurrency 1,
+    7 requests) would decide the verdict. From 10 requests on, the p90 is the 9th of 10 and compared again."""
     engine = [0.6, 0.11, 0.115, 0.12, 0.12, 0.125, 0.13]
     recs = [rec(i, t + 0.002) for i, t in enumerate(engine)]
     recs[0] = rec(0, 0.95)  # the client saw 350 ms more than the engine on the slowest one
     r = reconcile(recs, engine_delta(recs, engine))
     p50, p90 = r.ttft
     assert p90.verdict == "unavailable" and p90.client_ms == pytest.approx(950.0, abs=1e-6)
-    assert "the p90 is the slowest single request; comparing it needs at least 11" in p90.reason
+    assert "the p90 is the slowest single request; comparing it needs at least 10" in p90.reason
     assert p50.verdict == "agree" and r.status == "agree"
 
     engine10 = [*engine, 0.12, 0.115, 0.11]
