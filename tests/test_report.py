@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,10 +49,14 @@ FAST, SLOW, THIRD = (
     ScriptConfig(ttft=0.05, itl=0.008),
     ScriptConfig(ttft=0.04, itl=0.004),
 )
-# Send lag up to 500 ms: these runs exist to check the report, not the machine. A closed loop's send lag counts the
-# client's own time between a request's end and its slot's next send, and a shared CI machine can stall the client
-# once for longer than 50 ms in a 1.5 s point (p99 of 30 requests is their maximum): that is the calibration tests' job.
-POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 500\n"
+POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 50\n"
+# The recommendation below is known only if the machine let the client keep its schedule: a shared CI machine once
+# stalled everything ~100 ms inside the fast engine's 1.5 s point (one request sent 102 ms late, another's 16 tokens
+# in one read), so its TTFT p95 read 62 ms and "scripted" (41 ms) won. The harness reports such stalls itself as
+# send lag, so the runs are redone (at most RUN_ATTEMPTS times) until every point's p99 send lag is within the
+# product's default bound, 10 ms; a machine that never allows that skips these tests, with the numbers.
+QUIET_SEND_LAG_P99_MS = 10.0
+RUN_ATTEMPTS = 3
 PLAN = """schema_version: 1
 use_cases:
   - name: support-chat
@@ -79,10 +84,32 @@ class Runs:
 
 
 def make_runs(base: Path) -> Runs:
-    """Real runs (once per session: reused when `base` already holds them)."""
+    """Real runs (once per session: reused when `base` already holds them), redone while the harness reports that
+    the machine delayed its sends (see QUIET_SEND_LAG_P99_MS)."""
     runs = Runs(run=base / "run", run_b=base / "run-b", plan=base / "plan.yaml")
     if (base / "done").exists():
         return runs
+    noisy: list[str] = []
+    for _ in range(RUN_ATTEMPTS):
+        for d in (runs.run, runs.run_b):
+            shutil.rmtree(d, ignore_errors=True)
+        _make_runs(base, runs)
+        lags = {
+            f"{p['engine'][:8]} {p['point']}": p["checks"]["send_lag_p99_ms"]
+            for run in (runs.run, runs.run_b)
+            for p in orjson.loads((run / "summary.json").read_bytes())["points"]
+        }
+        late = {k: round(v, 1) for k, v in lags.items() if v is None or v > QUIET_SEND_LAG_P99_MS}
+        if not late:
+            (base / "done").write_text("")
+            return runs
+        noisy.append(str(late))
+    pytest.skip(
+        f"the machine delayed the client's sends in every attempt (p99 send lag, ms): {'; '.join(noisy)}"
+    )
+
+
+def _make_runs(base: Path, runs: Runs) -> None:
     base.mkdir(parents=True, exist_ok=True)
     (base / "policy.yaml").write_text(POLICY)
     runs.plan.write_text(PLAN)
@@ -113,8 +140,6 @@ def make_runs(base: Path) -> Runs:
     for run in (runs.run, runs.run_b):
         r = bench("summarize", str(run), "--policy", str(base / "policy.yaml"))
         assert r.returncode == 0, r.stderr[-2000:]
-    (base / "done").write_text("")
-    return runs
 
 
 @pytest.fixture(scope="session")
