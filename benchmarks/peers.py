@@ -205,7 +205,7 @@ def run_enginebench(
 ) -> PeerRun:
     from harness.calibrate import match_errors
     from harness.calibration import fetch_stats, reset_stats
-    from harness.metrics import itl_samples, ttft
+    from harness.metrics import itl_samples, send_lag, ttft
     from harness.records import RequestRecord
 
     reset_stats(url)
@@ -255,7 +255,7 @@ def run_enginebench(
             "itl_err_matched_ms": _pct(errs["itl"]),
             # where the TTFT error arises: the client's own time between a slot freeing and its send (closed loop:
             # the previous request's end), and between the server's write of the first chunk and the client's stamp
-            "send_lag_ms": _pct([r.sent - r.scheduled for r in measured if r.sent is not None]),
+            "send_lag_ms": _pct([lag for r in measured if (lag := send_lag(r)) is not None]),
             "response_path_ms": _pct(errs["resp_path"]),
             "client_cpu": doc["outcome"]["client_cpu"],
         },

@@ -274,9 +274,9 @@ def _point(
         response_path=ErrorStats.of(errs["resp_path"]),
         server_intake=ErrorStats.of(
             [
-                float(per_req[r.request_id].get("intake_ms", 0.0)) / 1000.0
+                float(ms) / 1000.0
                 for r in ok
-                if r.request_id in per_req
+                if (ms := per_req.get(r.request_id, {}).get("intake_ms")) is not None
             ]
         ),
         requests_per_s=rps,
@@ -418,11 +418,20 @@ def render_table(result: CalibrationResult) -> Any:
         f"{cfg.output_tokens} tokens, {cfg.tokens_per_chunk}/chunk, {cfg.connection} connections); "
         "errors in ms, p50 / p99"
     )
-    for col in ("conc", "ok/req", "TTFT err", "ITL err", "TTFT raw", "ITL raw", "server lag", "srv intake"):
-        t.add_column(col, justify="right")
-    for col in ("send lag", "resp path"):
-        t.add_column(col, justify="right")
-    for col in ("req/s (ideal)", "tok/s", "client CPU", "CPU wait c/s", "srv µs/chunk", "judged"):
+    columns = (
+        *("conc", "ok/req", "TTFT err", "ITL err", "TTFT raw", "ITL raw", "server lag", "srv intake"),
+        *(
+            "send lag",
+            "resp path",
+            "req/s (ideal)",
+            "tok/s",
+            "client CPU",
+            "CPU wait c/s",
+            "srv µs/chunk",
+            "judged",
+        ),
+    )
+    for col in columns:
         t.add_column(col, justify="right")
     for p in result.points:
         t.add_row(

@@ -205,19 +205,21 @@ def _ttft_check(
     # interpolation mixes the 6th and the slow 7th, the histogram's bucket holds the 7th alone)
     client_ms = float(np.percentile(client_s, q * 100, method="inverted_cdf")) * 1000.0 if client_s else None
     interval = bucket_interval(h, q) if h is not None else None
-    # a quantile at the last rank is the slowest single request, not a quantile: one request the API server kept
-    # before the engine saw it (a freshly started vLLM's first request, 600 ms against 110-130 ms) would decide it
-    slowest = len(client_s) > 1 and q < 1 and math.ceil(q * len(client_s)) >= len(client_s)
-    if client_ms is None or interval is None or h is None or slowest:
-        why = "the engine has no TTFT histogram" if h is None else "the engine observed no TTFT in this point"
-        if slowest and interval is not None:
-            need = next(n for n in itertools.count(2) if math.ceil(q * n) < n)
-            why = (
-                f"with {len(client_s)} requests the p{q * 100:g} is the slowest single request; "
-                f"comparing it needs at least {need}"
-            )
-        if client_ms is None:
-            why = "no client TTFT (no successful streamed request)"
+    n = len(client_s)
+    why = None
+    if client_ms is None:
+        why = "no client TTFT (no successful streamed request)"
+    elif h is None:
+        why = "the engine has no TTFT histogram"
+    elif interval is None:
+        why = "the engine observed no TTFT in this point"
+    elif n > 1 and q < 1 and math.ceil(q * n) >= n:
+        # a quantile at the last rank is the slowest single request, not a quantile: one request the API server
+        # kept before the engine saw it (a freshly started vLLM's first request, 600 ms against 110-130 ms) would
+        # decide it
+        need = next(k for k in itertools.count(2) if math.ceil(q * k) < k)
+        why = f"with {n} requests the p{q * 100:g} is the slowest single request; comparing it needs at least {need}"
+    if why is not None:
         return TtftCheck(
             quantile=q,
             client_ms=client_ms,
@@ -229,6 +231,7 @@ def _ttft_check(
             verdict="unavailable",
             reason=why,
         )
+    assert client_ms is not None and h is not None and interval is not None
     low, high = interval[0] * 1000.0, interval[1] * 1000.0
     estimate = h.quantile(q)
     tol = policy.tolerance_ms(client_ms)

@@ -99,7 +99,11 @@ def make_runs(base: Path) -> Runs:
             for run in (runs.run, runs.run_b)
             for p in orjson.loads((run / "summary.json").read_bytes())["points"]
         }
-        late = {k: round(v, 1) for k, v in lags.items() if v is None or v > QUIET_SEND_LAG_P99_MS}
+        late = {
+            k: v if v is None else round(v, 1)
+            for k, v in lags.items()
+            if v is None or v > QUIET_SEND_LAG_P99_MS
+        }
         if not late:
             (base / "done").write_text("")
             return runs
