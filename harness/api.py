@@ -131,6 +131,7 @@ def _point_row(run: Run, p: Mapping[str, Any]) -> dict[str, Any]:
         "recommendation": "; ".join(
             str(r.get("recommendation", "")) for r in reasons if isinstance(r, Mapping)
         ),
+        "notes": "; ".join(str(n) for n in verdict.get("notes") or []),
         "duration_s": _num(p.get("duration_s")),
         "measured": req.get("measured"),
         "ok": req.get("ok"),

@@ -10,10 +10,15 @@ between the scrapes at the point's start and end (`adapters.prometheus.delta`) i
 - TTFT: a Prometheus histogram only resolves an observation to its bucket, so the client's p50/p90, taken at the
   rank the histogram uses (the ceil(q·n)-th smallest TTFT), is set against the bucket interval [lower, upper] that
   holds the engine's p50/p90 (not when that rank is the last: the slowest single request is no quantile).
-  Inside it: agree. Above it: the client adds
-  time the engine never sees (its own queueing, network, HTTP, SSE), so up to `ttft_tolerance` above still agrees and
-  the excess is reported; more is a disagreement with the reason. Below it beyond the tolerance is a disagreement too
-  (the client cannot see a token before the engine made it): the two measure different things.
+  Inside it: agree. Above it: time the engine's histogram never sees (the client's queueing and late reads, the
+  engine's own HTTP server, tokenizing, detokenizing and writing the stream, the network), so up to `ttft_tolerance`
+  above still agrees and the excess is reported. More is split by side: each request's client part is its send lag
+  plus the longest its event loop was held up before the first token's read (`RequestRecord.read_stall`, an upper
+  bound). When even the TTFT less every client part stays beyond the tolerance, the client is not why: the time was
+  spent on the server's side outside its histogram, `outside_engine`, a finding, not a measuring error (the client's
+  number is what users wait). When the client's part can account for it, the harness may be the bottleneck: `client_delayed`, which the verdict's send-lag and read-stall rules judge; a
+  `disagree` when the client did not watch its loop (other clients, older runs). Below the bucket beyond the tolerance is a disagreement too (the client cannot see
+  a token before the engine made it): the two measure different things.
 Definitions: docs/telemetry.md.
 """
 
@@ -42,7 +47,10 @@ __all__ = [
     "reconcile",
 ]
 
-Verdict = Literal["agree", "disagree", "unavailable"]
+# TTFT above the engine's bucket beyond the tolerance, by side: outside_engine, more than the client's own delays can
+# explain (the server's time outside its histogram); client_delayed, the client's delays can account for it (the
+# send-lag and read-stall verdict rules judge those); disagree when the client did not watch its loop
+Verdict = Literal["agree", "disagree", "outside_engine", "client_delayed", "unavailable"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class TtftCheck(BaseModel):
 class Reconciliation(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    status: Verdict  # disagree if any check disagrees; agree if some agree and none disagree
+    status: Verdict  # the first of disagree, outside_engine, client_delayed, agree any check has; else unavailable
     requests: int  # records of the point (all phases)
     failed: int
     counts: list[CountCheck]
@@ -198,7 +206,12 @@ def _counts(recs: list[RequestRecord], delta: Mapping[str, Value]) -> list[Count
 
 
 def _ttft_check(
-    q: float, client_s: list[float], h: Histogram | None, send_lag_ms: float | None, policy: ReconcilePolicy
+    q: float,
+    client_s: list[float],
+    client_part_s: list[float] | None,
+    h: Histogram | None,
+    send_lag_ms: float | None,
+    policy: ReconcilePolicy,
 ) -> TtftCheck:
     # the client's value at the rank the histogram picks its bucket by (the ceil(q·n)-th smallest), not an
     # interpolated percentile: with few requests the two conventions land on different requests (7 requests, p90:
@@ -248,9 +261,34 @@ def _ttft_check(
         verdict = "disagree"
         reason = (
             f"{label} is {outside:.1f} ms above {bucket}, more than the {tol:.1f} ms the histogram's resolution "
-            f"and the way to the engine allow: time spent outside the engine (client queueing{lag}, network, "
-            "HTTP and SSE handling, a busy client)"
+            "and the way to the engine allow"
         )
+        if client_part_s is None:
+            reason += (
+                f": time spent outside the engine (client queueing{lag}, network, HTTP and SSE handling, a busy "
+                "client; this client did not watch its own loop, so which side is unknown)"
+            )
+        else:
+            # the same quantile of TTFT less each request's client part: what is left if the client took the most
+            # it can have taken
+            served = [t - c for t, c in zip(client_s, client_part_s, strict=True)]
+            served_ms = float(np.percentile(served, q * 100, method="inverted_cdf")) * 1000.0
+            part_ms = float(np.percentile(client_part_s, q * 100, method="inverted_cdf")) * 1000.0
+            if served_ms - high > tol:
+                verdict = "outside_engine"
+                reason += (
+                    f"; the client is not why (its send lag and loop hold-ups before the first token's read, "
+                    f"p{q * 100:g} {part_ms:.1f} ms, leave {served_ms - high:.1f} ms above the bucket): the engine's "
+                    "server spent it outside its own histogram (HTTP, tokenizing, detokenizing, writing the "
+                    "stream) or something between client and engine did (a proxy, the network)"
+                )
+            else:
+                verdict = "client_delayed"
+                reason += (
+                    f"; the client's own delays can account for it (send lag and loop hold-ups before the first "
+                    f"token's read, p{q * 100:g} {part_ms:.1f} ms): the harness, not the engine, may be the "
+                    "bottleneck"
+                )
     elif -outside <= tol:
         reason = f"{label} is {-outside:.1f} ms below {bucket}, within {tol:.1f} ms"
     else:
@@ -284,15 +322,22 @@ def reconcile(
     policy = policy or ReconcilePolicy()
     recs = list(records)
     counts = _counts(recs, engine_delta)
-    client_ttft = [t for r in recs if r.ok and (t := metrics.ttft(r)) is not None]
+    timed = [(r, t) for r in recs if r.ok and (t := metrics.ttft(r)) is not None]
+    client_ttft = [t for _, t in timed]
+    # each request's client part: its send lag plus how long the loop was held up before its first token's read
+    client_part: list[float] | None = [
+        (metrics.send_lag(r) or 0.0) + r.read_stall for r, _ in timed if r.read_stall is not None
+    ]
+    if client_part is not None and len(client_part) != len(timed):
+        client_part = None
     lags = [lag for r in recs if (lag := metrics.send_lag(r)) is not None]
     lag_ms = metrics.percentile(lags, 50) * 1000.0 if lags else None
     h = engine_delta.get("ttft_seconds")
     hist = h if isinstance(h, Histogram) else None
-    ttft = [_ttft_check(q, client_ttft, hist, lag_ms, policy) for q in policy.quantiles]
-    verdicts = [c.verdict for c in counts] + [t.verdict for t in ttft]
-    status: Verdict = (
-        "disagree" if "disagree" in verdicts else "agree" if "agree" in verdicts else "unavailable"
+    ttft = [_ttft_check(q, client_ttft, client_part, hist, lag_ms, policy) for q in policy.quantiles]
+    verdicts = {c.verdict for c in counts} | {t.verdict for t in ttft}
+    status: Verdict = next(
+        (v for v in ("disagree", "outside_engine", "client_delayed", "agree") if v in verdicts), "unavailable"
     )
     return Reconciliation(
         status=status,

@@ -57,6 +57,9 @@ class RequestRecord:
     expected_output_tokens: int | None = None
     output_text: str | None = None  # kept only when asked (quality checks, chat history)
     worker: int = 0
+    # the longest the client's event loop was held up between `sent` and reading the first token (harness.loopwatch):
+    # how late, at most, the client read it; None where nothing watched the loop (other clients, older runs)
+    read_stall: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
     kind: Literal["request"] = "request"
     schema_version: int = RECORD_SCHEMA_VERSION

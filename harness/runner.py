@@ -45,6 +45,7 @@ import psutil
 
 from harness import loop as event_loop
 from harness.client import Session, Target, execute, make_session, new_record, timeouts_for
+from harness.loopwatch import LoopWatch
 from harness.records import Phase, RequestRecord
 from workloads.arrival import LoadPoint, send_times
 from workloads.spec import RequestSpec
@@ -296,6 +297,7 @@ class _PointRun:
     shared_budget: Any = None  # multiprocessing Array('q', [judged, failed]) shared by worker processes
     # set by the caller: stop now, cancel what is in flight, return normally
     abort: asyncio.Event | None = None
+    watch: LoopWatch | None = None  # how long the loop was held up: each record's read_stall
 
     def __post_init__(self) -> None:
         self.timeout = timeouts_for(
@@ -413,6 +415,10 @@ class _PointRun:
         return dataclasses.replace(spec, prompt=parent.spec.prompt + reply + spec.prompt)
 
     def finish(self, rec: RequestRecord, phase: Phase) -> None:
+        if self.watch is not None and rec.sent is not None and rec.chunk_times:
+            rec.read_stall = self.watch.held_up(
+                rec.sent + self.run_start, rec.chunk_times[0] + self.run_start
+            )
         self.counts["total"] += 1
         self.counts[phase] += 1
         self.counts[rec.status] += 1
@@ -621,10 +627,13 @@ async def execute_point(
         connections = point.concurrency if point.closed_loop else 0
     async with make_session(target, connections) as session:
         state = _PointRun(target, specs, point, stop, sink, run_start, requests, session, keep_text, **child)
+        state.watch = LoopWatch()
+        state.watch.start()
         sampler = asyncio.get_running_loop().create_task(sample_cpu(cpu))
         try:
             await state.run()
         finally:
+            state.watch.stop()
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
     ended = time.perf_counter() - run_start

@@ -102,6 +102,9 @@ class PointSummary(BaseModel):
     tpot_ms: LatencyStats
     e2e_ms: LatencyStats
     send_lag_ms: LatencyStats
+    # the longest the client's loop was held up between each measured request's send and its first token's read
+    # (RequestRecord.read_stall): how late, at most, the client read first tokens; empty where nothing watched
+    read_stall_ms: LatencyStats = Field(default_factory=LatencyStats)
     requests_per_s: float | None
     input_tokens_per_s: float | None
     output_tokens_per_s: float | None
@@ -193,6 +196,7 @@ def summarize_point(
         "e2e": stats_ms(metrics.e2e(r) for r in ok),
     }
     send_lag = stats_ms(metrics.send_lag(r) for r in measured)
+    read_stall = stats_ms(r.read_stall for r in ok)
 
     end_event: Mapping[str, Any] = {}
     for ev in events:
@@ -222,6 +226,8 @@ def summarize_point(
         scheduled_rate_per_s=_span_rate(starts),
         achieved_rate_per_s=_span_rate([r.sent for r in measured if r.sent is not None]),
         send_lag_p99_ms=send_lag.p99,
+        read_stall_p99_ms=read_stall.p99,
+        ttft_p50_ms=lat["ttft"].p50,
         client_cpu_util=cpu.mean_util if cpu else None,
         client_cpu_saturated=cpu.saturated if cpu else None,
         error_rate=error_rate,
@@ -229,6 +235,7 @@ def summarize_point(
         output_length_mismatch=_mean([abs(a - e) / e for a, e in pinned]),
         output_length_mismatched=sum(1 for a, e in pinned if a != e),
         engine_disagreements=_disagreements(telemetry),
+        engine_notes=_engine_notes(telemetry),
     )
     return PointSummary(
         engine=meta.engine,
@@ -251,6 +258,7 @@ def summarize_point(
         tpot_ms=lat["tpot"],
         e2e_ms=lat["e2e"],
         send_lag_ms=send_lag,
+        read_stall_ms=read_stall,
         requests_per_s=_rate(len(ok), duration),
         input_tokens_per_s=_rate(in_tokens, duration),
         output_tokens_per_s=_rate(out_tokens, duration),
@@ -278,6 +286,16 @@ def _disagreements(telemetry: TelemetrySummary | None) -> list[str]:
     counts = [f"{c.metric}: {c.reason}" for c in rec.counts if c.verdict == "disagree" and not rec.failed]
     ttft = [f"TTFT p{c.quantile * 100:g}: {c.reason}" for c in rec.ttft if c.verdict == "disagree"]
     return counts + ttft
+
+
+def _engine_notes(telemetry: TelemetrySummary | None) -> list[str]:
+    # TTFT beyond the engine's bucket that is not a disagreement: the server's time outside its histogram, or the
+    # client's own delays (which the send-lag and read-stall rules judge)
+    rec = telemetry.reconciliation if telemetry else None
+    if rec is None:
+        return []
+    sides = ("outside_engine", "client_delayed")
+    return [f"TTFT p{c.quantile * 100:g}: {c.reason}" for c in rec.ttft if c.verdict in sides]
 
 
 def _parse_point_id(point: str) -> tuple[str | None, float | None]:

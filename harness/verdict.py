@@ -22,6 +22,7 @@ ReasonCode = Literal[
     "too_short",
     "rate_not_achieved",
     "send_lag",
+    "read_stall",
     "client_cpu_saturated",
     "error_rate",
     "token_count_mismatch",
@@ -39,6 +40,10 @@ class VerdictPolicy(BaseModel):
     min_duration_s: float = 10.0
     min_send_rate_fraction: float = 0.95
     max_send_lag_p99_ms: float = 10.0
+    # the read stall is judged against the TTFT it can inflate: max(this many ms, this share of TTFT p50); an upper
+    # bound (it also counts hold-ups while nothing waited to be read)
+    max_read_stall_p99_ms: float = 10.0
+    max_read_stall_ttft_share: float = 0.10
     max_client_cpu_util: float = 0.90
     max_error_rate: float = 0.01
     max_token_count_mismatch: float = 0.02
@@ -74,6 +79,8 @@ class PointChecks(BaseModel):
     scheduled_rate_per_s: float | None = None  # the rate the schedule asked for, over the measured requests
     achieved_rate_per_s: float | None = None  # the rate the client actually sent them
     send_lag_p99_ms: float | None = None
+    read_stall_p99_ms: float | None = None  # RequestRecord.read_stall over successful measured requests
+    ttft_p50_ms: float | None = None
     client_cpu_util: float | None = None  # mean, as a fraction of one core
     client_cpu_saturated: bool | None = None
     error_rate: float | None = None  # failed / measured, not counting requests cancelled by the run's end
@@ -87,6 +94,9 @@ class PointChecks(BaseModel):
     # where the client's counts or TTFT disagree with the engine's own counters / histogram beyond their
     # resolution (harness.reconcile): the disagreements, one line each; empty when they agree or cannot be compared
     engine_disagreements: list[str] = []
+    # findings that do not make the point invalid by themselves: TTFT above the engine's histogram by the server's
+    # time outside it, or by the client's own delays (harness.reconcile's outside_engine / client_delayed)
+    engine_notes: list[str] = []
 
 
 class VerdictReason(BaseModel):
@@ -103,6 +113,7 @@ class Verdict(BaseModel):
     status: Literal["VALID", "INVALID"]
     reasons: list[VerdictReason] = []
     recommendation: str = ""
+    notes: list[str] = []  # what the point showed that does not change its status (PointChecks.engine_notes)
 
 
 _CLIENT = "the client cannot keep up: lower --rate or use more client processes"
@@ -150,6 +161,16 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             f"p99 send lag {c.send_lag_p99_ms:.1f} ms (> {p.max_send_lag_p99_ms:g} ms): requests left late",
             _CLIENT,
         )
+    stall_limit = max(p.max_read_stall_p99_ms, p.max_read_stall_ttft_share * (c.ttft_p50_ms or 0.0))
+    if c.read_stall_p99_ms is not None and c.read_stall_p99_ms > stall_limit:
+        fail(
+            "read_stall",
+            f"p99 read stall {c.read_stall_p99_ms:.1f} ms (> {stall_limit:.1f} ms, max({p.max_read_stall_p99_ms:g} "
+            f"ms, {p.max_read_stall_ttft_share:.0%} of TTFT p50)): the client's loop was held up before it read "
+            "first tokens, so TTFTs may hold that much of the client's own delay",
+            "the client was busy or waited for a CPU (beside the engine on a small machine): give it a core of its "
+            "own (taskset), lower the load or spread it (--processes), or run on a quieter machine",
+        )
     saturated = c.client_cpu_saturated
     if saturated is None and c.client_cpu_util is not None:
         saturated = c.client_cpu_util > p.max_client_cpu_util
@@ -186,4 +207,9 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             "between client and engine, or requests the engine counted that the client did not send",
         )
     recommendation = "; ".join(dict.fromkeys(r.recommendation for r in reasons))
-    return Verdict(status="INVALID" if reasons else "VALID", reasons=reasons, recommendation=recommendation)
+    return Verdict(
+        status="INVALID" if reasons else "VALID",
+        reasons=reasons,
+        recommendation=recommendation,
+        notes=list(c.engine_notes),
+    )

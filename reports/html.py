@@ -272,6 +272,7 @@ def _workloads(
             "verdict": p.verdict,
             "reasons": p.reasons,
             "recommendation": p.recommendation,
+            "notes": p.notes,
             "duration": fmt(p.duration_s),
             "measured": p.measured,
             "error_rate": fmt(p.error_rate),

@@ -227,7 +227,7 @@ def test_policy_file_overrides_thresholds_and_refuses_unknown_metrics(tmp_path: 
 RUN_ARGS = ["--workload", "synthetic", "--set", "output_tokens=8", "--concurrency", "4", "--warmup", "4"]
 # send lag up to 500 ms: the gate's logic is under test, not the machine (a shared CI machine can stall the client
 # once past 10 ms in a short point, and a closed loop counts that as the next request's send lag)
-POLICY = "verdict:\n  min_duration_s: 1\n  min_requests: 30\n  max_send_lag_p99_ms: 500\nmetrics:\n  ttft_p50: 0.10\n"
+POLICY = "verdict:\n  min_duration_s: 1\n  min_requests: 30\n  max_send_lag_p99_ms: 500\n  max_read_stall_p99_ms: 500\nmetrics:\n  ttft_p50: 0.10\n"
 
 
 def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

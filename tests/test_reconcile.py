@@ -200,3 +200,54 @@ def test_a_count_difference_between_histogram_and_client_is_said() -> None:
     recs = [rec(i, 0.05) for i in range(10)]
     r = reconcile(recs, engine_delta(recs, [0.05] * 12), ReconcilePolicy(quantiles=(0.5,)))
     assert "the engine observed 12 TTFTs, the client 10" in r.ttft[0].reason
+
+
+def test_ttft_above_the_bucket_is_split_by_side_with_the_clients_own_delays() -> None:
+    """The engine says 90 ms (bucket [80, 100] ms); the client 240 ms, 140 ms above, beyond max(25, 20 % of 240) = 48.
+    Which side spent them is read off each record's send lag (0.5 ms here) plus its read stall."""
+    delta = engine_delta([rec(i, 0.240) for i in range(20)], [0.090] * 20)
+    policy = ReconcilePolicy(quantiles=(0.5,))
+
+    def check(read_stall: float | None) -> Any:
+        recs = [rec(i, 0.240, read_stall=read_stall) for i in range(20)]
+        return reconcile(recs, delta, policy).ttft[0]
+
+    # the client's loop ran on time: 139.5 ms are left above the bucket -> the server's, a finding
+    server = check(0.002)
+    assert server.verdict == "outside_engine" and server.outside_ms == pytest.approx(140.0)
+    assert "the client is not why" in server.reason and "137.5 ms above the bucket" in server.reason
+    # the loop was held up 120 ms before the reads: 240 - 0.5 - 120 = 119.5 ms, 19.5 above, within 48: the client's
+    delayed = check(0.120)
+    assert (
+        delayed.verdict == "client_delayed"
+        and "the harness, not the engine, may be the bottleneck" in delayed.reason
+    )
+    # the boundary: 100 + 48 + 0.5 + stall = 240 -> a stall of 91.5 ms leaves exactly the tolerance
+    assert check(0.0910).verdict == "outside_engine" and check(0.0920).verdict == "client_delayed"
+    # no loop watch (another client, an older run): which side is unknown -> a disagreement
+    unknown = check(None)
+    assert unknown.verdict == "disagree" and "which side is unknown" in unknown.reason
+
+
+def test_outside_engine_is_a_note_and_client_delays_are_judged_by_the_read_stall_rule() -> None:
+    from harness.summary import _engine_notes
+    from harness.telemetry import TelemetrySummary
+    from harness.verdict import PointChecks, VerdictPolicy, judge
+
+    recs = [rec(i, 0.240, read_stall=0.002) for i in range(20)]
+    r = reconcile(recs, engine_delta(recs, [0.090] * 20), ReconcilePolicy(quantiles=(0.5,)))
+    assert r.status == "outside_engine"
+    notes = _engine_notes(TelemetrySummary.model_construct(reconciliation=r))
+    assert len(notes) == 1 and notes[0].startswith("TTFT p50: client p50 240.0 ms")
+    base: dict[str, Any] = {"measured": 40, "duration_s": 20.0, "closed_loop": True}
+    valid = judge(PointChecks(**base, read_stall_p99_ms=2.0, engine_notes=notes))
+    assert valid.status == "VALID" and valid.notes == notes
+    # judged against the TTFT it can inflate: max(10 ms, 10 % of TTFT p50)
+    held = judge(PointChecks(**base, read_stall_p99_ms=120.0, ttft_p50_ms=240.0))
+    assert held.status == "INVALID" and [x.code for x in held.reasons] == ["read_stall"]
+    assert "(> 24.0 ms, max(10 ms, 10% of TTFT p50))" in held.reasons[0].message
+    assert judge(PointChecks(**base, read_stall_p99_ms=23.0, ttft_p50_ms=240.0)).status == "VALID"
+    assert judge(PointChecks(**base, read_stall_p99_ms=11.0, ttft_p50_ms=20.0)).status == "INVALID"
+    assert judge(PointChecks(**base, read_stall_p99_ms=9.0, ttft_p50_ms=20.0)).status == "VALID"
+    relaxed = VerdictPolicy(max_read_stall_p99_ms=200)
+    assert judge(PointChecks(**base, read_stall_p99_ms=120.0, ttft_p50_ms=240.0), relaxed).status == "VALID"

@@ -49,13 +49,14 @@ FAST, SLOW, THIRD = (
     ScriptConfig(ttft=0.05, itl=0.008),
     ScriptConfig(ttft=0.04, itl=0.004),
 )
-POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 50\n"
+POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 50\nmax_read_stall_p99_ms: 50\n"
 # The recommendation below is known only if the machine let the client keep its schedule: a shared CI machine once
 # stalled everything ~100 ms inside the fast engine's 1.5 s point (one request sent 102 ms late, another's 16 tokens
-# in one read), so its TTFT p95 read 62 ms and "scripted" (41 ms) won. The harness reports such stalls itself as
-# send lag, so the runs are redone (at most RUN_ATTEMPTS times) until every point's p99 send lag is within the
-# product's default bound, 10 ms; a machine that never allows that skips these tests, with the numbers.
-QUIET_SEND_LAG_P99_MS = 10.0
+# in one read), so its TTFT p95 read 62 ms and "scripted" (41 ms) won. The harness reports such stalls itself, as
+# send lag and as read stall (its loop held up before a first token's read), so the runs are redone (at most
+# RUN_ATTEMPTS times) until every point's p99 of both is within 10 ms (the product's default send-lag bound); a
+# machine that never allows that skips these tests, with the numbers.
+QUIET_P99_MS = 10.0
 RUN_ATTEMPTS = 3
 PLAN = """schema_version: 1
 use_cases:
@@ -85,7 +86,7 @@ class Runs:
 
 def make_runs(base: Path) -> Runs:
     """Real runs (once per session: reused when `base` already holds them), redone while the harness reports that
-    the machine delayed its sends (see QUIET_SEND_LAG_P99_MS)."""
+    the machine held the client up (see QUIET_P99_MS)."""
     runs = Runs(run=base / "run", run_b=base / "run-b", plan=base / "plan.yaml")
     if (base / "done").exists():
         return runs
@@ -95,21 +96,18 @@ def make_runs(base: Path) -> Runs:
             shutil.rmtree(d, ignore_errors=True)
         _make_runs(base, runs)
         lags = {
-            f"{p['engine'][:8]} {p['point']}": p["checks"]["send_lag_p99_ms"]
+            f"{p['engine'][:8]} {p['point']} {check[:-7]}": p["checks"][check]
             for run in (runs.run, runs.run_b)
             for p in orjson.loads((run / "summary.json").read_bytes())["points"]
+            for check in ("send_lag_p99_ms", "read_stall_p99_ms")
         }
-        late = {
-            k: v if v is None else round(v, 1)
-            for k, v in lags.items()
-            if v is None or v > QUIET_SEND_LAG_P99_MS
-        }
+        late = {k: v if v is None else round(v, 1) for k, v in lags.items() if v is None or v > QUIET_P99_MS}
         if not late:
             (base / "done").write_text("")
             return runs
         noisy.append(str(late))
     pytest.skip(
-        f"the machine delayed the client's sends in every attempt (p99 send lag, ms): {'; '.join(noisy)}"
+        f"the machine held the client up in every attempt (p99 send lag / read stall, ms): {'; '.join(noisy)}"
     )
 
 

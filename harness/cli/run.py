@@ -284,6 +284,8 @@ def _execute_and_print(cfg: RunConfig) -> None:
                 out_console.print(
                     f"[red]{p.engine} {p.point} INVALID:[/] {r.message} → {r.recommendation}", highlight=False
                 )
+            for note in p.verdict.notes:
+                out_console.print(f"[yellow]{p.engine} {p.point} note:[/] {note}", highlight=False)
     for e in result.engines:
         if e.status != "ran":
             first, _, rest = e.reason.partition("\n")

@@ -59,4 +59,6 @@ def run(config: SummarizeConfig) -> None:
                 console.print(
                     f"[red]{p.engine} {p.point} INVALID:[/] {r.message} → {r.recommendation}", highlight=False
                 )
+        for note in p.verdict.notes:
+            console.print(f"[yellow]{p.engine} {p.point} note:[/] {note}", highlight=False)
     console.print(f"wrote {config.run_dir / 'summary.json'}", highlight=False)

@@ -1,0 +1,76 @@
+"""The client's loop watch (harness.loopwatch): each record's `read_stall` says how long the client's event loop was
+held up between the send and the first token's read, which tells a client that read late from a server that wrote
+late (both reach the client as one late read). Each side is made late on purpose: the client by blocking its loop,
+the scripted server by a scripted TTFT; the product's own loop (uvloop where installed) runs the client."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from adapters.scripted import make_adapter
+from harness import loop as event_loop
+from harness import metrics
+from harness.calibrate import calibration_specs
+from harness.calibration import ScriptConfig, serve_in_process
+from harness.loopwatch import INTERVAL_S, LoopWatch
+from harness.records import RequestRecord
+from harness.runner import StopRule, Target, run_point
+from workloads.arrival import LoadPoint
+
+BLOCK_S = 0.3
+
+
+def test_a_blocked_loop_is_held_up_where_it_was_blocked_and_not_elsewhere() -> None:
+    async def main() -> tuple[LoopWatch, float, float, float]:
+        watch = LoopWatch()
+        watch.start()
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.1)
+        start = time.perf_counter()
+        time.sleep(BLOCK_S)
+        end = time.perf_counter()
+        await asyncio.sleep(0.1)
+        watch.stop()
+        return watch, t0, start, end
+
+    watch, t0, start, end = event_loop.run(main())
+    # a tick falls due within one interval of the block's start and cannot run before its end
+    assert watch.held_up(start, end) >= BLOCK_S - INTERVAL_S - 0.002, watch.held_up(start, end)
+    # the windows before and after the block do not see it (a machine stall of 0.1 s would be needed to fail)
+    assert watch.held_up(t0, start - 0.01) < 0.1
+    assert watch.held_up(end + 0.01, end + 0.09) < 0.1
+
+
+def _one(url: str, rid: str, block: tuple[float, float] | None) -> RequestRecord:
+    """One streamed request through the runner; `block` = (after, for how long) the client's loop is blocked."""
+    target = Target("scripted", url, make_adapter(), "scripted")
+    spec = next(itertools.islice(calibration_specs(rid, 4), 1))
+
+    async def main() -> RequestRecord:
+        records: list[RequestRecord] = []
+        if block is not None:
+            asyncio.get_running_loop().call_later(block[0], time.sleep, block[1])
+        await run_point(target, [spec], LoadPoint("concurrency", 1, "closed"), StopRule(), records.append,
+                        time.perf_counter())  # fmt: skip
+        return records[0]
+
+    return event_loop.run(main())
+
+
+def test_read_stall_tells_a_late_reader_from_a_late_writer() -> None:
+    """The server's first token is due 300 ms after the request arrives. Once the client idles while it waits: the
+    300 ms are the server's and its loop was not held up. Once the client blocks its loop from 50 to 450 ms: the
+    token waits in the socket until the block ends, and the record says the loop was held up ~400 ms before it."""
+    with serve_in_process(ScriptConfig(ttft=0.3, itl=0.005, output_tokens=4)) as url:
+        writer = _one(url, "late-writer", None)
+        reader = _one(url, "late-reader", (0.05, 0.4))
+    for r in (writer, reader):
+        assert r.ok and r.read_stall is not None, (r.status, r.error)
+    ttft_w = metrics.ttft(writer)
+    assert ttft_w is not None and ttft_w >= 0.3
+    assert writer.read_stall is not None and writer.read_stall < 0.1, (
+        writer.read_stall
+    )  # 0.2 s short of the TTFT
+    assert reader.read_stall is not None and reader.read_stall >= 0.4 - INTERVAL_S - 0.05, reader.read_stall
