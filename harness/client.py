@@ -862,6 +862,10 @@ async def execute(
             ctype = resp.headers.get("content-type", "")
             if call.stream and "json" not in ctype:  # SSE, whatever the server calls it
                 usage = await _read_stream(conn, resp, rec, target.adapter, run_start, texts)
+                if conn.stamped is not None and rec.chunk_times:
+                    rec.read_stall = (
+                        0.0  # its reads carry the kernel's arrival time: no late read in its TTFT
+                    )
             else:
                 raw = await _read_all(conn, resp)
                 t = _now(run_start)

@@ -3,9 +3,8 @@
 A read happens only when the event loop gets round to it. While the loop is held up (busy with other callbacks, or
 the process waiting for a CPU on a shared machine) bytes wait in the socket, and on uvloop, which reads sockets
 itself, the client stamps them when it reads them, not when they arrived (harness.kernel_time). `LoopWatch` puts a
-callback on the loop every `interval_s` and notes how late each ran; the longest hold-up of a tick due between a
-request's send and its first token's read bounds how late the client read that token (to within one tick). That
-separates a client that read late from a server that wrote late, which the client's timestamps alone cannot: both
+callback on the loop every `interval_s` and notes how late each ran; a hold-up that ended as a request's first token
+was read bounds how late the client read that token (`read_delay`, to within one tick). That separates a client that read late from a server that wrote late, which the client's timestamps alone cannot: both
 arrive as one read of many tokens (harness.reconcile uses it to say which side spent the time).
 """
 
@@ -19,11 +18,13 @@ __all__ = ["INTERVAL_S", "LoopWatch"]
 
 INTERVAL_S = 0.005  # 200 callbacks/s: a few µs each, well under 0.1 % of a core
 _FLOOR_S = 0.001  # lateness below this is the loop's timer resolution (uvloop ticks in whole ms); not kept
+_NEAR_S = 2 * INTERVAL_S  # a tick that ran this close before a read ended the hold-up that read waited out
 
 
 class LoopWatch:
-    """Ticks on the running loop from `start()` to `stop()`; `held_up(a, b)` is the longest a tick due in [a, b]
-    (absolute `time.perf_counter()`) ran late, counting one that is due and has not run yet."""
+    """Ticks on the running loop from `start()` to `stop()`. Times are absolute `time.perf_counter()`:
+    `held_up(a, b)` is the longest a tick due in [a, b] ran late (counting one due and not yet run);
+    `read_delay(sent, read)` bounds how late a read was."""
 
     def __init__(self, interval_s: float = INTERVAL_S) -> None:
         self._loop = asyncio.get_running_loop()
@@ -59,4 +60,22 @@ class LoopWatch:
         pending = self._next
         if pending is not None and start <= pending <= end:  # due inside the window and still waiting to run
             worst = max(worst, time.perf_counter() - pending)
+        return worst
+
+    def read_delay(self, sent: float, read: float) -> float:
+        """At most how long bytes that arrived after `sent` can have waited for a read made at `read`.
+
+        A read is late only by a hold-up that ends as the read happens: one tick is pending at a time, so a
+        hold-up holds one tick, due at `d` (armed one interval earlier, so the hold-up began after `d - interval`),
+        which runs when the hold-up ends, within one loop iteration of the read (`_NEAR_S`) or after it if it is
+        still pending. The bound is `read - max(d - interval, sent)`; 0 when no hold-up ended near the read.
+        Hold-ups earlier in the wait, while nothing had arrived, are not counted (`held_up` counts them)."""
+        worst = 0.0
+        i, j = bisect_left(self.due, sent - self.interval_s), bisect_right(self.due, read)
+        for d, late in zip(self.due[i:j], self.late[i:j], strict=True):
+            if d + late >= read - _NEAR_S:
+                worst = max(worst, read - max(d - self.interval_s, sent))
+        pending = self._next
+        if pending is not None and pending <= read:  # held up at the read and still now
+            worst = max(worst, read - max(pending - self.interval_s, sent))
         return worst

@@ -13,12 +13,13 @@ between the scrapes at the point's start and end (`adapters.prometheus.delta`) i
   Inside it: agree. Above it: time the engine's histogram never sees (the client's queueing and late reads, the
   engine's own HTTP server, tokenizing, detokenizing and writing the stream, the network), so up to `ttft_tolerance`
   above still agrees and the excess is reported. More is split by side: each request's client part is its send lag
-  plus the longest its event loop was held up before the first token's read (`RequestRecord.read_stall`, an upper
-  bound). When even the TTFT less every client part stays beyond the tolerance, the client is not why: the time was
-  spent on the server's side outside its histogram, `outside_engine`, a finding, not a measuring error (the client's
-  number is what users wait). When the client's part can account for it, the harness may be the bottleneck: `client_delayed`, which the verdict's send-lag and read-stall rules judge; a
-  `disagree` when the client did not watch its loop (other clients, older runs). Below the bucket beyond the tolerance is a disagreement too (the client cannot see
-  a token before the engine made it): the two measure different things.
+  plus how late, at most, it read the first token (`RequestRecord.read_stall`, an upper bound). When even the TTFT
+  less every client part stays beyond the tolerance, the client is not why: the server's side spent the time outside
+  its histogram, `outside_engine`, a finding, not a measuring error (the client's number is what users wait). When
+  the client's part can account for it, the harness may be the bottleneck: `client_delayed`, which the verdict's
+  send-lag and read-stall rules judge. Without read stalls (other clients, older runs) it is `disagree`: which side is
+  unknown. Below the bucket beyond the tolerance is a disagreement too (the client cannot see a token before the
+  engine made it): the two measure different things.
 Definitions: docs/telemetry.md.
 """
 
@@ -277,7 +278,7 @@ def _ttft_check(
             if served_ms - high > tol:
                 verdict = "outside_engine"
                 reason += (
-                    f"; the client is not why (its send lag and loop hold-ups before the first token's read, "
+                    f"; the client is not why (its send lag and late reads of the first token, "
                     f"p{q * 100:g} {part_ms:.1f} ms, leave {served_ms - high:.1f} ms above the bucket): the engine's "
                     "server spent it outside its own histogram (HTTP, tokenizing, detokenizing, writing the "
                     "stream) or something between client and engine did (a proxy, the network)"
@@ -285,8 +286,8 @@ def _ttft_check(
             else:
                 verdict = "client_delayed"
                 reason += (
-                    f"; the client's own delays can account for it (send lag and loop hold-ups before the first "
-                    f"token's read, p{q * 100:g} {part_ms:.1f} ms): the harness, not the engine, may be the "
+                    f"; the client's own delays can account for it (send lag and late reads of the first token, "
+                    f"p{q * 100:g} {part_ms:.1f} ms): the harness, not the engine, may be the "
                     "bottleneck"
                 )
     elif -outside <= tol:
@@ -324,7 +325,7 @@ def reconcile(
     counts = _counts(recs, engine_delta)
     timed = [(r, t) for r in recs if r.ok and (t := metrics.ttft(r)) is not None]
     client_ttft = [t for _, t in timed]
-    # each request's client part: its send lag plus how long the loop was held up before its first token's read
+    # each request's client part: its send lag plus how late, at most, it read its first token
     client_part: list[float] | None = [
         (metrics.send_lag(r) or 0.0) + r.read_stall for r, _ in timed if r.read_stall is not None
     ]

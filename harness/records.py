@@ -57,8 +57,9 @@ class RequestRecord:
     expected_output_tokens: int | None = None
     output_text: str | None = None  # kept only when asked (quality checks, chat history)
     worker: int = 0
-    # the longest the client's event loop was held up between `sent` and reading the first token (harness.loopwatch):
-    # how late, at most, the client read it; None where nothing watched the loop (other clients, older runs)
+    # how late, at most, the client read the first token: a hold-up of its event loop that ended at that read
+    # (harness.loopwatch); 0 when the token is stamped with the kernel's arrival time (no late read in it); None
+    # where nothing watched the loop (other clients, older runs)
     read_stall: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
     kind: Literal["request"] = "request"

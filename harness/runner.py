@@ -415,8 +415,8 @@ class _PointRun:
         return dataclasses.replace(spec, prompt=parent.spec.prompt + reply + spec.prompt)
 
     def finish(self, rec: RequestRecord, phase: Phase) -> None:
-        if self.watch is not None and rec.sent is not None and rec.chunk_times:
-            rec.read_stall = self.watch.held_up(
+        if self.watch is not None and rec.read_stall is None and rec.sent is not None and rec.chunk_times:
+            rec.read_stall = self.watch.read_delay(
                 rec.sent + self.run_start, rec.chunk_times[0] + self.run_start
             )
         self.counts["total"] += 1

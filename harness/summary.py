@@ -102,8 +102,8 @@ class PointSummary(BaseModel):
     tpot_ms: LatencyStats
     e2e_ms: LatencyStats
     send_lag_ms: LatencyStats
-    # the longest the client's loop was held up between each measured request's send and its first token's read
-    # (RequestRecord.read_stall): how late, at most, the client read first tokens; empty where nothing watched
+    # how late, at most, the client read each successful measured request's first token (RequestRecord.read_stall);
+    # empty where nothing watched the loop
     read_stall_ms: LatencyStats = Field(default_factory=LatencyStats)
     requests_per_s: float | None
     input_tokens_per_s: float | None

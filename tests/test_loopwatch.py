@@ -41,9 +41,15 @@ def test_a_blocked_loop_is_held_up_where_it_was_blocked_and_not_elsewhere() -> N
     # the windows before and after the block do not see it (a machine stall of 0.1 s would be needed to fail)
     assert watch.held_up(t0, start - 0.01) < 0.1
     assert watch.held_up(end + 0.01, end + 0.09) < 0.1
+    # a read just after the block waited it out (the bytes may have come at its start); one 50 ms later did not
+    # wait on it: the loop ran on time in between
+    assert watch.read_delay(t0, end + 0.001) >= BLOCK_S - INTERVAL_S - 0.002
+    assert watch.read_delay(t0, end + 0.05) < 0.1
+    # nothing can have waited from before it was sent
+    assert watch.read_delay(end - 0.05, end + 0.001) <= 0.05 + 0.001 + 1e-9
 
 
-def _one(url: str, rid: str, block: tuple[float, float] | None) -> RequestRecord:
+def _one(url: str, rid: str, block: tuple[float, float] | None, stamped: bool = False) -> RequestRecord:
     """One streamed request through the runner; `block` = (after, for how long) the client's loop is blocked."""
     target = Target("scripted", url, make_adapter(), "scripted")
     spec = next(itertools.islice(calibration_specs(rid, 4), 1))
@@ -56,7 +62,7 @@ def _one(url: str, rid: str, block: tuple[float, float] | None) -> RequestRecord
                         time.perf_counter())  # fmt: skip
         return records[0]
 
-    return event_loop.run(main())
+    return asyncio.run(main()) if stamped else event_loop.run(main())
 
 
 def test_read_stall_tells_a_late_reader_from_a_late_writer() -> None:
@@ -66,6 +72,8 @@ def test_read_stall_tells_a_late_reader_from_a_late_writer() -> None:
     with serve_in_process(ScriptConfig(ttft=0.3, itl=0.005, output_tokens=4)) as url:
         writer = _one(url, "late-writer", None)
         reader = _one(url, "late-reader", (0.05, 0.4))
+        # asyncio's own loop reads through sockets that keep the kernel's arrival time (harness.kernel_time)
+        stamped = _one(url, "stamped-reader", (0.05, 0.4), stamped=True)
     for r in (writer, reader):
         assert r.ok and r.read_stall is not None, (r.status, r.error)
     ttft_w = metrics.ttft(writer)
@@ -74,3 +82,11 @@ def test_read_stall_tells_a_late_reader_from_a_late_writer() -> None:
         writer.read_stall
     )  # 0.2 s short of the TTFT
     assert reader.read_stall is not None and reader.read_stall >= 0.4 - INTERVAL_S - 0.05, reader.read_stall
+    ttft_r = metrics.ttft(reader)
+    assert ttft_r is not None and ttft_r >= 0.4, ttft_r  # read when the block ended, ~0.45 s
+    # the same block with the kernel's stamps: the token is timed by its arrival (~0.3 s), no late read in it
+    ttft_s = metrics.ttft(stamped)
+    assert stamped.read_stall == 0.0 and ttft_s is not None and 0.3 <= ttft_s < 0.4, (
+        stamped.read_stall,
+        ttft_s,
+    )
