@@ -53,10 +53,11 @@ POLICY = "min_duration_s: 0.9\nmax_send_lag_p99_ms: 50\nmax_read_stall_p99_ms: 5
 # The recommendation below is known only if the machine let the client keep its schedule: a shared CI machine once
 # stalled everything ~100 ms inside the fast engine's 1.5 s point (one request sent 102 ms late, another's 16 tokens
 # in one read), so its TTFT p95 read 62 ms and "scripted" (41 ms) won. The harness reports such stalls itself, as
-# send lag and as read stall (its loop held up before a first token's read), so the runs are redone (at most
-# RUN_ATTEMPTS times) until every point's p99 of both is within 10 ms (the product's default send-lag bound); a
-# machine that never allows that skips these tests, with the numbers.
-QUIET_P99_MS = 10.0
+# send lag and as read stall (how late, at most, it read a first token), so the runs are redone (at most
+# RUN_ATTEMPTS times) until every point's p99 send lag is within 10 ms (the product's default bound) and its p99 read
+# stall within 15 ms (the fast engine's 20 ms TTFT plus 15 stays under the next engine's 40 ms, and under the plan's
+# 40 ms SLO); a machine that never allows that skips these tests, with the numbers.
+QUIET_P99_MS = {"send_lag_p99_ms": 10.0, "read_stall_p99_ms": 15.0}
 RUN_ATTEMPTS = 3
 PLAN = """schema_version: 1
 use_cases:
@@ -99,9 +100,13 @@ def make_runs(base: Path) -> Runs:
             f"{p['engine'][:8]} {p['point']} {check[:-7]}": p["checks"][check]
             for run in (runs.run, runs.run_b)
             for p in orjson.loads((run / "summary.json").read_bytes())["points"]
-            for check in ("send_lag_p99_ms", "read_stall_p99_ms")
+            for check in QUIET_P99_MS
         }
-        late = {k: v if v is None else round(v, 1) for k, v in lags.items() if v is None or v > QUIET_P99_MS}
+        late = {
+            k: v if v is None else round(v, 1)
+            for k, v in lags.items()
+            if v is None or v > QUIET_P99_MS[k.rsplit(" ", 1)[1] + "_p99_ms"]
+        }
         if not late:
             (base / "done").write_text("")
             return runs
