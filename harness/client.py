@@ -863,9 +863,8 @@ async def execute(
             if call.stream and "json" not in ctype:  # SSE, whatever the server calls it
                 usage = await _read_stream(conn, resp, rec, target.adapter, run_start, texts)
                 if conn.stamped is not None and rec.chunk_times:
-                    rec.read_stall = (
-                        0.0  # its reads carry the kernel's arrival time: no late read in its TTFT
-                    )
+                    # its reads carry the kernel's arrival time: no late read in its TTFT
+                    rec.read_stall = 0.0
             else:
                 raw = await _read_all(conn, resp)
                 t = _now(run_start)

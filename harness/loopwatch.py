@@ -4,8 +4,9 @@ A read happens only when the event loop gets round to it. While the loop is held
 the process waiting for a CPU on a shared machine) bytes wait in the socket, and on uvloop, which reads sockets
 itself, the client stamps them when it reads them, not when they arrived (harness.kernel_time). `LoopWatch` puts a
 callback on the loop every `interval_s` and notes how late each ran; a hold-up that ended as a request's first token
-was read bounds how late the client read that token (`read_delay`, to within one tick). That separates a client that read late from a server that wrote late, which the client's timestamps alone cannot: both
-arrive as one read of many tokens (harness.reconcile uses it to say which side spent the time).
+was read bounds how late the client read that token (`read_delay`, to within one tick). That separates a client
+that read late from a server that wrote late, which the client's timestamps alone cannot: both arrive as one read
+of many tokens (harness.reconcile uses it to say which side spent the time).
 """
 
 from __future__ import annotations

@@ -326,11 +326,8 @@ def reconcile(
     timed = [(r, t) for r in recs if r.ok and (t := metrics.ttft(r)) is not None]
     client_ttft = [t for _, t in timed]
     # each request's client part: its send lag plus how late, at most, it read its first token
-    client_part: list[float] | None = [
-        (metrics.send_lag(r) or 0.0) + r.read_stall for r, _ in timed if r.read_stall is not None
-    ]
-    if client_part is not None and len(client_part) != len(timed):
-        client_part = None
+    parts = [(metrics.send_lag(r) or 0.0) + r.read_stall for r, _ in timed if r.read_stall is not None]
+    client_part = parts if len(parts) == len(timed) else None
     lags = [lag for r in recs if (lag := metrics.send_lag(r)) is not None]
     lag_ms = metrics.percentile(lags, 50) * 1000.0 if lags else None
     h = engine_delta.get("ttft_seconds")

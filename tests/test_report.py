@@ -96,16 +96,12 @@ def make_runs(base: Path) -> Runs:
         for d in (runs.run, runs.run_b):
             shutil.rmtree(d, ignore_errors=True)
         _make_runs(base, runs)
-        lags = {
-            f"{p['engine'][:8]} {p['point']} {check[:-7]}": p["checks"][check]
+        late = {
+            f"{p['engine'][:8]} {p['point']} {check[:-7]}": v if v is None else round(v, 1)
             for run in (runs.run, runs.run_b)
             for p in orjson.loads((run / "summary.json").read_bytes())["points"]
-            for check in QUIET_P99_MS
-        }
-        late = {
-            k: v if v is None else round(v, 1)
-            for k, v in lags.items()
-            if v is None or v > QUIET_P99_MS[k.rsplit(" ", 1)[1] + "_p99_ms"]
+            for check, bound in QUIET_P99_MS.items()
+            if (v := p["checks"][check]) is None or v > bound
         }
         if not late:
             (base / "done").write_text("")
