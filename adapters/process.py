@@ -34,7 +34,7 @@ import orjson
 import psutil
 
 from adapters.base import Adapter, EngineConfig
-from harness.errors import EndpointError, EngineError
+from harness.errors import ConfigError, EndpointError, EngineError
 
 __all__ = [
     "TAG_VAR",
@@ -388,12 +388,25 @@ async def launched(
     name: str | None = None,
     container: bool = False,
     runtime: str = "docker",
+    nice: int = 0,
 ) -> AsyncIterator[Endpoint]:
     """Start the engine (port 0 in `cfg` picks a free one), wait until ready, yield it, stop it on the way out.
+
+    `nice` > 0 starts the engine's process tree that many levels below this process's CPU priority (`nice -n`,
+    inherited by every process it starts), so a CPU engine sharing the host cannot keep the client off the cores.
 
     A picked port can be taken by another process before the engine binds it; the engine then exits early and is
     started once more on a new port."""
     name = name or adapter.info.name
+    if not 0 <= nice <= 19:
+        raise ConfigError(
+            f"engine nice {nice} is out of range: give 0 (the client's priority) to 19 (the lowest)"
+        )
+    if nice and container:
+        raise ConfigError(
+            "engine nice does not reach a container's processes (they are the runtime daemon's children): "
+            "leave it at 0 and limit the container's CPU with the runtime's own options"
+        )
     pick = cfg.port == 0
     if not pick and port_in_use(cfg.host, cfg.port):
         raise EngineError(
@@ -402,6 +415,8 @@ async def launched(
     for attempt in (1, 2):
         run_cfg = dataclasses.replace(cfg, port=free_port(_client_host(cfg.host))) if pick else cfg
         argv = adapter.container_argv(run_cfg, runtime) if container else adapter.launch_argv(run_cfg)
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]  # exec's the engine: the same pid, its children inherit
         env = {**os.environ, **({} if container else adapter.launch_env(run_cfg))}
         proc = EngineProcess(name, argv, env, log_path)
         if container:

@@ -29,12 +29,12 @@ from harness import loop as event_loop
 from harness.calibration import (
     ScriptConfig,
     chunk_schedule,
-    cpu_wait_s,
     fetch_stats,
     reset_stats,
     serve_in_process,
 )
 from harness.client import Codec, Connection, Target
+from harness.loopwatch import cpu_wait_s
 from harness.records import RequestRecord
 from workloads.spec import RequestSpec
 

@@ -56,6 +56,7 @@ import orjson
 
 from harness import kernel_time
 from harness.kernel_time import StampedListener, StampedSocket
+from harness.loopwatch import cpu_wait_s
 
 __all__ = [
     "FAULT_KINDS",
@@ -63,7 +64,6 @@ __all__ = [
     "ScriptConfig",
     "ScriptedServer",
     "chunk_schedule",
-    "cpu_wait_s",
     "fetch_stats",
     "main",
     "reset_stats",
@@ -166,15 +166,6 @@ def _prompt_tokens(body: Mapping[str, Any], cfg: ScriptConfig) -> int:
             return len(prompt)
         return sum(len(str(p).split()) for p in prompt)
     return len(str(prompt).split())
-
-
-def cpu_wait_s() -> float | None:
-    """Seconds this process has spent runnable but waiting for a CPU (Linux schedstat): starvation, not load."""
-    try:
-        with open("/proc/self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _frame(payload: bytes) -> bytes:

@@ -498,7 +498,7 @@ def _combine(
         ended=max((o.ended for o in parts), default=started),
         counts=dict(counts),
         stop_reason=min(reasons, key=_REASON_ORDER.index) if reasons else "aborted",
-        client_cpu=max(cpus, key=lambda c: c.mean_util) if cpus else ClientCpu(()),
+        client_cpu=ClientCpu.busiest(cpus),
         max_send_lag=max((o.max_send_lag for o in parts), default=0.0),
         window_end=next((o.window_end for o in parts if o.window_end is not None), None),
         processes=len(active),

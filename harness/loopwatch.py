@@ -7,6 +7,10 @@ callback on the loop every `interval_s` and notes how late each ran; a hold-up t
 was read bounds how late the client read that token (`read_delay`, to within one tick). That separates a client
 that read late from a server that wrote late, which the client's timestamps alone cannot: both arrive as one read
 of many tokens (harness.reconcile uses it to say which side spent the time).
+
+It also reads the loop thread's run-queue wait (Linux schedstat) at `start` and `stop`: `cpu_wait` is the share of
+that span the client was ready to run but waited for a CPU, held off by other processes (an engine on the same
+cores, a neighbour). High, it says why the loop was held up: the machine, not the client's own work.
 """
 
 from __future__ import annotations
@@ -15,11 +19,21 @@ import asyncio
 import time
 from bisect import bisect_left, bisect_right
 
-__all__ = ["INTERVAL_S", "LoopWatch"]
+__all__ = ["INTERVAL_S", "LoopWatch", "cpu_wait_s"]
 
 INTERVAL_S = 0.005  # 200 callbacks/s: a few µs each, well under 0.1 % of a core
 _FLOOR_S = 0.001  # lateness below this is the loop's timer resolution (uvloop ticks in whole ms); not kept
 _NEAR_S = 2 * INTERVAL_S  # a tick that ran this close before a read ended the hold-up that read waited out
+
+
+def cpu_wait_s(thread: bool = False) -> float | None:
+    """Seconds this process's main thread (`thread`: the calling thread) has spent runnable but waiting for a CPU
+    (Linux schedstat: starvation by other processes, not load); None where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat" if thread else "/proc/self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class LoopWatch:
@@ -34,15 +48,24 @@ class LoopWatch:
         self.late: list[float] = []  # how late it ran (s)
         self._next: float | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self._began: tuple[float, float | None] | None = None
+        self.cpu_wait: float | None = None  # share of start..stop the loop thread waited for a CPU
 
     def start(self) -> None:
-        self._arm(time.perf_counter())
+        now = time.perf_counter()
+        self._began = (now, cpu_wait_s(thread=True))
+        self._arm(now)
 
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
         self._next = None
+        if self._began is not None:
+            (t0, w0), t1, w1 = self._began, time.perf_counter(), cpu_wait_s(thread=True)
+            if w0 is not None and w1 is not None and t1 > t0:
+                self.cpu_wait = (w1 - w0) / (t1 - t0)
+            self._began = None
 
     def _arm(self, now: float) -> None:
         self._next = now + self.interval_s

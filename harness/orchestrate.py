@@ -92,6 +92,8 @@ class RunConfig:
     prior: ResumeState | None = None
     # --distributed: each load point split across Locust workers (harness/distributed.py, docs/distributed.md)
     distributed: DistributedConfig | None = None
+    # --engine-nice N: engines this run launches start N levels below the client's CPU priority (0: the same)
+    engine_nice: int = 0
 
 
 @dataclass
@@ -251,6 +253,7 @@ async def _engine(
         run.path / "engines" / f"{choice.name}.log",
         cfg.ready_timeout_s,
         name=choice.name,
+        nice=cfg.engine_nice,
     ) as ep:
         yield adapter, ep
 
@@ -518,7 +521,11 @@ def _start(run: RunDir, cfg: RunConfig, workload: Workload, anchor: ClockAnchor)
         slo=cfg.slo.to_dict(),
         settings={
             "requested": {"engines": [_choice_dict(e) for e in cfg.engines]},
-            "effective": {"stream": cfg.stream, "ready_timeout_s": cfg.ready_timeout_s},
+            "effective": {
+                "stream": cfg.stream,
+                "ready_timeout_s": cfg.ready_timeout_s,
+                "engine_nice": cfg.engine_nice,
+            },
             # everything `bench run --resume` needs to carry on with the same settings (never the API key)
             "run_config": _config_block(cfg),
         },
@@ -713,6 +720,7 @@ def _config_block(cfg: RunConfig) -> dict[str, Any]:
         "stream": cfg.stream,
         "ready_timeout_s": cfg.ready_timeout_s,
         "repeat": cfg.repeat,
+        "engine_nice": cfg.engine_nice,
     }
 
 
@@ -760,6 +768,7 @@ def resume_config(
             resume=True,
             repeat=int(block["repeat"]),
             resend_failed=resend_failed,
+            engine_nice=int(block.get("engine_nice", 0)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SchemaError(

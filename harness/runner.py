@@ -35,7 +35,7 @@ import time
 import traceback
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,6 +103,9 @@ class ClientCpu:
 
     samples: tuple[float, ...]
     interval_s: float = CPU_INTERVAL_S
+    cpu_wait: float | None = (
+        None  # share of the point its loop thread was runnable but had no CPU (LoopWatch)
+    )
 
     @property
     def mean_util(self) -> float:
@@ -116,6 +119,14 @@ class ClientCpu:
     def saturated(self) -> bool:
         return self.mean_util >= CPU_SATURATED
 
+    @classmethod
+    def busiest(cls, cpus: Sequence[ClientCpu]) -> ClientCpu:
+        """Several client processes as one: the busiest one's use, the longest any waited for a CPU."""
+        if not cpus:
+            return cls(())
+        waits = [c.cpu_wait for c in cpus if c.cpu_wait is not None]
+        return dataclasses.replace(max(cpus, key=lambda c: c.mean_util), cpu_wait=max(waits, default=None))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mean_util": self.mean_util,
@@ -123,6 +134,7 @@ class ClientCpu:
             "saturated": self.saturated,
             "samples": len(self.samples),
             "interval_s": self.interval_s,
+            "cpu_wait": self.cpu_wait,
         }
 
 
@@ -643,7 +655,7 @@ async def execute_point(
         ended=ended,
         counts=dict(state.counts),
         stop_reason=state.stop_reason or "specs_exhausted",
-        client_cpu=ClientCpu(tuple(cpu)),
+        client_cpu=ClientCpu(tuple(cpu), cpu_wait=state.watch.cpu_wait),
         max_send_lag=state.max_lag,
         window_end=None if state.window_end is None else state.window_end - run_start,
     )
@@ -888,7 +900,7 @@ async def run_point_multiprocess(
         ended=max(o.ended for o in parts),
         counts=dict(counts),
         stop_reason=min((o.stop_reason for o in parts), key=_REASON_ORDER.index),
-        client_cpu=max(cpus, key=lambda c: c.mean_util),
+        client_cpu=ClientCpu.busiest(cpus),
         max_send_lag=max(o.max_send_lag for o in parts),
         window_end=next((o.window_end for o in parts if o.window_end is not None), None),
         processes=len(parts),

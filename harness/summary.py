@@ -84,6 +84,7 @@ class ClientCpu(BaseModel):
     mean_util: float | None = None  # fraction of one core
     max_util: float | None = None
     saturated: bool | None = None
+    cpu_wait: float | None = None  # share of the point the client's loop waited for a CPU (schedstat)
 
 
 class PointSummary(BaseModel):
@@ -230,6 +231,7 @@ def summarize_point(
         ttft_p50_ms=lat["ttft"].p50,
         client_cpu_util=cpu.mean_util if cpu else None,
         client_cpu_saturated=cpu.saturated if cpu else None,
+        client_cpu_wait=cpu.cpu_wait if cpu else None,
         error_rate=error_rate,
         token_count_mismatch=_mean([abs(s - c) / s for s, c in server]),
         output_length_mismatch=_mean([abs(a - e) / e for a, e in pinned]),

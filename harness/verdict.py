@@ -45,6 +45,9 @@ class VerdictPolicy(BaseModel):
     max_read_stall_p99_ms: float = 10.0
     max_read_stall_ttft_share: float = 0.10
     max_client_cpu_util: float = 0.90
+    # the client's loop waited for a CPU this share of the point or more: other processes held the cores, and the
+    # client-side rules that fire say so (the cause, not a rule of its own: a starved client that kept up is fine)
+    starved_cpu_wait: float = 0.10
     max_error_rate: float = 0.01
     max_token_count_mismatch: float = 0.02
     max_output_length_mismatch: float = 0.02
@@ -83,6 +86,7 @@ class PointChecks(BaseModel):
     ttft_p50_ms: float | None = None
     client_cpu_util: float | None = None  # mean, as a fraction of one core
     client_cpu_saturated: bool | None = None
+    client_cpu_wait: float | None = None  # share of the point the client's loop was runnable but had no CPU
     error_rate: float | None = None  # failed / measured, not counting requests cancelled by the run's end
     token_count_mismatch: float | None = (
         None  # mean |server − client| / server over requests with server usage
@@ -116,7 +120,21 @@ class Verdict(BaseModel):
     notes: list[str] = []  # what the point showed that does not change its status (PointChecks.engine_notes)
 
 
-_CLIENT = "the client cannot keep up: lower --rate or use more client processes"
+_CLIENT = "the client cannot keep up: lower --rate or spread the load over client processes (--distributed)"
+_STALLED = (
+    "the client was busy or waited for a CPU (beside the engine on a small machine): give it a core of its own "
+    "(taskset), lower the load or spread it (--distributed), or run on a quieter machine"
+)
+
+
+def _starved(c: PointChecks, p: VerdictPolicy) -> str | None:
+    if c.client_cpu_wait is None or c.client_cpu_wait < p.starved_cpu_wait:
+        return None
+    return (
+        f"the client waited for a CPU {c.client_cpu_wait:.0%} of the point (other processes held the cores: "
+        "the engine beside it, a neighbour): launch the engine below it (--engine-nice 19), pin them apart "
+        "(taskset), or run on a quieter machine"
+    )
 
 
 def _run_longer(c: PointChecks, p: VerdictPolicy) -> str:
@@ -130,6 +148,7 @@ def _run_longer(c: PointChecks, p: VerdictPolicy) -> str:
 def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
     p = p or VerdictPolicy()
     reasons: list[VerdictReason] = []
+    starved = _starved(c, p)  # when it applies, the cause of every client-side finding
 
     def fail(code: ReasonCode, message: str, recommendation: str) -> None:
         reasons.append(VerdictReason(code=code, message=message, recommendation=recommendation))
@@ -153,13 +172,13 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             "rate_not_achieved",
             f"sent {c.achieved_rate_per_s:.2f} req/s of the {c.scheduled_rate_per_s:.2f} req/s scheduled "
             f"(< {p.min_send_rate_fraction:.0%})",
-            _CLIENT,
+            starved or _CLIENT,
         )
     if c.send_lag_p99_ms is not None and c.send_lag_p99_ms > p.max_send_lag_p99_ms:
         fail(
             "send_lag",
             f"p99 send lag {c.send_lag_p99_ms:.1f} ms (> {p.max_send_lag_p99_ms:g} ms): requests left late",
-            _CLIENT,
+            starved or _CLIENT,
         )
     stall_limit = max(p.max_read_stall_p99_ms, p.max_read_stall_ttft_share * (c.ttft_p50_ms or 0.0))
     if c.read_stall_p99_ms is not None and c.read_stall_p99_ms > stall_limit:
@@ -168,8 +187,7 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             f"p99 read stall {c.read_stall_p99_ms:.1f} ms (> {stall_limit:.1f} ms, max({p.max_read_stall_p99_ms:g} "
             f"ms, {p.max_read_stall_ttft_share:.0%} of TTFT p50)): the client's loop was held up before it read "
             "first tokens, so TTFTs may hold that much of the client's own delay",
-            "the client was busy or waited for a CPU (beside the engine on a small machine): give it a core of its "
-            "own (taskset), lower the load or spread it (--processes), or run on a quieter machine",
+            starved or _STALLED,
         )
     saturated = c.client_cpu_saturated
     if saturated is None and c.client_cpu_util is not None:

@@ -8,7 +8,8 @@ manifest (nothing made up; criteria without data stay null).
 
 Relaxed policy (short runs on 2 shared cores): min 1 request, no minimum duration or send rate, send lag and read
 stall p99 up to 1 s, client CPU up to 100%; errors and token-count mismatches still must be zero.
-Everything runs at nice 19 (another developer measures on this machine). Skips when an engine is not installed.
+The engines run at nice 19 (`--engine-nice 19`: another developer measures on this machine), the light client at
+the default priority, above them. Skips when an engine is not installed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ RELAXED_POLICY = {
 
 
 def bench(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    argv = ["nice", "-n", "19", sys.executable, "-m", "harness.cli", *args]
+    argv = [sys.executable, "-m", "harness.cli", *args]
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -65,7 +66,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("decide") / "synthetic"
     ok(bench("run", "--engines", ",".join(ENGINES), "--workload", "synthetic", "--set", "input_tokens=64",
              "--set", "output_tokens=16", "--requests", "6", "--warmup", "1", "--concurrency", "1,2",
-             "--slo", "e2e_p99=120s", "--out", str(out)))  # fmt: skip
+             "--slo", "e2e_p99=120s", "--engine-nice", "19", "--out", str(out)))  # fmt: skip
     policy = out.parent / "relaxed-policy.json"
     policy.write_text(json.dumps(RELAXED_POLICY))
     ok(bench("summarize", str(out), "--policy", str(policy)))
@@ -95,6 +96,16 @@ def test_run_points_are_valid_under_the_relaxed_policy(run_dir: Path) -> None:
         reasons += "".join(f"; note: {n}" for n in p["verdict"].get("notes") or [])
         assert p["verdict"]["status"] == "VALID", f"{p['engine']} {p['point']}: {reasons}"
         assert p["requests"]["ok"] == 6 and p["error_rate"] == 0.0
+
+
+def test_engines_ran_below_the_client(run_dir: Path) -> None:
+    """`--engine-nice 19` is in the manifest (for `--resume`) and in each engine's recorded launch command."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["settings"]["effective"]["engine_nice"] == 19
+    assert manifest["settings"]["run_config"]["engine_nice"] == 19
+    assert {e["name"]: e["launch_argv"][:3] for e in manifest["engines"]} == {
+        e: ["nice", "-n", "19"] for e in ENGINES
+    }
 
 
 def test_decide_ranks_the_engines_that_ran(decision: dict[str, Any]) -> None:

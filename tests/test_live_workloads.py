@@ -9,7 +9,10 @@ quality report, and trace replay timing (also against the calibration server, wh
 Sizes are small (the machine has 2 shared cores), so the default verdict policy (30 requests, 10 s) calls these
 points INVALID; no check here reads the verdict (tests/test_live_decide.py, which needs VALID points, re-summarizes
 with a relaxed policy). Speed is never asserted in absolute terms: only ratios measured within one run, and counts.
-Every subprocess runs at nice 19 (another developer measures on this machine).
+Every engine and scripted server runs at nice 19 (another developer measures on this machine): `bench run` starts
+llama.cpp with `--engine-nice 19`, the vLLM fixture launches with `nice=19`. The client itself stays at the
+default priority: it is light (~2 s of CPU in a 30 s trace replay) and the instrument; at nice 19 beside a busy
+engine and a neighbour at nice 0 it waited for a core for up to 1.1 s and sent trace requests that late.
 
 Skips with the reason when an engine is not installed (`bench engines install vllm llamacpp`).
 """
@@ -22,12 +25,11 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from adapters import registry
-from adapters.base import Adapter
 from workloads.model import TraceSpec
 from workloads.spec import Message
 
@@ -45,8 +47,11 @@ def need(engine: str) -> None:
 
 
 def bench(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    """`bench ARGS` as a subprocess at the lowest CPU priority (another developer is measuring on this machine)."""
-    argv = ["nice", "-n", "19", sys.executable, "-m", "harness.cli", *args]
+    """`bench ARGS` as a subprocess; engines it launches start at the lowest CPU priority (another developer is
+    measuring on this machine), below the client."""
+    if args[:1] == ("run",) and "--engines" in args:
+        args = (*args, "--engine-nice", "19")
+    argv = [sys.executable, "-m", "harness.cli", *args]
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -279,8 +284,14 @@ def test_llamacpp_quantized_variants_and_quality(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- trace replay
 
 
-def trace_checks(run_dir: Path, engine: str, workload: str, sets: dict[str, str], tolerance_s: float) -> None:
-    """The requests sent are the trace rows the workload selects (count, scaled lengths), sent on their schedule."""
+def trace_checks(
+    run_dir: Path, engine: str, workload: str, sets: dict[str, str], tolerance_s: float | None = None
+) -> None:
+    """The requests sent are the trace rows the workload selects (count, scaled lengths), scheduled at the trace's
+    times. `tolerance_s` (the scripted server, whose host work is light): each left within it. Without one (a real
+    engine sharing the 2 cores, where how late the client gets a core is the machine's, not the harness's): the
+    harness says how late requests left, and a point with any request late past 10 ms at p99 is judged `send_lag`,
+    never passed off as the engine's latency."""
     from workloads.registry import load_workload
     from workloads.traces import read_trace, select_rows
 
@@ -308,10 +319,17 @@ def trace_checks(run_dir: Path, engine: str, workload: str, sets: dict[str, str]
         )  # BOS where added
         want = (row.time_s - rows[0].time_s) / spec.speedup
         assert abs((r["scheduled"] - t0) - want) < 1e-6, (r["scheduled"] - t0, want)
-        assert r["sent"] - r["scheduled"] < tolerance_s, (r["request_id"], r["sent"] - r["scheduled"])
+        if tolerance_s is not None:
+            assert r["sent"] - r["scheduled"] < tolerance_s, (r["request_id"], r["sent"] - r["scheduled"])
     # one open-loop point replaying the trace's own timestamps
     (p,) = [p for p in summary(run_dir)["points"] if p["engine"] == engine]
     assert p["load"]["arrival"] == "trace" and p["load"]["closed_loop"] is False, p["load"]
+    lag_ms = max(r["sent"] - r["scheduled"] for r in recs) * 1000
+    assert p["send_lag_ms"]["max"] == pytest.approx(lag_ms), p["send_lag_ms"]
+    ttft_ms = max(r["chunk_times"][0] - r["scheduled"] for r in recs) * 1000
+    assert p["ttft_ms"]["max"] == pytest.approx(ttft_ms), p["ttft_ms"]  # a late send stays inside the TTFT
+    flagged = "send_lag" in {reason["code"] for reason in p["verdict"]["reasons"]}
+    assert flagged == (p["send_lag_ms"]["p99"] > 10.0), (p["send_lag_ms"], p["verdict"])
     span = recs[-1]["scheduled"] - t0
     print(f"{engine} {workload}: {len(recs)} requests over {span:.2f} s, max send lag "
           f"{max(r['sent'] - r['scheduled'] for r in recs) * 1000:.1f} ms")  # fmt: skip
@@ -390,7 +408,7 @@ def test_trace_azure_on_llamacpp(tmp_path: Path) -> None:
     sets = {"max_requests": "12", "speedup": "40", "length_scale": "0.0625", "max_output_tokens": "8"}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     run_ok("--engines", "llamacpp", "--workload", "trace-azure", *args, "--warmup", "0", "--out", str(out))
-    trace_checks(out, "llamacpp", "trace-azure", sets, tolerance_s=0.5)
+    trace_checks(out, "llamacpp", "trace-azure", sets)
 
 
 # ------------------------------------------------------------------------------------------------- vLLM (one launch)
@@ -408,26 +426,14 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     from adapters.process import launched
 
-    inner, cfg = registry.get("vllm"), registry.default_config("vllm")
-
-    class Niced:
-        """vLLM at the clients' nice 19: at nice 0 its busy engine loop starves them (a trace request left 0.93 s
-        late on CI while vLLM held both cores)."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(inner, name)
-
-        def launch_argv(self, c: Any) -> list[str]:
-            return ["nice", "-n", "19", *inner.launch_argv(c)]
-
-    adapter = cast(Adapter, Niced())
+    adapter, cfg = registry.get("vllm"), registry.default_config("vllm")
     log = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
     ready, stop = threading.Event(), threading.Event()
     box: dict[str, Any] = {}
 
     async def serve() -> None:
         try:
-            async with launched(adapter, cfg, log, 900.0, name="vllm") as ep:
+            async with launched(adapter, cfg, log, 900.0, name="vllm", nice=19) as ep:
                 box["url"] = ep.base_url
                 ready.set()
                 while not stop.is_set():
@@ -494,7 +500,7 @@ def test_trace_mooncake_on_vllm_hits_the_shared_blocks(vllm_url: str, tmp_path: 
         "--out",
         str(out),
     )
-    trace_checks(out, "vllm", "trace-mooncake", sets, tolerance_s=0.5)
+    trace_checks(out, "vllm", "trace-mooncake", sets)
     w = load_workload("trace-mooncake", overrides=sets)
     assert isinstance(w.params, TraceSpec)
     block = round(w.params.block_tokens * w.params.length_scale)  # 32 tokens per hash id

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from adapters.scripted import make_adapter
 from harness import loop as event_loop
@@ -20,6 +26,7 @@ from harness.runner import StopRule, Target, run_point
 from workloads.arrival import LoadPoint
 
 BLOCK_S = 0.3
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_blocked_loop_is_held_up_where_it_was_blocked_and_not_elsewhere() -> None:
@@ -90,3 +97,55 @@ def test_read_stall_tells_a_late_reader_from_a_late_writer() -> None:
         stamped.read_stall,
         ttft_s,
     )
+
+
+_SHARED_CORE = """
+import asyncio, os, sys, time
+from harness.loopwatch import LoopWatch
+
+cpu, hog_nice = int(sys.argv[1]), int(sys.argv[2])
+os.sched_setaffinity(0, {cpu})
+hog = os.fork() if hog_nice >= 0 else 0
+if hog_nice >= 0 and hog == 0:  # a process that never sleeps, on the same core, `hog_nice` below this one
+    os.nice(hog_nice)
+    while True:
+        pass
+
+async def main() -> float | None:
+    watch = LoopWatch()
+    watch.start()
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:  # the client's loop, busy and wanting the core the whole time
+        pass
+    watch.stop()
+    return watch.cpu_wait
+
+try:
+    print(asyncio.run(main()))
+finally:
+    if hog:
+        os.kill(hog, 9)
+"""
+
+
+def test_cpu_wait_is_the_share_of_time_the_loop_waited_for_a_core(tmp_path: Path) -> None:
+    """One core, the loop busy for 0.5 s. Beside a process that never sleeps at the same priority the scheduler
+    shares the core, so the loop waits at least half the time; with that process 19 levels lower (what
+    `--engine-nice 19` does to an engine) it waits a few percent more than alone (CFS weights 1024 vs 15). Other
+    processes on the shared machine add to every case: each is the least of three runs, interleaved."""
+    base = os.nice(0)
+    if base > 0:
+        pytest.skip(f"the tests run at nice {base}: a process 19 levels lower cannot be made")
+    if not Path("/proc/thread-self/schedstat").exists():
+        pytest.skip("this kernel has no schedstat: the run-queue wait cannot be read")
+    cpu = min(os.sched_getaffinity(0))
+
+    def wait(hog_nice: int) -> float:
+        done = subprocess.run([sys.executable, "-c", _SHARED_CORE, str(cpu), str(hog_nice)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        return float(done.stdout.strip())
+
+    runs = [[wait(hog) for hog in (-1, 0, 19)] for _ in range(3)]
+    alone, shared, below = (min(r[i] for r in runs) for i in range(3))
+    assert shared >= 0.4 and alone < shared - 0.15, runs
+    assert below < alone + (shared - alone) / 3, runs

@@ -20,7 +20,7 @@ import pytest
 from adapters import vllm
 from adapters.base import EngineConfig, FunctionAdapter
 from adapters.process import EngineProcess, attached, free_port, launched, port_in_use
-from harness.errors import EndpointError, EngineError
+from harness.errors import ConfigError, EndpointError, EngineError
 
 FAKE_ENGINE = textwrap.dedent(
     """
@@ -122,6 +122,28 @@ async def test_launch_ready_describe_and_stop_leaves_nothing(script: Path, tmp_p
     assert not any(running(p) for p in pids), "a process of the tree survived stop"
     assert not port_in_use("127.0.0.1", port)
     assert "log line 49" in log.read_text()
+
+
+async def test_engine_nice_lowers_the_whole_tree_below_the_client(script: Path, tmp_path: Path) -> None:
+    """`--engine-nice 5`: the engine and every process it starts (the grandchildren too, one in its own session)
+    run 5 levels below this process; the recorded launch command says so."""
+    pidfile = tmp_path / "pids"
+    want = min(19, os.nice(0) + 5)
+    async with launched(
+        fake_adapter(script, pidfile), CFG, tmp_path / "fake.log", ready_timeout=30, nice=5
+    ) as ep:
+        pids = tree_pids(pidfile)
+        assert ep.pid == pids[0]  # `nice` exec's the engine: the pid bench watches is the engine's
+        assert [psutil.Process(p).nice() for p in pids] == [want] * 3
+        assert ep.launch_argv[:3] == ("nice", "-n", "5") and ep.launch_argv[3] == sys.executable
+    assert not any(running(p) for p in pids)
+    for bad, words in ((20, "out of range"), (-1, "out of range")):
+        with pytest.raises(ConfigError, match=words):
+            async with launched(fake_adapter(script, pidfile), CFG, tmp_path / "f.log", nice=bad):
+                pass
+    with pytest.raises(ConfigError, match="container"):
+        async with launched(fake_adapter(script, pidfile), CFG, tmp_path / "f.log", container=True, nice=3):
+            pass
 
 
 async def test_dead_engine_is_detected_with_its_log(script: Path, tmp_path: Path) -> None:

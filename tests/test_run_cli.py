@@ -65,6 +65,12 @@ def test_run_writes_a_self_describing_run_directory(server: str, tmp_path: Path)
     # the scripted server's first token comes 50 ms after the request; loopback and parsing add little
     assert 50.0 <= ttft["p50"] <= 65.0, ttft
     assert points["concurrency=1"]["requests"]["ok"] == 12
+    for p in points.values():  # the client's run-queue wait, as a share of the point (schedstat, Linux)
+        wait = p["client_cpu"]["cpu_wait"]
+        assert wait is not None and 0.0 <= wait <= 1.0 and p["checks"]["client_cpu_wait"] == wait, p[
+            "client_cpu"
+        ]
+    assert manifest["settings"]["effective"]["engine_nice"] == 0
     # summary.json is rebuilt from the records alone
     rebuilt = summarize_run(out).model_dump(mode="json")
     assert [p["ttft_ms"] for p in rebuilt["points"]] == [p["ttft_ms"] for p in summary["points"]]
@@ -77,6 +83,11 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path: Path) -> Non
         (["run", "--endpoint", "ftp://x"], "http://"),
         (["run", "--engines", "nosuchengine"], "unknown engine"),
         (["run", "--endpoint", "x=http://127.0.0.1:9", "--slo", "ttft_p95=fast"], "ttft_p95"),
+        (["run", "--engines", "llamacpp", "--engine-nice", "20"], "--engine-nice 20"),
+        (
+            ["run", "--endpoint", "x=http://127.0.0.1:9", "--engine-nice", "5"],
+            "start its server under `nice`",
+        ),
     ]
     for args, needle in cases:
         r = bench(*args, "--out", str(tmp_path / "never"))

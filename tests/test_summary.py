@@ -267,3 +267,24 @@ def test_client_engine_disagreement_makes_the_point_invalid() -> None:
     assert verdict.status == "INVALID"
     assert [r.code for r in verdict.reasons] == ["engine_disagrees"]
     assert "12 fewer" in verdict.reasons[0].message
+
+
+def test_a_starved_client_is_named_as_the_cause_of_its_late_sends_and_reads() -> None:
+    """Late sends and reads with the client's loop waiting for a CPU 35% of the point: the same rules fire, and
+    the recommendation says other processes held the cores (not that the client did too much). Under 10% (the
+    policy's `starved_cpu_wait`) it gives the usual advice; a starved client whose timing passed stays VALID."""
+    from harness.verdict import PointChecks, VerdictPolicy, judge
+
+    base = dict(measured=100, duration_s=30.0, closed_loop=False, error_rate=0.0, ttft_p50_ms=50.0)
+    late = dict(base, send_lag_p99_ms=400.0, read_stall_p99_ms=300.0)
+    starved = judge(PointChecks(**late, client_cpu_wait=0.35))
+    assert [r.code for r in starved.reasons] == ["send_lag", "read_stall"]
+    assert all("waited for a CPU 35% of the point" in r.recommendation for r in starved.reasons)
+    assert "--engine-nice 19" in starved.recommendation
+    busy = judge(PointChecks(**late, client_cpu_wait=0.05))
+    assert [r.code for r in busy.reasons] == ["send_lag", "read_stall"]
+    assert not any("waited for a CPU" in r.recommendation and "%" in r.recommendation for r in busy.reasons)
+    assert "--distributed" in busy.reasons[0].recommendation
+    strict = judge(PointChecks(**late, client_cpu_wait=0.05), VerdictPolicy(starved_cpu_wait=0.04))
+    assert "waited for a CPU 5% of the point" in strict.recommendation
+    assert judge(PointChecks(**base, client_cpu_wait=0.5)).status == "VALID"

@@ -41,7 +41,7 @@ _SECRET_OPTIONS = ("--api-key", "--token", "--password")
 _RUN_SHAPING = (
     "engines", "endpoint", "workload", "concurrency", "rate", "arrival", "burstiness", "requests", "duration",
     "warmup", "cooldown", "error_budget", "seed", "slo", "out", "set_", "stream", "stall_timeout",
-    "request_timeout", "ready_timeout", "repeat",
+    "request_timeout", "ready_timeout", "repeat", "engine_nice",
 )  # fmt: skip
 
 
@@ -147,6 +147,13 @@ def run(
     ready_timeout: Annotated[
         float, typer.Option(help="Seconds a launched engine may take to become ready.")
     ] = 600.0,
+    engine_nice: Annotated[
+        int,
+        typer.Option(
+            help="Start launched engines this many levels (0-19) below the client's CPU priority, so a CPU "
+            "engine on the same host cannot keep the client from the cores."
+        ),
+    ] = 0,
     api_key_env: Annotated[
         str | None,
         typer.Option(help="Environment variable holding the endpoint's API key (never written out)."),
@@ -190,7 +197,7 @@ def run(
         cfg = _new_config(
             engines, endpoint, workload, concurrency, rate, arrival, burstiness, requests, duration, warmup,
             cooldown, error_budget, seed, slo, out, set_, stream, stall_timeout, request_timeout, ready_timeout,
-            api_key_env, api_key_file, repeat,
+            api_key_env, api_key_file, repeat, engine_nice,
         )  # fmt: skip
     if distributed:
         import dataclasses
@@ -225,7 +232,9 @@ def _new_config(
     api_key_env: str | None,
     api_key_file: Path | None,
     repeat: int,
+    engine_nice: int,
 ) -> RunConfig:
+    from harness.errors import ConfigError
     from harness.orchestrate import RunConfig, default_out, parse_engines
     from harness.runner import StopRule
     from harness.slo import parse_slo
@@ -233,6 +242,13 @@ def _new_config(
     from workloads.registry import load_workload
 
     choices = parse_engines(engines, endpoint or [])
+    if not 0 <= engine_nice <= 19:
+        raise ConfigError(f"--engine-nice {engine_nice}: give 0 (the client's priority) to 19 (the lowest)")
+    if engine_nice and all(c.url is not None for c in choices):
+        raise ConfigError(
+            "--engine-nice applies to engines bench launches (--engines); every engine here is attached "
+            "(--endpoint): start its server under `nice` yourself"
+        )
     if concurrency is None and rate is None:
         concurrency = "4"
     points = parse_sweep(concurrency, rate, "closed" if rate is None else arrival, burstiness, seed)
@@ -261,6 +277,7 @@ def _new_config(
         api_key=_api_key(api_key_env, api_key_file),
         command=tuple(redacted_argv(sys.argv)),
         repeat=repeat,
+        engine_nice=engine_nice,
     )
 
 
