@@ -8,10 +8,12 @@ against when the client received it.
 Tolerances (chosen from runs on the shared 2-core machine; see the report of `bench calibrate`):
 - the server's own lag at low load: p50 <= 1 ms, p99 <= 10 ms (same starvation rule), and, always, a chunk never
   arrives before the server says it wrote it;
-- the harness's TTFT error (measured - scripted - server lag): p50 <= 2 ms, p99 <= 10 ms at 1 and 64 streams; at
-  256 streams p50 <= 8 ms, p99 <= 50 ms (five runs where neither process was starved by the 10% rule: p50 1.5-6.2 ms,
-  p99 11.5-40.5 ms; the issue's target of 1 / 2 ms at 256 streams is not met on this 2-core machine, where client
-  and server together need most of both cores: see benchmarks/README.md). ITL error
+- the harness's TTFT error (measured - scripted - server lag): p50 <= 2 ms, p99 <= 10 ms at 1 and 64 streams, with
+  keep-alive and with fresh connections; at 256 streams (keep-alive) p50 <= 8 ms, p99 <= 50 ms (six runs on
+  2026-11-24: p50 0.45-5.1 ms, p99 1.2-8.3 ms; the issue's target of 1 / 2 ms at 256 streams is not met on this
+  2-core machine, where client and server together need most of both cores: see benchmarks/README.md). Fresh
+  connections at 256 streams are not judged: six runs measured p50 3.4-10.2 ms, nearly all send lag (256 sockets
+  opened in one burst by one loop), which each record carries and the verdict's send_lag rule judges. ITL error
   per sample: |p50| <= 0.5 ms, p99 <= 5 ms. A miss while the client or the server was starved of CPU by *other*
   processes (schedstat run-queue wait > 10% of the time) is a skip that says so, never a pass; otherwise a miss
   fails.
@@ -20,8 +22,9 @@ Tolerances (chosen from runs on the shared 2-core machine; see the report of `be
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -47,7 +50,7 @@ from harness.calibration import (
     reset_stats,
     serve_in_process,
 )
-from harness.client import Target, make_session, send_request, timeouts_for
+from harness.client import Connection, Target, make_session, send_request, timeouts_for
 from harness.metrics import itl_samples, tpot
 from harness.records import RequestRecord
 from harness.sse import SSEParser
@@ -55,7 +58,8 @@ from workloads.spec import RequestSpec
 
 TTFT_P50_MS, TTFT_P99_MS = 2.0, 10.0
 # (p50, p99) where the default above is not what this machine's harness achieves: at 256 streams client and server
-# share 2 cores; unstarved runs measured 1.5-6.2 ms p50 and 11.5-40.5 ms p99 (benchmarks/README.md)
+# share 2 cores; unstarved keep-alive runs measured 0.45-5.1 ms p50 and 1.2-8.3 ms p99 (2026-11-24, nearly all of it
+# send lag: the closed loop's 256 streams end together and one loop sends them one after another)
 TTFT_MS_AT = {256: (8.0, 50.0)}
 ITL_P50_MS, ITL_P99_MS = 0.5, 5.0
 
@@ -266,12 +270,24 @@ async def test_server_hits_its_schedule_at_low_load() -> None:
     pytest.fail(f"server lag p50 {lag['p50']:.2f} ms / p99 {lag['p99']:.2f} ms > 1 / 10 ms at low load")
 
 
+# Keep-alive is how `bench run` talks to every engine but llama.cpp; it is judged up to 256 streams. Fresh connections
+# (llama.cpp's) up to 64: at 256 a closed loop whose streams all end together opens 256 sockets in one burst on one
+# event loop, and the last waits for the others (send lag 3-10 ms p50 here, recorded per request and judged by the
+# verdict's send_lag rule; benchmarks/README.md).
+CONCURRENCY = {"keepalive": (1, 64, 256), "fresh": (1, 64)}
+
+
 @pytest.fixture(scope="module")
-def calibration() -> Iterator[CalibrationResult]:
-    yield run_calibration(
-        CalibrationConfig(concurrency=(1, 64, 256), output_tokens=64, waves=2, ceiling_tokens=0),
-        make_adapter(),
-    )
+def calibrated() -> Callable[[Connection], CalibrationResult]:
+    """One calibration per connection mode, run when a test first asks for it."""
+
+    @functools.cache
+    def run(connection: Connection) -> CalibrationResult:
+        cfg = CalibrationConfig(concurrency=CONCURRENCY[connection], output_tokens=64, waves=2,
+                                ceiling_tokens=0, connection=connection)  # fmt: skip
+        return run_calibration(cfg, make_adapter())
+
+    return run
 
 
 def _judge(p: PointCalibration) -> None:
@@ -294,9 +310,11 @@ def _judge(p: PointCalibration) -> None:
     )
 
 
-@pytest.mark.parametrize("concurrency", [1, 64, 256])
-def test_measured_ttft_and_itl_match_the_script(calibration: CalibrationResult, concurrency: int) -> None:
-    point = next(p for p in calibration.points if p.concurrency == concurrency)
+@pytest.mark.parametrize(("connection", "concurrency"), [(c, n) for c, ns in CONCURRENCY.items() for n in ns])
+def test_measured_ttft_and_itl_match_the_script(
+    calibrated: Callable[[Connection], CalibrationResult], connection: Connection, concurrency: int
+) -> None:
+    point = next(p for p in calibrated(connection).points if p.concurrency == concurrency)
     assert point.requests >= max(20, 2 * concurrency)
     # the server's own read delay, per measured request (inside its first-chunk lag): a time, never negative
     intake = point.server_intake

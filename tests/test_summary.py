@@ -185,7 +185,9 @@ def test_rate_not_achieved_and_send_lag() -> None:
     p = summarize_point(recs, META)
     assert [r.code for r in p.verdict.reasons] == ["rate_not_achieved", "send_lag"]
     assert p.checks.achieved_rate_per_s == pytest.approx(39 / (19.5 + 1.95), abs=TOL)
-    assert p.verdict.recommendation == "the client cannot keep up: lower --rate or use more client processes"
+    assert p.verdict.recommendation == (
+        "the client cannot keep up: lower --rate or spread the load over client processes (--distributed)"
+    )
     # a closed loop's rate depends on the server: only the lag is judged
     closed = META.model_copy(update={"load": META.load.model_copy(update={"closed_loop": True})})
     assert [r.code for r in summarize_point(recs, closed).verdict.reasons] == ["send_lag"]
