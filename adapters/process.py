@@ -42,6 +42,7 @@ __all__ = [
     "EngineProcess",
     "Mode",
     "attached",
+    "check_nice",
     "free_port",
     "launched",
     "port_in_use",
@@ -398,10 +399,7 @@ async def launched(
     A picked port can be taken by another process before the engine binds it; the engine then exits early and is
     started once more on a new port."""
     name = name or adapter.info.name
-    if not 0 <= nice <= 19:
-        raise ConfigError(
-            f"engine nice {nice} is out of range: give 0 (the client's priority) to 19 (the lowest)"
-        )
+    check_nice(nice)
     if nice and container:
         raise ConfigError(
             "engine nice does not reach a container's processes (they are the runtime daemon's children): "
@@ -457,6 +455,12 @@ async def launched(
         )
     finally:
         proc.stop()
+
+
+def check_nice(nice: int, what: str = "engine nice") -> None:
+    """Refuse a niceness offset `nice` cannot apply (`what` names it in the message)."""
+    if not 0 <= nice <= 19:
+        raise ConfigError(f"{what} {nice} is out of range: give 0 (the client's priority) to 19 (the lowest)")
 
 
 def _container_cleanup(runtime: str, argv: Sequence[str]) -> Callable[[], None] | None:

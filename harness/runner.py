@@ -103,9 +103,8 @@ class ClientCpu:
 
     samples: tuple[float, ...]
     interval_s: float = CPU_INTERVAL_S
-    cpu_wait: float | None = (
-        None  # share of the point its loop thread was runnable but had no CPU (LoopWatch)
-    )
+    # share of the point its loop thread was runnable but had no CPU (LoopWatch)
+    cpu_wait: float | None = None
 
     @property
     def mean_util(self) -> float:

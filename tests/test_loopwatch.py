@@ -128,7 +128,7 @@ finally:
 """
 
 
-def test_cpu_wait_is_the_share_of_time_the_loop_waited_for_a_core(tmp_path: Path) -> None:
+def test_cpu_wait_is_the_share_of_time_the_loop_waited_for_a_core() -> None:
     """One core, the loop busy for 0.5 s. Beside a process that never sleeps at the same priority the scheduler
     shares the core, so the loop waits at least half the time; with that process 19 levels lower (what
     `--engine-nice 19` does to an engine) it waits a few percent more than alone (CFS weights 1024 vs 15). Other

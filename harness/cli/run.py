@@ -234,6 +234,7 @@ def _new_config(
     repeat: int,
     engine_nice: int,
 ) -> RunConfig:
+    from adapters.process import check_nice
     from harness.errors import ConfigError
     from harness.orchestrate import RunConfig, default_out, parse_engines
     from harness.runner import StopRule
@@ -242,8 +243,7 @@ def _new_config(
     from workloads.registry import load_workload
 
     choices = parse_engines(engines, endpoint or [])
-    if not 0 <= engine_nice <= 19:
-        raise ConfigError(f"--engine-nice {engine_nice}: give 0 (the client's priority) to 19 (the lowest)")
+    check_nice(engine_nice, "--engine-nice")
     if engine_nice and all(c.url is not None for c in choices):
         raise ConfigError(
             "--engine-nice applies to engines bench launches (--engines); every engine here is attached "
