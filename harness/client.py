@@ -27,6 +27,11 @@ be retried safely (tests/test_client.py keeps this as a test). A server's `Conne
 connection the server half-closed while idle is never reused. `connection="fresh"` opens a connection per request
 (`Connection: close`); on loopback that costs about 0.5 ms of time to first byte per request, more over a network.
 A request that still meets a closed pooled connection fails as `connect_error` with a message saying so.
+
+A stream on a keep-alive connection can hand that connection over the moment it ends well (`execute(then=...)`): the
+read callback that saw `[DONE]` and the body's end calls `then`, which may write the next request on it at once
+(`send_on`), before this request's task has even resumed; `execute(handoff=...)` then reads that request's
+response. A connection knows how many requests were written on it, so only the last owner returns it to the pool.
 """
 
 from __future__ import annotations
@@ -59,12 +64,14 @@ from workloads.spec import RequestSpec
 __all__ = [
     "Codec",
     "Connection",
+    "Handoff",
     "HttpError",
     "Session",
     "Target",
     "execute",
     "make_session",
     "new_record",
+    "send_on",
     "send_request",
     "timeouts_for",
 ]
@@ -158,6 +165,7 @@ class _Http1(asyncio.BufferedProtocol):
         # while a stream is read, each read goes straight to this (read time, bytes) callback: no task switch per read
         self.sink: Callable[[float, bytes], None] | None = None
         self.stamped: StampedSocket | None = None
+        self.requests = 0  # requests written on it: a request whose number is not the last no longer owns it
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -671,6 +679,7 @@ class _StreamReader:
         codec: Codec,
         run_start: float,
         texts: list[str] | None,
+        then: Then | None = None,
     ) -> None:
         self.conn, self.framing, self.rec, self.parse = conn, framing, rec, codec.parse_event
         self.run_start, self.texts = run_start, texts
@@ -678,13 +687,25 @@ class _StreamReader:
         self.usage: Usage | None = None
         self.saw_done = False
         self.stopped = False  # [DONE], an error event or an unparsable one: the record is complete
+        self.then = then  # set only when the connection may carry another request after this body
 
     def feed(self, t: float, data: bytes) -> None:
         body = self.framing.feed(data)
         if body and not self.stopped:
             self.events(t - self.run_start, self.parser.feed(body))
         if self.stopped or self.framing.done:
+            if self.then is not None and self.saw_done and self.framing.done and self.rec.status == "ok":
+                self.hand_off()
             self.conn._wake()
+
+    def hand_off(self) -> None:
+        """The stream ended well and the connection is free: let `then` write the next request on it now, inside
+        this read's callback, rather than after the loop has run every other callback and task queued before this
+        request's own task (at 256 streams, bursts of dozens of streams end within a millisecond)."""
+        then, self.then = self.then, None
+        assert then is not None and self.rec.done is not None
+        self.conn.sink = None  # this body is over: bytes from now on belong to the next response
+        then(self.conn, self.rec.done)
 
     def events(self, t: float, payloads: list[bytes]) -> None:
         rec = self.rec
@@ -765,13 +786,16 @@ async def _read_stream(
     codec: Codec,
     run_start: float,
     texts: list[str] | None,
+    then: Then | None = None,
 ) -> Usage | None:
-    reader = _StreamReader(conn, resp.framing, rec, codec, run_start, texts)
+    reader = _StreamReader(conn, resp.framing, rec, codec, run_start, texts, then if resp.reusable else None)
     framing = resp.framing
-    for t, data in resp.first:  # body bytes that came with the headers
-        reader.feed(t, data)
+    pending, conn.pieces, conn.buffered = (
+        [*resp.first, *conn.pieces],
+        [],
+        0,
+    )  # body bytes that came with the headers
     resp.first = []
-    pending, conn.pieces, conn.buffered = conn.pieces, [], 0
     for t, data in pending:
         reader.feed(t, data)
     if not (reader.stopped or framing.done):
@@ -779,7 +803,8 @@ async def _read_stream(
         try:
             await _wait_for(conn, lambda: reader.stopped or framing.done, reader)
         finally:
-            conn.sink = None
+            if conn.sink == reader.feed:
+                conn.sink = None
     if not reader.stopped:
         reader.end_of_body()
     elif reader.saw_done and not framing.done:
@@ -791,7 +816,8 @@ async def _read_stream(
         except (TimeoutError, HttpError, OSError):
             resp.reusable = False
         finally:
-            conn.sink = None
+            if conn.sink == reader.feed:
+                conn.sink = None
     if not framing.done:
         resp.reusable = False
     return reader.usage
@@ -811,6 +837,45 @@ async def _read_all(conn: _Http1, resp: _Response, limit: int | None = None) -> 
     return raw if limit is None else raw[:limit]
 
 
+Then = Callable[["_Http1", float], None]
+"""Called from the read callback when a stream ended well on a connection that can carry another request: with that
+connection and the stream's `done` time. It may write the next request on it (`send_on`)."""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A request already written by `send_on`, on a connection it now owns (give it to `execute`)."""
+
+    conn: _Http1
+    call: HttpCall
+    number: int  # the connection's request count after this one
+
+
+def _prepare(session: Session, target: Target, spec: RequestSpec) -> tuple[HttpCall, _Origin, bytes]:
+    """The request's call, origin and bytes on the wire."""
+    call = target.adapter.build(spec, target.model, target.stream)
+    body = orjson.dumps(call.body) if call.body is not None else None
+    origin = session.origin(target.base_url)
+    return call, origin, _request_bytes(call, origin, target, body, session.keepalive)
+
+
+def send_on(
+    conn: _Http1, session: Session, target: Target, spec: RequestSpec, rec: RequestRecord, run_start: float
+) -> Handoff | None:
+    """Write `spec` on `conn` now, a free keep-alive connection handed over by `Then`; None (nothing written, the
+    connection left to its owner) when the request cannot be built or the connection cannot take it."""
+    if conn.closed or conn.transport is None or conn.pieces or not session.keepalive:
+        return None
+    try:
+        call, _, request = _prepare(session, target, spec)
+    except Exception:
+        return None  # `execute` builds it again and records why it could not
+    rec.sent = _now(run_start)
+    conn.transport.write(request)
+    conn.requests += 1
+    return Handoff(conn, call, conn.requests)
+
+
 async def execute(
     session: Session,
     target: Target,
@@ -819,22 +884,28 @@ async def execute(
     run_start: float,
     timeout: aiohttp.ClientTimeout,
     keep_text: bool = False,
+    *,
+    handoff: Handoff | None = None,
+    then: Then | None = None,
 ) -> None:
-    """Send `spec` and fill `rec` in place (its identity and `scheduled` set by the caller).
+    """Send `spec` and fill `rec` in place (its identity and `scheduled` set by the caller). With `handoff` the
+    request was written already (`send_on`, `rec.sent` set); `then` is offered the connection when the stream ends
+    well (keep-alive streams only).
 
     On cancellation the record says `cancelled` and the CancelledError propagates; nothing else escapes.
     """
     texts: list[str] | None = [] if keep_text else None
     usage: Usage | None = None
-    try:
-        call = target.adapter.build(spec, target.model, target.stream)
-        body = orjson.dumps(call.body) if call.body is not None else None
-        origin = session.origin(target.base_url)
-        request = _request_bytes(call, origin, target, body, session.keepalive)
-    except Exception as e:
-        rec.status, rec.error = "stream_error", f"could not build the request: {e}"
-        return
+    if handoff is None:
+        try:
+            call, origin, request = _prepare(session, target, spec)
+        except Exception as e:
+            rec.status, rec.error = "stream_error", f"could not build the request: {e}"
+            return
+    else:
+        call, origin = handoff.call, session.origin(target.base_url)
     conn: _Http1 | None = None
+    number = 0
     reusable = False
     limit = session._limit
     if limit is not None:
@@ -842,12 +913,17 @@ async def execute(
     reused = False
     try:
         async with asyncio.timeout(timeout.total):
-            rec.sent = _now(run_start)
-            conn, reused, written = await session.connect(origin, timeout.sock_connect, request)
-            if not written:
-                if conn.transport is None or conn.closed:
-                    raise _Disconnected("the connection closed before the request was written")
-                conn.transport.write(request)
+            if handoff is not None:
+                conn, reused, number = handoff.conn, True, handoff.number
+            else:
+                rec.sent = _now(run_start)
+                conn, reused, written = await session.connect(origin, timeout.sock_connect, request)
+                if not written:
+                    if conn.transport is None or conn.closed:
+                        raise _Disconnected("the connection closed before the request was written")
+                    conn.transport.write(request)
+                conn.requests += 1
+                number = conn.requests
             conn.watch_stalls(timeout.sock_read)
             resp = await _read_head(conn, call.method)
             rec.first_byte = resp.t_head - run_start
@@ -861,7 +937,7 @@ async def execute(
                 return
             ctype = resp.headers.get("content-type", "")
             if call.stream and "json" not in ctype:  # SSE, whatever the server calls it
-                usage = await _read_stream(conn, resp, rec, target.adapter, run_start, texts)
+                usage = await _read_stream(conn, resp, rec, target.adapter, run_start, texts, then)
                 if conn.stamped is not None and rec.chunk_times:
                     # its reads carry the kernel's arrival time: no late read in its TTFT
                     rec.read_stall = 0.0
@@ -896,7 +972,7 @@ async def execute(
         rec.done = _now(run_start)
         rec.status, rec.error = _classify(e, rec, timeout, reused)
     finally:
-        if conn is not None:
+        if conn is not None and conn.requests == number:  # else `then` gave it to the next request
             session.release(origin, conn, reusable)
         if limit is not None:
             limit.release()

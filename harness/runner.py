@@ -5,7 +5,11 @@ would turn a backlog into a burst, vllm PR#45502) and no drift (each wake-up aim
 timerfd on Linux: `PreciseWaker`, since asyncio's own timers wake up to 1 ms late). When the
 client is late the request is still sent at once and the lag is recorded (`sent - scheduled`); latency counts from
 `scheduled`. Closed loop (a concurrency): N workers each send their next request when the previous one finished;
-`scheduled` is the moment the slot became free.
+`scheduled` is the moment the slot became free. On keep-alive streams the next request is written by the read
+callback that saw the previous stream end, on the connection it frees (`_PointRun._continue`, `client.send_on`); its
+record is finished after. At 256 streams, where dozens of streams end within a millisecond, this took the send lag
+from 0.4 / 3.5 ms (p50 / p99, sent from the slot's task behind every callback queued before it) to 0.03 / 0.1 ms
+(benchmarks/README.md). Fresh connections, and chat turns that wait for a reply, are sent from the slot's task.
 
 Phases: the first `warmup` requests are `warmup`. The measurement window closes when `requests` measured requests have
 been scheduled, when `duration_s` has passed since the first measured request was due, when the error budget is
@@ -16,8 +20,10 @@ while warm-up / measured requests are still in flight, so those finish under the
 
 Chat turns with `history_from` wait for that request's reply, extend its conversation with it as an assistant message,
 pause `think_time`, and count as due from then. Every finished record goes to `sink` at once. The client process's
-CPU is sampled every 0.5 s (a saturated client inflates TTFT and ITL). `run_point(..., processes=N)` splits the
-point across N OS processes sharing one start time (`run_point_multiprocess`, at the end of this module).
+CPU is sampled every 0.5 s (a saturated client inflates TTFT and ITL). Python's cyclic garbage collector is paused
+for the point (`gc_paused`): its collections held the loop 1.5-12 ms at a time and collected nothing.
+`run_point(..., processes=N)` splits the point across N OS processes sharing one start time
+(`run_point_multiprocess`, at the end of this module).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import itertools
 import multiprocessing as mp
 import os
@@ -44,7 +51,17 @@ import orjson
 import psutil
 
 from harness import loop as event_loop
-from harness.client import Session, Target, execute, make_session, new_record, timeouts_for
+from harness.client import (
+    Handoff,
+    Session,
+    Target,
+    Then,
+    execute,
+    make_session,
+    new_record,
+    send_on,
+    timeouts_for,
+)
 from harness.loopwatch import LoopWatch
 from harness.records import Phase, RequestRecord
 from workloads.arrival import LoadPoint, send_times
@@ -67,6 +84,36 @@ StopReason = Literal["requests", "duration", "error_budget", "specs_exhausted", 
 CPU_INTERVAL_S = 0.5
 CPU_SATURATED = 0.85  # mean utilisation of one core above which the client, not the server, may set the pace
 _SCHEDULE_BLOCK = 4096
+GC_VALVE = 200_000  # container allocations during a point after which the paused collector runs once anyway
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a load point, on again (and run) after it.
+
+    Measured at 256 streams (benchmarks/README.md): a point collected no cyclic garbage at all, yet its automatic
+    collections held the event loop 1.5-12 ms at a time (young generations of a few thousand coroutines, handles
+    and records), and the reads they delayed were the TTFT error's p99. So: collect and freeze what exists before
+    the point (it is never traversed again), collect nothing during it, and collect after it. A long point that
+    keeps `GC_VALVE` more containers alive than it frees gets a collection each time it does (`gc_valve`, called as
+    each record is finished): memory stays bounded if some request path ever makes reference cycles."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.unfreeze()
+        gc.collect()
+
+
+def gc_valve() -> None:
+    """The paused collector's safety valve: collect when the point has allocated `GC_VALVE` containers."""
+    if not gc.isenabled() and gc.get_count()[0] >= GC_VALVE:
+        gc.collect()
 
 
 @dataclass(frozen=True)
@@ -268,6 +315,19 @@ class _Turn:
 
 
 @dataclass
+class _Next:
+    """A closed-loop slot's next request, taken (and, on a keep-alive stream, written: `handoff`) by the read
+    callback of the slot's previous request the moment its stream ended."""
+
+    spec: RequestSpec
+    phase: Phase
+    due: float  # absolute
+    rec: RequestRecord | None = None
+    handoff: Handoff | None = None
+    settled: bool = False  # counted in `ended_unrecorded` (it ended; its record is finished later)
+
+
+@dataclass
 class _PointRun:
     target: Target
     specs: Iterator[RequestSpec]
@@ -289,6 +349,9 @@ class _PointRun:
     measured_dispatched: int = 0
     cooldown_dispatched: int = 0
     primary_inflight: int = 0
+    ended_unrecorded: int = (
+        0  # of those, streams that ended but whose records are not finished yet (`_continue`)
+    )
     measured_judged: int = 0
     measured_failed: int = 0
     max_lag: float = 0.0
@@ -338,7 +401,7 @@ class _PointRun:
                 self.close_window("duration")
             phase = "cooldown" if self.window_closed else "measure"
         if phase == "cooldown" and (
-            self.cooldown_dispatched >= self.stop.cooldown or self.primary_inflight == 0
+            self.cooldown_dispatched >= self.stop.cooldown or self.primary_inflight == self.ended_unrecorded
         ):
             return None
         spec = next(self.specs, None)
@@ -369,10 +432,25 @@ class _PointRun:
         return spec, phase
 
     # -- one request ---------------------------------------------------------------------------------------------
-    async def one(self, spec: RequestSpec, phase: Phase, due: float, worker: int) -> RequestRecord:
-        rec = new_record(
-            self.target, spec, point=self.point.id, phase=phase, scheduled=due - self.run_start, worker=worker
-        )
+    async def one(
+        self,
+        spec: RequestSpec,
+        phase: Phase,
+        due: float,
+        worker: int,
+        ahead: _Next | None = None,
+        then: Then | None = None,
+    ) -> RequestRecord:
+        rec = ahead.rec if ahead is not None and ahead.rec is not None else None
+        if rec is None:
+            rec = new_record(
+                self.target,
+                spec,
+                point=self.point.id,
+                phase=phase,
+                scheduled=due - self.run_start,
+                worker=worker,
+            )
         turn_fut: asyncio.Future[_Turn] | None = None
         if spec.session is not None:
             turn_fut = asyncio.get_running_loop().create_future()
@@ -390,12 +468,14 @@ class _PointRun:
                     self.run_start,
                     self.timeout,
                     self.keep_text or turn_fut is not None,
+                    handoff=ahead.handoff if ahead is not None else None,
+                    then=then,
                 )
         except asyncio.CancelledError:
             if rec.status != "cancelled":
                 rec.status, rec.error = "cancelled", "the run stopped before the request was sent"
         finally:
-            self.finish(rec, phase)
+            self.finish(rec, phase, settled=ahead is not None and ahead.settled)
             if turn_fut is not None and not turn_fut.done():
                 turn_fut.set_result(_Turn(sent_spec, rec))
         return rec
@@ -425,7 +505,7 @@ class _PointRun:
             return dataclasses.replace(spec, messages=(*history, *spec.messages))
         return dataclasses.replace(spec, prompt=parent.spec.prompt + reply + spec.prompt)
 
-    def finish(self, rec: RequestRecord, phase: Phase) -> None:
+    def finish(self, rec: RequestRecord, phase: Phase, settled: bool = False) -> None:
         if self.watch is not None and rec.read_stall is None and rec.sent is not None and rec.chunk_times:
             rec.read_stall = self.watch.read_delay(
                 rec.sent + self.run_start, rec.chunk_times[0] + self.run_start
@@ -437,6 +517,7 @@ class _PointRun:
             self.max_lag = max(self.max_lag, rec.sent - rec.scheduled)
         if phase != "cooldown":
             self.primary_inflight -= 1
+            self.ended_unrecorded -= settled
         if phase == "measure" and rec.status != "cancelled":
             self.measured_judged += 1
             self.measured_failed += not rec.ok
@@ -449,6 +530,7 @@ class _PointRun:
             budget = self.stop.error_budget
             if budget is not None and judged >= self.stop.error_min_requests and failed > budget * judged:
                 self.close_window("error_budget")
+        gc_valve()
         try:
             self.sink(rec)
         except Exception as e:  # the records file cannot take more: stop the point, then say why
@@ -501,15 +583,91 @@ class _PointRun:
         """One slot of a closed loop. A request is due when its slot became free: at the point's start for every
         slot's first request, then when the slot's previous request ended as the client saw it (`done`). Whatever
         the client spends after that before sending (the start-up burst of a high concurrency, writing the record)
-        is send lag, inside the latency, never hidden in a later `scheduled` (PITFALLS 1 and 5)."""
-        while not self.stopping:
-            due = free_at
+        is send lag, inside the latency, never hidden in a later `scheduled` (PITFALLS 1 and 5).
+
+        On a keep-alive stream the next request is written from the read callback that saw the previous one end
+        (`_continue`), on the connection that just became free; the previous request's record is finished after.
+        Otherwise the slot's task sends it once the previous request's task has resumed, behind every other
+        callback and task the loop had queued: at 256 streams, whose ends arrive in bursts, milliseconds."""
+        w = self.worker_base + worker
+        ahead: _Next | None = None
+        box: list[_Next | None] = []
+        try:
+            while not self.stopping:
+                if ahead is None:
+                    item = self.take(free_at)
+                    if item is None:
+                        return
+                    ahead = _Next(item[0], item[1], free_at)
+                current, ahead, box = ahead, None, []
+                then = self._continue(w, current, box) if self.can_continue else None
+                rec = await self.one(current.spec, current.phase, current.due, w, current, then)
+                if box:  # the read callback took the next request already
+                    ahead, box = box[0], []
+                    if ahead is None:
+                        return
+                    continue
+                now = time.perf_counter()
+                free_at = now if rec.done is None else min(now, self.run_start + rec.done)
+        finally:
+            left = ahead or (box[0] if box else None)
+            if left is not None:  # taken (perhaps written), then the run stopped before its task ran
+                self._cancel_taken(left, w)
+
+    def _cancel_taken(self, nxt: _Next, worker: int) -> None:
+        rec = nxt.rec
+        if rec is None:
+            rec = new_record(
+                self.target,
+                nxt.spec,
+                point=self.point.id,
+                phase=nxt.phase,
+                scheduled=nxt.due - self.run_start,
+                worker=worker,
+            )
+            rec.error = "the run stopped before the request was sent"
+        else:
+            rec.error = "the run stopped before the request finished"
+            rec.done = time.perf_counter() - self.run_start
+        if nxt.handoff is not None:
+            nxt.handoff.conn.abort()
+        rec.status = "cancelled"
+        self.finish(rec, nxt.phase)
+
+    @property
+    def can_continue(self) -> bool:
+        """Whether a slot's next request may be written from its predecessor's read callback: streams on keep-alive
+        connections. (The session's connection cap, the concurrency, is never passed by it: the request reuses the
+        connection its predecessor held.)"""
+        return self.target.stream and self.session.keepalive
+
+    def _continue(self, worker: int, current: _Next, box: list[_Next | None]) -> Then:
+        def then(conn: Any, done: float) -> None:
+            if self.stopping or box:
+                return
+            if (
+                current.phase != "cooldown"
+            ):  # it has ended (its record is finished later): for `take`'s cool-down rule
+                self.ended_unrecorded += 1
+                current.settled = True
+            due = self.run_start + done
             item = self.take(due)
             if item is None:
+                box.append(None)
                 return
-            rec = await self.one(item[0], item[1], due, self.worker_base + worker)
-            now = time.perf_counter()
-            free_at = now if rec.done is None else min(now, self.run_start + rec.done)
+            spec, phase = item
+            nxt = _Next(spec, phase, due)
+            box.append(nxt)
+            if spec.session is not None or spec.history_from is not None:
+                return  # a chat turn: its task sends it (it may wait for a reply and a think time)
+            rec = new_record(
+                self.target, spec, point=self.point.id, phase=phase, scheduled=done, worker=worker
+            )
+            handoff = send_on(conn, self.session, self.target, spec, rec, self.run_start)
+            if handoff is not None:
+                nxt.rec, nxt.handoff = rec, handoff
+
+        return then
 
     async def watch_abort(self, abort: asyncio.Event) -> None:
         await abort.wait()
@@ -636,17 +794,20 @@ async def execute_point(
     cpu: list[float] = []
     if connections is None:
         connections = point.concurrency if point.closed_loop else 0
-    async with make_session(target, connections) as session:
-        state = _PointRun(target, specs, point, stop, sink, run_start, requests, session, keep_text, **child)
-        state.watch = LoopWatch()
-        state.watch.start()
-        sampler = asyncio.get_running_loop().create_task(sample_cpu(cpu))
-        try:
-            await state.run()
-        finally:
-            state.watch.stop()
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+    with gc_paused():
+        async with make_session(target, connections) as session:
+            state = _PointRun(
+                target, specs, point, stop, sink, run_start, requests, session, keep_text, **child
+            )
+            state.watch = LoopWatch()
+            state.watch.start()
+            sampler = asyncio.get_running_loop().create_task(sample_cpu(cpu))
+            try:
+                await state.run()
+            finally:
+                state.watch.stop()
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
     ended = time.perf_counter() - run_start
     return PointOutcome(
         point=point,

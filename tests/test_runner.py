@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import multiprocessing as mp
 import time
+import weakref
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
+from harness import runner as runner_mod
 from harness.records import RequestRecord
 from harness.runner import PointOutcome, StopRule, Target, run_point
 from tests.test_client import ITL_MEAN_TOL_S, TTFT_TOL_S, ScriptedServer, script_spec, server, target_for
@@ -222,6 +226,115 @@ async def test_a_failing_sink_stops_the_point_and_raises(server: ScriptedServer)
     assert 3 <= len(seen) < 10
 
 
+@pytest.mark.parametrize("connection", ["keepalive", "fresh"])
+async def test_closed_loop_writes_the_next_request_from_the_read_callback(
+    server: ScriptedServer, connection: str
+) -> None:
+    """On a keep-alive stream a slot's next request is written by the read callback that saw the previous stream
+    end, on the same connection, before the previous record is finished: a sink that holds the loop 0.2 s per
+    record is not inside the next request's send lag. With fresh connections the slot's task sends it after the
+    record, so the 0.2 s is send lag (inside the latency: PITFALLS 1)."""
+    records: list[RequestRecord] = []
+
+    def slow_sink(rec: RequestRecord) -> None:
+        records.append(rec)
+        time.sleep(0.2)
+
+    specs = [script_spec(f"r{i}", n=3, itl=0.005) for i in range(6)]
+    outcome = await run_point(
+        target_for(server.url, connection=connection),
+        specs,
+        LoadPoint("concurrency", 1, "closed"),
+        StopRule(),
+        slow_sink,
+        time.perf_counter(),
+    )
+    assert outcome.counts["ok"] == len(records) == 6
+    records.sort(key=lambda r: r.scheduled)
+    for prev, nxt in itertools.pairwise(records):
+        assert prev.done is not None and nxt.scheduled == pytest.approx(prev.done, abs=1e-9)
+    lags = [r.sent - r.scheduled for r in records[1:] if r.sent is not None]
+    assert len(lags) == 5
+    if connection == "keepalive":
+        assert max(lags) < 0.1, lags  # written before the 0.2 s sink of the request before it
+        assert len(set(server.peers)) == 1  # one connection, reused by each next request
+    else:
+        assert min(lags) >= 0.2, lags
+        assert len(set(server.peers)) == 6
+
+
+@pytest.mark.parametrize("duration_s", [0.2, 0.33, 0.47])
+async def test_a_stopped_closed_loop_keeps_a_record_of_every_request_it_wrote(
+    server: ScriptedServer, duration_s: float
+) -> None:
+    """Short answers at 16 streams, stopped mid-flight without cool-down: requests written from read callbacks
+    whose slot task had not run yet are recorded too (cancelled), none twice, and the counts add up."""
+    specs = (script_spec(f"r{i}", n=1) for i in itertools.count())
+    records: list[RequestRecord] = []
+    outcome = await run_point(
+        target_for(server.url),
+        specs,
+        LoadPoint("concurrency", 16, "closed"),
+        StopRule(duration_s=duration_s),
+        records.append,
+        time.perf_counter(),
+    )
+    ids = [r.request_id for r in records]
+    assert len(ids) == len(set(ids)) == outcome.counts["total"]
+    assert outcome.counts["ok"] > 16  # slots went round more than once
+    written = sum(r.sent is not None for r in records)
+    assert len(server.bodies) <= written  # every request the server read has a record
+    assert all(r.error for r in records if r.status == "cancelled")
+
+
+async def test_a_request_written_from_the_read_callback_is_recorded_when_its_slot_is_cancelled(
+    server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest stop: the slot's task is cancelled right after the read callback wrote its next request,
+    before the task resumed. The written request still gets its record (cancelled, saying so), its connection is
+    dropped, and the point ends instead of waiting for a request nobody reads."""
+    slot_tasks: list[asyncio.Task[Any]] = []
+    real_worker, real_continue = runner_mod._PointRun.closed_worker, runner_mod._PointRun._continue
+
+    async def worker(self: Any, worker: int, free_at: float) -> None:
+        slot_tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        await real_worker(self, worker, free_at)
+
+    def cont(self: Any, worker: int, current: Any, box: list[Any]) -> Any:
+        then = real_continue(self, worker, current, box)
+
+        def stop() -> None:  # what `_PointRun.run` does at a stop
+            self.stopping = True
+            slot_tasks[0].cancel()
+
+        def cancel_after(conn: Any, done: float) -> None:
+            then(conn, done)
+            if box and box[0] is not None and box[0].handoff is not None:
+                asyncio.get_running_loop().call_soon(stop)
+
+        return cancel_after
+
+    monkeypatch.setattr(runner_mod._PointRun, "closed_worker", worker)
+    monkeypatch.setattr(runner_mod._PointRun, "_continue", cont)
+    records: list[RequestRecord] = []
+    specs = [
+        script_spec(f"r{i}", n=3, ttft=0.02, itl=0.02) for i in range(5)
+    ]  # the end arrives as its task waits
+    async with asyncio.timeout(10):
+        await run_point(
+            target_for(server.url),
+            specs,
+            LoadPoint("concurrency", 1, "closed"),
+            StopRule(),
+            records.append,
+            time.perf_counter(),
+        )
+    by_id = {r.request_id: r for r in records}
+    assert set(by_id) == {"r0", "r1"}
+    assert by_id["r1"].sent is not None and by_id["r1"].status == "cancelled"
+    assert by_id["r1"].error == "the run stopped before the request finished"
+
+
 async def test_duration_with_cooldown_lets_measured_requests_finish(server: ScriptedServer) -> None:
     point = LoadPoint("concurrency", 2, "closed")
     specs = [script_spec(f"r{i}", n=4, itl=0.05) for i in range(40)]  # 0.15 s each
@@ -258,7 +371,9 @@ async def test_ttft_and_itl_at_concurrency_8(server: ScriptedServer) -> None:
         target_for(server.url), specs, LoadPoint("concurrency", 8, "closed"), StopRule(warmup=8)
     )
     measured = [r for r in recs if r.phase == "measure"]
-    assert len(measured) == 16 and all(r.ok for r in measured)
+    assert len(measured) == 16 and all(r.ok for r in measured), [
+        (r.request_id, r.status, r.error) for r in recs if not r.ok
+    ]
     ttfts = sorted(r.chunk_times[0] - r.scheduled for r in measured)
     assert ttfts[0] >= 0.05 and ttfts[len(ttfts) // 2] <= 0.05 + TTFT_TOL_S
     for r in measured:
@@ -323,3 +438,43 @@ async def test_precise_waker_is_closer_to_the_deadline_than_asyncio_sleep() -> N
     finally:
         waker.close()
     assert float(np.median(precise)) < float(np.median(plain)), (np.median(precise), np.median(plain))
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_garbage_collector_is_paused_for_a_point_with_a_valve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paused inside `gc_paused` (cyclic garbage stays), collected by the valve once enough containers live, and
+    enabled again after."""
+    assert gc.isenabled()
+    monkeypatch.setattr(runner_mod, "GC_VALVE", 5_000)
+    with runner_mod.gc_paused():
+        assert not gc.isenabled()
+        ref = weakref.ref(_Cycle())
+        runner_mod.gc_valve()
+        assert ref() is not None  # garbage, but nothing collects it yet
+        kept: list[list[int]] = [[] for _ in range(6_000)]  # live containers past the valve
+        runner_mod.gc_valve()
+        assert ref() is None
+        del kept
+    assert gc.isenabled()
+
+
+async def test_a_point_runs_with_the_collector_paused_and_restores_it(server: ScriptedServer) -> None:
+    states: list[bool] = []
+
+    def sink(rec: RequestRecord) -> None:
+        states.append(gc.isenabled())
+
+    specs = [script_spec(f"r{i}", n=2) for i in range(4)]
+    await run_point(
+        target_for(server.url),
+        specs,
+        LoadPoint("concurrency", 2, "closed"),
+        StopRule(),
+        sink,
+        time.perf_counter(),
+    )
+    assert states == [False] * 4 and gc.isenabled()
