@@ -93,12 +93,12 @@ def gc_paused() -> Iterator[None]:
 
     Measured at 256 streams (benchmarks/README.md): a point collected no cyclic garbage at all, yet its automatic
     collections held the event loop 1.5-12 ms at a time (young generations of a few thousand coroutines, handles
-    and records), and the reads they delayed were the TTFT error's p99. So: collect and freeze what exists before
-    the point (it is never traversed again), collect nothing during it, and collect after it. A long point that
-    keeps `GC_VALVE` more containers alive than it frees gets a collection each time it does (`gc_valve`, called as
-    each record is finished): memory stays bounded if some request path ever makes reference cycles."""
+    and records), and the reads they delayed were the TTFT error's p99. So: freeze what exists before the point (it
+    is not traversed during it; no collection first, which in a large process takes long enough to shift the
+    point's start), collect nothing during it, and collect everything after it. A long point that keeps `GC_VALVE`
+    more containers alive than it frees gets a collection each time it does (`gc_valve`, called as each record is
+    finished): memory stays bounded if some request path ever makes reference cycles."""
     was_enabled = gc.isenabled()
-    gc.collect()
     gc.freeze()
     gc.disable()
     try:
