@@ -790,12 +790,8 @@ async def _read_stream(
 ) -> Usage | None:
     reader = _StreamReader(conn, resp.framing, rec, codec, run_start, texts, then if resp.reusable else None)
     framing = resp.framing
-    pending, conn.pieces, conn.buffered = (
-        [*resp.first, *conn.pieces],
-        [],
-        0,
-    )  # body bytes that came with the headers
-    resp.first = []
+    pending = [*resp.first, *conn.pieces]  # body bytes that came with the headers, then any read since
+    resp.first, conn.pieces, conn.buffered = [], [], 0
     for t, data in pending:
         reader.feed(t, data)
     if not (reader.stopped or framing.done):

@@ -84,7 +84,7 @@ StopReason = Literal["requests", "duration", "error_budget", "specs_exhausted", 
 CPU_INTERVAL_S = 0.5
 CPU_SATURATED = 0.85  # mean utilisation of one core above which the client, not the server, may set the pace
 _SCHEDULE_BLOCK = 4096
-GC_VALVE = 200_000  # container allocations during a point after which the paused collector runs once anyway
+GC_VALVE = 200_000  # containers a point keeps alive beyond those it freed, at which the paused collector runs
 
 
 @contextlib.contextmanager
@@ -349,9 +349,8 @@ class _PointRun:
     measured_dispatched: int = 0
     cooldown_dispatched: int = 0
     primary_inflight: int = 0
-    ended_unrecorded: int = (
-        0  # of those, streams that ended but whose records are not finished yet (`_continue`)
-    )
+    # of those, streams that ended but whose records are not finished yet (`_continue`)
+    ended_unrecorded: int = 0
     measured_judged: int = 0
     measured_failed: int = 0
     max_lag: float = 0.0
@@ -642,12 +641,14 @@ class _PointRun:
         return self.target.stream and self.session.keepalive
 
     def _continue(self, worker: int, current: _Next, box: list[_Next | None]) -> Then:
+        """The read callback's part for `current`: take the slot's next request into `box` (None: stop) and, unless
+        it is a chat turn, write it on the connection `current` just freed."""
+
         def then(conn: Any, done: float) -> None:
             if self.stopping or box:
                 return
-            if (
-                current.phase != "cooldown"
-            ):  # it has ended (its record is finished later): for `take`'s cool-down rule
+            # `current` has ended; its record is finished later (for `take`'s cool-down rule it is over now)
+            if current.phase != "cooldown":
                 self.ended_unrecorded += 1
                 current.settled = True
             due = self.run_start + done
