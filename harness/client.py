@@ -28,10 +28,11 @@ connection the server half-closed while idle is never reused. `connection="fresh
 (`Connection: close`); on loopback that costs about 0.5 ms of time to first byte per request, more over a network.
 A request that still meets a closed pooled connection fails as `connect_error` with a message saying so.
 
-A stream on a keep-alive connection can hand that connection over the moment it ends well (`execute(then=...)`): the
-read callback that saw `[DONE]` and the body's end calls `then`, which may write the next request on it at once
-(`send_on`), before this request's task has even resumed; `execute(handoff=...)` then reads that request's
-response. A connection knows how many requests were written on it, so only the last owner returns it to the pool.
+A stream that ends well can have the next request sent from the read callback that saw its `[DONE]`
+(`execute(then=...)`), before this request's task has even resumed: `send_on` writes it on the same keep-alive
+connection once the body has ended, or on a new plain-HTTP connection whose handshake completed inside the connect
+call (loopback); `execute(handoff=...)` then reads that request's response. A connection knows how many requests were
+written on it, so only the last owner returns it to the pool.
 """
 
 from __future__ import annotations
@@ -573,7 +574,6 @@ class Session:
                 sent = 0
                 with contextlib.suppress(BlockingIOError, InterruptedError):
                     sent = sock.send(request) if request else 0
-                _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
             except OSError as e:
                 sock.close()
                 error = e
@@ -581,10 +581,26 @@ class Session:
             except BaseException:
                 sock.close()
                 raise
-            if sent < len(request) and proto.transport is not None:
-                proto.transport.write(request[sent:])
+            try:
+                proto = await self.adopt(sock, request[sent:])
+            except OSError as e:
+                error = e
+                continue
             return proto, bool(request)
         raise error or OSError(f"cannot connect to {origin.host}:{origin.port}")
+
+    async def adopt(self, sock: socket.socket, rest: bytes = b"") -> _Http1:
+        """A connection around `sock`, connected already (and sent on: `rest` is what it did not take)."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._open.add(proto)
+        if rest and proto.transport is not None:
+            proto.transport.write(rest)
+        return proto
 
     def release(self, origin: _Origin, conn: _Http1, reusable: bool) -> None:
         conn.stop_stall_timer()
@@ -680,6 +696,7 @@ class _StreamReader:
         run_start: float,
         texts: list[str] | None,
         then: Then | None = None,
+        reusable: bool = False,
     ) -> None:
         self.conn, self.framing, self.rec, self.parse = conn, framing, rec, codec.parse_event
         self.run_start, self.texts = run_start, texts
@@ -687,25 +704,35 @@ class _StreamReader:
         self.usage: Usage | None = None
         self.saw_done = False
         self.stopped = False  # [DONE], an error event or an unparsable one: the record is complete
-        self.then = then  # set only when the connection may carry another request after this body
+        self.then = then
+        self.reusable = reusable  # the connection may carry another request once this body has ended
 
     def feed(self, t: float, data: bytes) -> None:
         body = self.framing.feed(data)
         if body and not self.stopped:
             self.events(t - self.run_start, self.parser.feed(body))
         if self.stopped or self.framing.done:
-            if self.then is not None and self.saw_done and self.framing.done and self.rec.status == "ok":
+            if (
+                self.then is not None
+                and self.saw_done
+                and self.rec.status == "ok"
+                and (self.framing.done or not self.reusable)
+            ):
                 self.hand_off()
             self.conn._wake()
 
     def hand_off(self) -> None:
-        """The stream ended well and the connection is free: let `then` write the next request on it now, inside
-        this read's callback, rather than after the loop has run every other callback and task queued before this
-        request's own task (at 256 streams, bursts of dozens of streams end within a millisecond)."""
+        """The stream ended well: let `then` send the next request now, inside this read's callback, rather than
+        after the loop has run every other callback and task queued before this request's own task (at 256
+        streams, bursts of dozens of streams end within a millisecond). A reusable connection whose body has ended
+        goes with it; otherwise `then` gets None (a new connection) and this body is read to its end as before."""
         then, self.then = self.then, None
         assert then is not None and self.rec.done is not None
-        self.conn.sink = None  # this body is over: bytes from now on belong to the next response
-        then(self.conn, self.rec.done)
+        if self.reusable and self.framing.done:
+            self.conn.sink = None  # this body is over: bytes from now on belong to the next response
+            then(self.conn, self.rec.done)
+        else:
+            then(None, self.rec.done)
 
     def events(self, t: float, payloads: list[bytes]) -> None:
         rec = self.rec
@@ -788,7 +815,7 @@ async def _read_stream(
     texts: list[str] | None,
     then: Then | None = None,
 ) -> Usage | None:
-    reader = _StreamReader(conn, resp.framing, rec, codec, run_start, texts, then if resp.reusable else None)
+    reader = _StreamReader(conn, resp.framing, rec, codec, run_start, texts, then, resp.reusable)
     framing = resp.framing
     pending = [*resp.first, *conn.pieces]  # body bytes that came with the headers, then any read since
     resp.first, conn.pieces, conn.buffered = [], [], 0
@@ -833,18 +860,21 @@ async def _read_all(conn: _Http1, resp: _Response, limit: int | None = None) -> 
     return raw if limit is None else raw[:limit]
 
 
-Then = Callable[["_Http1", float], None]
-"""Called from the read callback when a stream ended well on a connection that can carry another request: with that
-connection and the stream's `done` time. It may write the next request on it (`send_on`)."""
+Then = Callable[["_Http1 | None", float], None]
+"""Called from the read callback when a stream ended well, with the stream's `done` time and its connection if that
+can carry another request now (else None). It may send the next request at once (`send_on`)."""
 
 
 @dataclass(frozen=True)
 class Handoff:
-    """A request already written by `send_on`, on a connection it now owns (give it to `execute`)."""
+    """A request already sent by `send_on` (give it to `execute`): on a pooled connection it now owns, or on a new
+    socket whose transport `execute` builds."""
 
-    conn: _Http1
     call: HttpCall
-    number: int  # the connection's request count after this one
+    conn: _Http1 | None = None
+    number: int = 1  # the connection's request count after this one
+    sock: socket.socket | None = None
+    rest: bytes = b""  # request bytes the new socket did not take at once
 
 
 def _prepare(session: Session, target: Target, spec: RequestSpec) -> tuple[HttpCall, _Origin, bytes]:
@@ -856,20 +886,49 @@ def _prepare(session: Session, target: Target, spec: RequestSpec) -> tuple[HttpC
 
 
 def send_on(
-    conn: _Http1, session: Session, target: Target, spec: RequestSpec, rec: RequestRecord, run_start: float
+    conn: _Http1 | None,
+    session: Session,
+    target: Target,
+    spec: RequestSpec,
+    rec: RequestRecord,
+    run_start: float,
 ) -> Handoff | None:
-    """Write `spec` on `conn` now, a free keep-alive connection handed over by `Then`; None (nothing written, the
-    connection left to its owner) when the request cannot be built or the connection cannot take it."""
-    if conn.closed or conn.transport is None or conn.pieces or not session.keepalive:
-        return None
+    """Send `spec` now, from a `Then` callback: on `conn`, a free keep-alive connection it handed over, or else on a
+    new plain-HTTP connection whose handshake completes inside the connect call (loopback; as `Session.connect`
+    does). None, with nothing sent, when the request cannot be built or no connection can take it at once: the
+    slot's task then sends it the usual way."""
     try:
-        call, _, request = _prepare(session, target, spec)
+        call, origin, request = _prepare(session, target, spec)
     except Exception:
         return None  # `execute` builds it again and records why it could not
-    rec.sent = _now(run_start)
-    conn.transport.write(request)
-    conn.requests += 1
-    return Handoff(conn, call, conn.requests)
+    if conn is not None:
+        if conn.closed or conn.transport is None or conn.pieces or not session.keepalive:
+            return None
+        rec.sent = _now(run_start)
+        conn.transport.write(request)
+        conn.requests += 1
+        return Handoff(call, conn, conn.requests)
+    addrs = session._addrs.get(origin)
+    if origin.scheme != "http" or not addrs:
+        return None
+    fam, addr = addrs[0]
+    sock = StampedSocket(fam, socket.SOCK_STREAM)
+    try:
+        kernel_time.enable(sock)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent_at = _now(run_start)
+        if not _connected_at_once(sock, addr):
+            sock.close()
+            return None
+        sent = 0
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            sent = sock.send(request)
+    except OSError:
+        sock.close()
+        return None
+    rec.sent = sent_at
+    return Handoff(call, sock=sock, rest=request[sent:])
 
 
 async def execute(
@@ -909,8 +968,11 @@ async def execute(
     reused = False
     try:
         async with asyncio.timeout(timeout.total):
-            if handoff is not None:
+            if handoff is not None and handoff.conn is not None:
                 conn, reused, number = handoff.conn, True, handoff.number
+            elif handoff is not None and handoff.sock is not None:
+                conn, reused = await session.adopt(handoff.sock, handoff.rest), False
+                conn.requests = number = 1
             else:
                 rec.sent = _now(run_start)
                 conn, reused, written = await session.connect(origin, timeout.sock_connect, request)

@@ -5,11 +5,12 @@ would turn a backlog into a burst, vllm PR#45502) and no drift (each wake-up aim
 timerfd on Linux: `PreciseWaker`, since asyncio's own timers wake up to 1 ms late). When the
 client is late the request is still sent at once and the lag is recorded (`sent - scheduled`); latency counts from
 `scheduled`. Closed loop (a concurrency): N workers each send their next request when the previous one finished;
-`scheduled` is the moment the slot became free. On keep-alive streams the next request is written by the read
-callback that saw the previous stream end, on the connection it frees (`_PointRun._continue`, `client.send_on`); its
-record is finished after. At 256 streams, where dozens of streams end within a millisecond, this took the send lag
-from 0.4 / 3.5 ms (p50 / p99, sent from the slot's task behind every callback queued before it) to 0.03 / 0.1 ms
-(benchmarks/README.md). Fresh connections, and chat turns that wait for a reply, are sent from the slot's task.
+`scheduled` is the moment the slot became free. For streams the next request is sent by the read callback that saw
+the previous stream end, on the keep-alive connection it frees or on a new connection whose handshake completed in
+the connect call (`_PointRun._continue`, `client.send_on`); its record is finished after. At 256 streams, where
+dozens of streams end within a millisecond, this took the keep-alive send lag from 0.4 / 3.5 ms (p50 / p99, sent from
+the slot's task behind every callback queued before it) to 0.03 / 0.1 ms (benchmarks/README.md). Chat turns that wait
+for a reply, and connections that need the event loop to connect, are sent from the slot's task.
 
 Phases: the first `warmup` requests are `warmup`. The measurement window closes when `requests` measured requests have
 been scheduled, when `duration_s` has passed since the first measured request was due, when the error budget is
@@ -584,10 +585,12 @@ class _PointRun:
         the client spends after that before sending (the start-up burst of a high concurrency, writing the record)
         is send lag, inside the latency, never hidden in a later `scheduled` (PITFALLS 1 and 5).
 
-        On a keep-alive stream the next request is written from the read callback that saw the previous one end
-        (`_continue`), on the connection that just became free; the previous request's record is finished after.
-        Otherwise the slot's task sends it once the previous request's task has resumed, behind every other
-        callback and task the loop had queued: at 256 streams, whose ends arrive in bursts, milliseconds."""
+        The next request is sent from the read callback that saw the previous stream end (`_continue`): on the
+        keep-alive connection that just became free, or on a new connection when the handshake completes inside the
+        connect call (loopback); the previous request's record is finished after. Otherwise (a chat turn that waits
+        for a reply, a remote fresh connection, a non-streamed request) the slot's task sends it once the previous
+        request's task has resumed, behind every callback and task the loop had queued: at 256 streams, whose ends
+        arrive in bursts, milliseconds."""
         w = self.worker_base + worker
         ahead: _Next | None = None
         box: list[_Next | None] = []
@@ -628,23 +631,24 @@ class _PointRun:
         else:
             rec.error = "the run stopped before the request finished"
             rec.done = time.perf_counter() - self.run_start
-        if nxt.handoff is not None:
+        if nxt.handoff is not None and nxt.handoff.conn is not None:
             nxt.handoff.conn.abort()
+        elif nxt.handoff is not None and nxt.handoff.sock is not None:
+            nxt.handoff.sock.close()
         rec.status = "cancelled"
         self.finish(rec, nxt.phase)
 
     @property
     def can_continue(self) -> bool:
-        """Whether a slot's next request may be written from its predecessor's read callback: streams on keep-alive
-        connections. (The session's connection cap, the concurrency, is never passed by it: the request reuses the
-        connection its predecessor held.)"""
-        return self.target.stream and self.session.keepalive
+        """Whether a slot's next request may be sent from its predecessor's read callback: streams (`send_on` says
+        per request whether a connection can take it at once)."""
+        return self.target.stream
 
     def _continue(self, worker: int, current: _Next, box: list[_Next | None]) -> Then:
         """The read callback's part for `current`: take the slot's next request into `box` (None: stop) and, unless
-        it is a chat turn, write it on the connection `current` just freed."""
+        it is a chat turn, send it: on the connection `current` just freed, or on a new one."""
 
-        def then(conn: Any, done: float) -> None:
+        def then(conn: Any | None, done: float) -> None:
             if self.stopping or box:
                 return
             # `current` has ended; its record is finished later (for `take`'s cool-down rule it is over now)
