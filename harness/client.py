@@ -564,11 +564,8 @@ class Session:
             addrs = self._addrs[origin] = await self._resolve(loop, origin)
         error: OSError | None = None
         for fam, addr in addrs:
-            sock = StampedSocket(fam, socket.SOCK_STREAM)
+            sock = _new_socket(fam)
             try:
-                kernel_time.enable(sock)
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if not _connected_at_once(sock, addr):
                     await loop.sock_connect(sock, addr)
                 sent = 0
@@ -610,6 +607,19 @@ class Session:
         else:
             conn.abort()
             self._open.discard(conn)
+
+
+def _new_socket(fam: int) -> StampedSocket:
+    """A non-blocking TCP socket with receive timestamps and no Nagle delay, not connected yet."""
+    sock = StampedSocket(fam, socket.SOCK_STREAM)
+    try:
+        kernel_time.enable(sock)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _connected_at_once(sock: socket.socket, addr: Any) -> bool:
@@ -912,11 +922,11 @@ def send_on(
     if origin.scheme != "http" or not addrs:
         return None
     fam, addr = addrs[0]
-    sock = StampedSocket(fam, socket.SOCK_STREAM)
     try:
-        kernel_time.enable(sock)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _new_socket(fam)
+    except OSError:
+        return None
+    try:
         sent_at = _now(run_start)
         if not _connected_at_once(sock, addr):
             sock.close()
