@@ -254,8 +254,11 @@ def run_enginebench(
             "duration_s": span,
             "itl_err_matched_ms": _pct(errs["itl"]),
             # where the TTFT error arises: the client's own time between a slot freeing and its send (closed loop:
-            # the previous request's end), and between the server's write of the first chunk and the client's stamp
+            # the client's read of the previous request's end), between its send and the request's arrival at the
+            # server (kernel stamps at both ends), and between the server's write of the first chunk and the
+            # client's stamp of it
             "send_lag_ms": _pct([lag for r in measured if (lag := send_lag(r)) is not None]),
+            "request_path_ms": _pct(errs["req_path"]),
             "response_path_ms": _pct(errs["resp_path"]),
             "client_cpu": doc["outcome"]["client_cpu"],
         },
@@ -458,7 +461,12 @@ def _parts(row: Mapping[str, Any]) -> str:
     lag, path = row["extra"].get("send_lag_ms"), row["extra"].get("response_path_ms")
     if not lag or not path:
         return ""
-    return f"; TTFT error parts p50 / p99: send lag {lag[0]:.2f} / {lag[1]:.2f} ms, response path {path[0]:.2f} / {path[1]:.2f} ms"
+    req = row["extra"].get("request_path_ms")
+    req_s = f", request path {req[0]:.2f} / {req[1]:.2f} ms" if req else ""
+    return (
+        f"; TTFT error parts p50 / p99: send lag {lag[0]:.2f} / {lag[1]:.2f} ms{req_s}, response path "
+        f"{path[0]:.2f} / {path[1]:.2f} ms"
+    )
 
 
 def judge(result: Mapping[str, Any]) -> list[str]:

@@ -3,9 +3,12 @@
 Times are `time.perf_counter()` minus the run's start (one monotonic clock, system-wide on Linux): `scheduled` (given
 by the runner), `sent` (just before the request is written), `first_byte` (the read that completed the response
 headers), one entry in `chunk_times` per transport read that carried output tokens, stamped when its bytes arrived
-(the kernel's receive timestamp, SO_TIMESTAMPNS, on asyncio's loop on Linux) or else when the event loop handed the
-read over (uvloop, which reads the socket itself; other systems); all events of one read share its timestamp and
-their tokens are summed into one chunk; and `done` (the `[DONE]` event, or end of body).
+(the kernel's receive timestamp, SO_TIMESTAMPNS: on Linux the client reads its plain-HTTP sockets itself,
+`harness.kernel_time.StampedTransport`, on uvloop and asyncio's loop alike) or else when the event loop handed the
+read over (TLS, other systems); all events of one read share its timestamp and their tokens are summed into one
+chunk; `done` (the `[DONE]` event's arrival, or end of body); and `done_read`, when the client read that `[DONE]`
+(a closed loop's slot is free from then). A client that reads late (its loop busy, or the process waiting for a CPU)
+therefore still times every token by its arrival.
 
 The client knows no engine: the target's codec builds the call and parses each `data:` payload. A failing request
 never raises: it ends with a `status` (see `harness.records.Status`), an `error` reason and the HTTP status.
@@ -15,7 +18,8 @@ HTTP/1.1 is spoken by a small `asyncio.Protocol` here rather than aiohttp, for t
 writes the body — and its coalesced headers — from a separate task, one event-loop iteration later, which under load
 is milliseconds of TTFT error the server never saw); each read is stamped in `data_received`, not when a coroutine
 gets round to it; and de-chunking a stream costs a fraction of aiohttp's per-HTTP-chunk callbacks (the client CPU
-per streamed token is the benchmark). It handles Content-Length, chunked and read-until-close bodies, keep-alive,
+per streamed token is the benchmark). On Linux the socket under it is read by `StampedTransport` (one `recvmsg_into`
+per read, which also returns the arrival time), not by the loop's transport. It handles Content-Length, chunked and read-until-close bodies, keep-alive,
 `Connection: close`, TLS (`https://`), a connect timeout, a stall timeout (no byte for that long) and an overall one.
 No proxy from the environment is ever used; `Accept-Encoding: identity` is sent (a compressed stream would hold
 tokens back in the compressor's buffer and cost client CPU).
@@ -57,7 +61,7 @@ import orjson
 
 from adapters.base import HttpCall, StreamDelta, Usage
 from harness import kernel_time
-from harness.kernel_time import StampedSocket
+from harness.kernel_time import StampedTransport
 from harness.records import Phase, RequestRecord, Status
 from harness.sse import SSEParser
 from workloads.spec import RequestSpec
@@ -165,15 +169,13 @@ class _Http1(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         # while a stream is read, each read goes straight to this (read time, bytes) callback: no task switch per read
         self.sink: Callable[[float, bytes], None] | None = None
-        self.stamped: StampedSocket | None = None
+        self.stamped = False  # its reads carry the kernel's arrival time (`StampedTransport`)
         self.requests = 0  # requests written on it: a request whose number is not the last no longer owns it
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
-        raw = transport.get_extra_info("socket")
-        raw = getattr(raw, "_sock", raw)  # asyncio hands out a TransportSocket around the real one
-        self.stamped = raw if isinstance(raw, StampedSocket) else None
+        self.stamped = isinstance(transport, StampedTransport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.read_buf
@@ -181,10 +183,11 @@ class _Http1(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(self.read_buf[:nbytes]))
 
-    def data_received(self, data: bytes) -> None:
-        t = time.perf_counter()
-        if self.stamped is not None:
-            t = self.stamped.arrival(t)
+    def data_received(self, data: bytes) -> None:  # the loop's own transports (TLS): stamped when read
+        self.received(time.perf_counter(), data)
+
+    def received(self, t: float, data: bytes) -> None:
+        """`data` was read; its bytes arrived at `t` (perf_counter)."""
         self.last = t
         sink = self.sink
         if sink is not None:
@@ -590,7 +593,11 @@ class Session:
         """A connection around `sock`, connected already (and sent on: `rest` is what it did not take)."""
         loop = asyncio.get_running_loop()
         try:
-            _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
+            if kernel_time.ENABLED:
+                proto = _Http1(loop)
+                StampedTransport(loop, sock, proto)
+            else:
+                _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -609,9 +616,9 @@ class Session:
             self._open.discard(conn)
 
 
-def _new_socket(fam: int) -> StampedSocket:
+def _new_socket(fam: int) -> socket.socket:
     """A non-blocking TCP socket with receive timestamps and no Nagle delay, not connected yet."""
-    sock = StampedSocket(fam, socket.SOCK_STREAM)
+    sock = socket.socket(fam, socket.SOCK_STREAM)
     try:
         kernel_time.enable(sock)
         sock.setblocking(False)
@@ -718,18 +725,47 @@ class _StreamReader:
         self.reusable = reusable  # the connection may carry another request once this body has ended
 
     def feed(self, t: float, data: bytes) -> None:
-        body = self.framing.feed(data)
+        framing = self.framing
+        if framing.left == -1 and self.parser.idle and not framing.buf and not self.stopped:
+            # the common read, a token: one whole HTTP chunk ("9c\r\n" ... "\r\n") holding one whole one-line
+            # `data:` event, with nothing pending in the framing or the SSE parser. Taken here in one pass, the
+            # same bytes `framing.feed` and `parser.feed` would give (tests/test_client.py splits every stream
+            # both ways); anything else goes the general way below
+            n = len(data)
+            eol = data.find(b"\r\n")
+            if (
+                0 < eol < 16
+                and data.find(b"\n", eol + 2) == n - 4
+                and data.find(b"\r", eol + 2) == n - 2
+                and data.endswith(b"\n\n\r\n")
+                and data.startswith(b"data:", eol + 2)
+            ):
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = -1
+                if size == n - eol - 4:
+                    skip = eol + (8 if data[eol + 7] == 0x20 else 7)
+                    self.events(t - self.run_start, [data[skip:-4]])
+                    if self.stopped:
+                        self.ended()
+                    return
+        body = framing.feed(data)
         if body and not self.stopped:
             self.events(t - self.run_start, self.parser.feed(body))
-        if self.stopped or self.framing.done:
-            if (
-                self.then is not None
-                and self.saw_done
-                and self.rec.status == "ok"
-                and (self.framing.done or not self.reusable)
-            ):
-                self.hand_off()
-            self.conn._wake()
+        if self.stopped or framing.done:
+            self.ended()
+
+    def ended(self) -> None:
+        """The record is complete (`[DONE]`, an error) or the body is over: hand off, wake the request's task."""
+        if (
+            self.then is not None
+            and self.saw_done
+            and self.rec.status == "ok"
+            and (self.framing.done or not self.reusable)
+        ):
+            self.hand_off()
+        self.conn._wake()
 
     def hand_off(self) -> None:
         """The stream ended well: let `then` send the next request now, inside this read's callback, rather than
@@ -737,12 +773,13 @@ class _StreamReader:
         streams, bursts of dozens of streams end within a millisecond). A reusable connection whose body has ended
         goes with it; otherwise `then` gets None (a new connection) and this body is read to its end as before."""
         then, self.then = self.then, None
-        assert then is not None and self.rec.done is not None
+        seen = self.rec.done_read
+        assert then is not None and seen is not None
         if self.reusable and self.framing.done:
             self.conn.sink = None  # this body is over: bytes from now on belong to the next response
-            then(self.conn, self.rec.done)
+            then(self.conn, seen)
         else:
-            then(None, self.rec.done)
+            then(None, seen)
 
     def events(self, t: float, payloads: list[bytes]) -> None:
         rec = self.rec
@@ -752,7 +789,7 @@ class _StreamReader:
                 continue
             if payload == b"[DONE]":
                 self.saw_done = self.stopped = True
-                rec.done = t
+                rec.done, rec.done_read = t, _now(self.run_start)
                 return
             try:
                 delta = self.parse(payload)
@@ -871,8 +908,8 @@ async def _read_all(conn: _Http1, resp: _Response, limit: int | None = None) -> 
 
 
 Then = Callable[["_Http1 | None", float], None]
-"""Called from the read callback when a stream ended well, with the stream's `done` time and its connection if that
-can carry another request now (else None). It may send the next request at once (`send_on`)."""
+"""Called from the read callback when a stream ended well, with the time the client read its end (`done_read`) and its
+connection if that can carry another request now (else None). It may send the next request at once (`send_on`)."""
 
 
 @dataclass(frozen=True)
@@ -1006,7 +1043,7 @@ async def execute(
             ctype = resp.headers.get("content-type", "")
             if call.stream and "json" not in ctype:  # SSE, whatever the server calls it
                 usage = await _read_stream(conn, resp, rec, target.adapter, run_start, texts, then)
-                if conn.stamped is not None and rec.chunk_times:
+                if conn.stamped and rec.chunk_times:
                     # its reads carry the kernel's arrival time: no late read in its TTFT
                     rec.read_stall = 0.0
             else:

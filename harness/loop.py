@@ -5,7 +5,8 @@ p99 was 29–58 ms on uvloop against 94–116 ms on asyncio's selector loop in a
 the same within noise. The difference is the first wave: 256 requests leave at once, and uvloop opens and
 registers their connections in C, so the last of them goes out sooner. Sub-millisecond waits do not rely on the
 loop's timers on either loop (uvloop's tick in whole milliseconds, asyncio's epoll timeout too): the runner's
-`PreciseWaker` arms a timerfd.
+`PreciseWaker` arms a timerfd. On Linux the client's plain-HTTP sockets are read by
+`harness.kernel_time.StampedTransport` on either loop (reads keep the kernel's arrival time).
 
 `ENGINEBENCH_LOOP=asyncio` (or `uvloop`) chooses; the manifest records which ran (`host.event_loop`).
 """

@@ -44,6 +44,9 @@ class RequestRecord:
     )  # arrival time of every chunk that carried output tokens
     chunk_tokens: list[int] = field(default_factory=list)  # output tokens each of those chunks carried
     done: float | None = None
+    # when the client read the `[DONE]` whose bytes arrived at `done` (the kernel's receive time, where the client
+    # has it): a closed loop's slot is free from here. None where the client did not see a `[DONE]`
+    done_read: float | None = None
     status: Status = "ok"
     error: str | None = None
     http_status: int | None = None

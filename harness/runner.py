@@ -5,8 +5,10 @@ would turn a backlog into a burst, vllm PR#45502) and no drift (each wake-up aim
 timerfd on Linux: `PreciseWaker`, since asyncio's own timers wake up to 1 ms late). When the
 client is late the request is still sent at once and the lag is recorded (`sent - scheduled`); latency counts from
 `scheduled`. Closed loop (a concurrency): N workers each send their next request when the previous one finished;
-`scheduled` is the moment the slot became free. For streams the next request is sent by the read callback that saw
-the previous stream end, on the keep-alive connection it frees or on a new connection whose handshake completed in
+`scheduled` is the moment the slot became free: the point's start, then the moment the client read the previous
+request's end (`done_read`; its `done` is when those bytes arrived, from the kernel, and may be earlier when the
+client read late: `summary.end_read_lag_ms`, and the `slot_idle` rule judges it). For streams the next request is sent
+by the read callback that saw the previous stream end, on the keep-alive connection it frees or on a new connection whose handshake completed in
 the connect call (`_PointRun._continue`, `client.send_on`); its record is finished after. At 256 streams, where
 dozens of streams end within a millisecond, this took the keep-alive send lag from 0.4 / 3.5 ms (p50 / p99, sent from
 the slot's task behind every callback queued before it) to 0.03 / 0.1 ms (benchmarks/README.md). Chat turns that wait
@@ -581,9 +583,11 @@ class _PointRun:
 
     async def closed_worker(self, worker: int, free_at: float) -> None:
         """One slot of a closed loop. A request is due when its slot became free: at the point's start for every
-        slot's first request, then when the slot's previous request ended as the client saw it (`done`). Whatever
-        the client spends after that before sending (the start-up burst of a high concurrency, writing the record)
-        is send lag, inside the latency, never hidden in a later `scheduled` (PITFALLS 1 and 5).
+        slot's first request, then when the client read the slot's previous request's end (`done_read`, or `done`
+        where the two are one). Whatever the client spends after that before sending (the start-up burst of a high
+        concurrency, writing the record) is send lag, inside the latency, never hidden in a later `scheduled`
+        (PITFALLS 1 and 5); how late it read the end is `done_read - done`, kept on the record and judged by the
+        `slot_idle` rule (a slot waiting for the client is concurrency the engine never saw).
 
         The next request is sent from the read callback that saw the previous stream end (`_continue`): on the
         keep-alive connection that just became free, or on a new connection when the handshake completes inside the
@@ -610,7 +614,8 @@ class _PointRun:
                         return
                     continue
                 now = time.perf_counter()
-                free_at = now if rec.done is None else min(now, self.run_start + rec.done)
+                end = rec.done if rec.done_read is None else rec.done_read
+                free_at = now if end is None else min(now, self.run_start + end)
         finally:
             left = ahead or (box[0] if box else None)
             if left is not None:  # taken (perhaps written), then the run stopped before its task ran
@@ -648,14 +653,14 @@ class _PointRun:
         """The read callback's part for `current`: take the slot's next request into `box` (None: stop) and, unless
         it is a chat turn, send it: on the connection `current` just freed, or on a new one."""
 
-        def then(conn: Any | None, done: float) -> None:
+        def then(conn: Any | None, seen: float) -> None:
             if self.stopping or box:
                 return
             # `current` has ended; its record is finished later (for `take`'s cool-down rule it is over now)
             if current.phase != "cooldown":
                 self.ended_unrecorded += 1
                 current.settled = True
-            due = self.run_start + done
+            due = self.run_start + seen
             item = self.take(due)
             if item is None:
                 box.append(None)
@@ -666,7 +671,7 @@ class _PointRun:
             if spec.session is not None or spec.history_from is not None:
                 return  # a chat turn: its task sends it (it may wait for a reply and a think time)
             rec = new_record(
-                self.target, spec, point=self.point.id, phase=phase, scheduled=done, worker=worker
+                self.target, spec, point=self.point.id, phase=phase, scheduled=seen, worker=worker
             )
             handoff = send_on(conn, self.session, self.target, spec, rec, self.run_start)
             if handoff is not None:

@@ -21,19 +21,16 @@ _BOM = b"\xef\xbb\xbf"
 class SSEParser:
     """Feed raw reads with `feed`; each call returns the payloads of the events the read completed."""
 
-    __slots__ = ("_bom_checked", "_buf", "_events", "_scan", "_skip_lf")
+    __slots__ = ("_bom_checked", "_buf", "_scan", "_skip_lf", "idle")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._scan = 0  # where to resume looking for the blank line that ends an event
         self._skip_lf = False  # the last read ended in CR: a LF starting the next read belongs to it
         self._bom_checked = False
-        self._events = 0
-
-    @property
-    def events(self) -> int:
-        """Events dispatched so far (including ones with an empty payload)."""
-        return self._events
+        # nothing held and nothing owed: the next byte starts a new line of a new event (a caller that recognises
+        # a whole one-line event itself may then take its payload without feeding it)
+        self.idle = False
 
     @property
     def pending(self) -> int:
@@ -46,6 +43,7 @@ class SSEParser:
             if chunk[0] == 0x0A:
                 chunk = chunk[1:]
         if not chunk:
+            self.idle = not self._buf and not self._skip_lf and self._bom_checked
             return []
         if b"\r" in chunk:
             # CR and LF never occur inside a field value or a UTF-8 sequence, so normalising is safe
@@ -59,7 +57,7 @@ class SSEParser:
             and chunk.endswith(b"\n\n")
             and self._bom_checked
         ):  # the common read: exactly one whole one-line data event (a token chunk), nothing pending
-            self._events += 1
+            self.idle = not self._skip_lf
             return [chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2]]
         buf += chunk
         if not self._bom_checked:
@@ -80,6 +78,7 @@ class SSEParser:
             del buf[:pos]
         # resume the next search here: a long event is scanned once, not once per read
         self._scan = len(buf) - 1 if buf else 0
+        self.idle = not buf and not self._skip_lf
         return out
 
     def close(self) -> list[bytes]:
@@ -90,12 +89,12 @@ class SSEParser:
         self._buf.clear()
         self._scan = 0
         self._skip_lf = False
+        self.idle = self._bom_checked
         return out
 
     def _dispatch(self, block: bytes, out: list[bytes]) -> None:
         """One event's lines (no blank line inside) -> its data payload, if it had a data field."""
         if block.startswith(b"data:") and b"\n" not in block:  # the common one-line event
-            self._events += 1
             out.append(block[6:] if block[5:6] == b" " else block[5:])
             return
         data: list[bytes] | None = None
@@ -113,5 +112,4 @@ class SSEParser:
                     data = []
                 data.append(value)
         if data is not None:
-            self._events += 1
             out.append(b"\n".join(data))

@@ -106,6 +106,9 @@ class PointSummary(BaseModel):
     # how late, at most, the client read each successful measured request's first token (RequestRecord.read_stall);
     # empty where nothing watched the loop
     read_stall_ms: LatencyStats = Field(default_factory=LatencyStats)
+    # how late the client read each successful measured stream's end after it arrived (done_read - done); empty
+    # where the two are not known apart (no kernel arrival times, other clients, older runs)
+    end_read_lag_ms: LatencyStats = Field(default_factory=LatencyStats)
     requests_per_s: float | None
     input_tokens_per_s: float | None
     output_tokens_per_s: float | None
@@ -198,6 +201,13 @@ def summarize_point(
     }
     send_lag = stats_ms(metrics.send_lag(r) for r in measured)
     read_stall = stats_ms(r.read_stall for r in ok)
+    end_reads = [
+        (r.done_read - r.done, r.done_read - r.scheduled)
+        for r in ok
+        if r.done_read is not None and r.done is not None
+    ]
+    end_read_lag = stats_ms(lag for lag, _ in end_reads)
+    slot_time = sum(cycle for _, cycle in end_reads)
 
     end_event: Mapping[str, Any] = {}
     for ev in events:
@@ -228,6 +238,7 @@ def summarize_point(
         achieved_rate_per_s=_span_rate([r.sent for r in measured if r.sent is not None]),
         send_lag_p99_ms=send_lag.p99,
         read_stall_p99_ms=read_stall.p99,
+        slot_idle_share=sum(lag for lag, _ in end_reads) / slot_time if slot_time > 0 else None,
         ttft_p50_ms=lat["ttft"].p50,
         client_cpu_util=cpu.mean_util if cpu else None,
         client_cpu_saturated=cpu.saturated if cpu else None,
@@ -261,6 +272,7 @@ def summarize_point(
         e2e_ms=lat["e2e"],
         send_lag_ms=send_lag,
         read_stall_ms=read_stall,
+        end_read_lag_ms=end_read_lag,
         requests_per_s=_rate(len(ok), duration),
         input_tokens_per_s=_rate(in_tokens, duration),
         output_tokens_per_s=_rate(out_tokens, duration),

@@ -23,6 +23,7 @@ ReasonCode = Literal[
     "rate_not_achieved",
     "send_lag",
     "read_stall",
+    "slot_idle",
     "client_cpu_saturated",
     "error_rate",
     "token_count_mismatch",
@@ -44,6 +45,9 @@ class VerdictPolicy(BaseModel):
     # bound (it also counts hold-ups while nothing waited to be read)
     max_read_stall_p99_ms: float = 10.0
     max_read_stall_ttft_share: float = 0.10
+    # closed loop: the share of the slots' time spent between a stream's end arriving and the client reading it
+    # (the engine then had that much less than the stated concurrency)
+    max_slot_idle_share: float = 0.05
     max_client_cpu_util: float = 0.90
     # the client's loop waited for a CPU this share of the point or more: other processes held the cores, and the
     # client-side rules that fire say so (the cause, not a rule of its own: a starved client that kept up is fine)
@@ -83,6 +87,8 @@ class PointChecks(BaseModel):
     achieved_rate_per_s: float | None = None  # the rate the client actually sent them
     send_lag_p99_ms: float | None = None
     read_stall_p99_ms: float | None = None  # RequestRecord.read_stall over successful measured requests
+    # closed loop: sum(done_read - done) / sum(done_read - scheduled) over successful measured requests
+    slot_idle_share: float | None = None
     ttft_p50_ms: float | None = None
     client_cpu_util: float | None = None  # mean, as a fraction of one core
     client_cpu_saturated: bool | None = None
@@ -187,6 +193,13 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             f"p99 read stall {c.read_stall_p99_ms:.1f} ms (> {stall_limit:.1f} ms, max({p.max_read_stall_p99_ms:g} "
             f"ms, {p.max_read_stall_ttft_share:.0%} of TTFT p50)): the client's loop was held up before it read "
             "first tokens, so TTFTs may hold that much of the client's own delay",
+            starved or _STALLED,
+        )
+    if c.closed_loop and c.slot_idle_share is not None and c.slot_idle_share > p.max_slot_idle_share:
+        fail(
+            "slot_idle",
+            f"slots idle {c.slot_idle_share:.1%} of the time (> {p.max_slot_idle_share:.0%}): streams had ended but "
+            "the client read their ends late, so the engine ran with less than the stated concurrency",
             starved or _STALLED,
         )
     saturated = c.client_cpu_saturated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -13,10 +14,12 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.base import HttpCall, StreamDelta
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
-from harness.client import Target, make_session, send_request, timeouts_for
+from harness.client import Target, _Framing, _StreamReader, make_session, send_request, timeouts_for
 from harness.records import RequestRecord
 from workloads.spec import RequestSpec
 
@@ -454,3 +457,106 @@ async def test_chunk_times_are_the_reads_not_the_parse() -> None:
     assert all(g >= 0.0035 for g in gaps), (
         gaps
     )  # two 2 ms writes per event: never less than the server's 4 ms
+
+
+class _TextCodec(OpenAICodec):
+    """Each `data:` payload is one token whose text is the payload itself."""
+
+    def parse_event(self, data: bytes) -> StreamDelta | None:
+        return StreamDelta(text=data.decode(), tokens=1)
+
+
+class _NoConn:
+    def _wake(self) -> None:
+        pass
+
+
+_line = st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(st.lists(_line, min_size=1, max_size=2), min_size=1, max_size=8),
+    eols=st.lists(st.sampled_from(["\n", "\n", "\r\n", "\r"]), min_size=3, max_size=3),
+    space=st.booleans(),
+    comment=st.booleans(),
+    per_read=st.sampled_from(["chunk", "cuts"]),
+    data=st.data(),
+)
+def test_every_read_of_a_chunked_sse_body_gives_the_same_events(
+    events: list[list[str]], eols: list[str], space: bool, comment: bool, per_read: str, data: st.DataObject
+) -> None:
+    """A read holding one whole HTTP chunk of one whole one-line event is taken in one pass (`_StreamReader.feed`);
+    every other read goes through the framing and the SSE parser. Both give exactly the events sent, and each read
+    that carried tokens is one chunk time."""
+    sep = ": " if space else ":"
+    line_end, last_end, blank = eols  # line endings may be mixed (LF, CRLF, CR): the parser takes any
+    if last_end == "\r" and blank == "\n":
+        blank = "\r\n"  # CR then LF is one line ending, not an empty line
+    blocks = [
+        (f": ping{line_end}" if comment else "")
+        + "".join(
+            f"data{sep}{line}{line_end if i < len(lines) - 1 else last_end}" for i, line in enumerate(lines)
+        )
+        + blank
+        for lines in events
+    ] + [f"data{sep}[DONE]{last_end}{blank}"]
+    if comment:  # a keep-alive comment of its own, as servers send between tokens
+        blocks.insert(len(blocks) // 2, f": keep-alive{last_end}{blank}")
+    # HTTP chunks: mostly one event each; some events cut in two (anywhere, or before each of their lines: the
+    # last line then looks like a whole event while the parser still holds the first), some sent with the one before
+    chunks: list[bytes] = []
+    for block in blocks:
+        raw = block.encode()
+        how = data.draw(st.sampled_from(["whole", "whole", "split", "lines", "join"]))
+        if how == "split" and len(raw) > 1:
+            cut = data.draw(st.integers(1, len(raw) - 1))
+            chunks += [raw[:cut], raw[cut:]]
+        elif how == "lines":
+            starts = [i for i in range(1, len(raw)) if raw.startswith(b"data", i)]
+            chunks += [raw[a:b] for a, b in zip([0, *starts], [*starts, len(raw)], strict=False)]
+        elif how == "join" and chunks:
+            chunks[-1] += raw
+        else:
+            chunks.append(raw)
+    wire = [f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in chunks] + [b"0\r\n\r\n"]
+    if per_read == "chunk":
+        reads = wire
+    else:
+        body = b"".join(wire)
+        cuts = sorted(set(data.draw(st.lists(st.integers(1, len(body) - 1), max_size=10))))
+        reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=False)]
+    rec = RequestRecord("r", "e", "p", "measure", 0.0)
+    texts: list[str] = []
+    framing = _Framing("chunked")
+    reader = _StreamReader(_NoConn(), framing, rec, _TextCodec(), 0.0, texts)  # type: ignore[arg-type]
+    for i, read in enumerate(reads):
+        reader.feed(float(i), read)
+    # one space after the colon is dropped (after "data:" it is the line's own); an empty payload carries nothing
+    values = [
+        [line[1:] if not space and line.startswith(" ") else line for line in lines] for lines in events
+    ]
+    want = [text for lines in values if (text := "\n".join(lines))]
+    assert texts == want
+    assert sum(rec.chunk_tokens) == len(want)
+    assert len(set(rec.chunk_times)) == len(rec.chunk_times) and rec.done is not None
+    assert framing.done and reader.saw_done
+
+
+def test_a_read_that_ends_inside_an_http_chunk_is_not_taken_for_a_whole_one() -> None:
+    """A read that looks like one whole chunk of one event ("…\\n\\n\\r\\n") but stops inside a longer chunk (whose
+    data goes on after an empty CRLF line) is framed by its size line, not by its look."""
+    first, inner = b"data: first\n\n", b"data: a\n\n\r\ndata: b\n\n"
+    wire = b"".join(f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in (first, inner)) + b"0\r\n\r\n"
+    cuts = [
+        0,
+        wire.index(b"data: a") - 4,
+        wire.index(b"data: b"),
+        len(wire),
+    ]  # the second read starts at its size line
+    texts: list[str] = []
+    rec = RequestRecord("r", "e", "p", "measure", 0.0)
+    reader = _StreamReader(_NoConn(), _Framing("chunked"), rec, _TextCodec(), 0.0, texts)  # type: ignore[arg-type]
+    for i, (a, b) in enumerate(itertools.pairwise(cuts)):
+        reader.feed(float(i), wire[a:b])
+    assert texts == ["first", "a", "b"] and rec.chunk_times == [0.0, 1.0, 2.0]

@@ -1,6 +1,6 @@
 """Arrival times from the kernel (SO_TIMESTAMPNS on Linux): a process that reads late still times bytes by when they
 arrived. The scripted server times a request from its arrival, so its own late read is lag it reports rather than
-error charged to the client; the client (on asyncio's loop) stamps a read by when its bytes arrived, so a busy
+error charged to the client; the client stamps a read by when its bytes arrived, so a busy
 client does not stretch the engine's latencies. Each side is made late on purpose by blocking its event loop."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from adapters.scripted import make_adapter
+from harness import loop as event_loop
 from harness.calibrate import calibration_specs
 from harness.calibration import ScriptConfig, ScriptedServer, fetch_stats, serve_in_process
 from harness.client import Target, make_session, send_request, timeouts_for
@@ -87,9 +88,15 @@ def test_the_server_times_a_request_from_its_arrival_not_its_late_read(
     assert entry["lags_ms"][-1] > (BLOCK_S - 0.065) * 1000 * 0.7, entry["lags_ms"]
 
 
-def test_the_client_stamps_a_read_by_its_arrival_on_asyncio() -> None:
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_the_client_stamps_a_read_by_its_arrival(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks due at 50, 150 and 250 ms after the request arrives; the client's loop is blocked from 80 to 200 ms, so
-    the 150 ms chunk waits in the socket. Its record says it came at ~150 ms (the kernel's time), not ~200 ms."""
+    the 150 ms chunk waits in the socket, and again from 230 to 330 ms, so the last chunk and `[DONE]` wait too.
+    The record says each came when it arrived (the kernel's time), not when it was read; `done_read` says when the
+    end was read. On both event loops: the client reads its plain-HTTP sockets itself (`StampedTransport`)."""
+    monkeypatch.setenv(event_loop.ENV, loop_name)
+    if loop_name == "uvloop":
+        pytest.importorskip("uvloop")
     with serve_in_process(ScriptConfig(ttft=0.05, itl=0.1, output_tokens=3)) as url:
         target = Target("scripted", url, make_adapter(), "scripted")
         spec = next(calibration_specs("stamped", 3))
@@ -99,24 +106,27 @@ def test_the_client_stamps_a_read_by_its_arrival_on_asyncio() -> None:
             run_start = time.perf_counter()
             async with make_session(target) as session:
                 loop.call_later(0.08, time.sleep, 0.12)
+                loop.call_later(0.23, time.sleep, 0.1)
                 rec = await send_request(
                     session, target, spec, point="p", phase="measure", scheduled=0.0, run_start=run_start,
                     timeout=timeouts_for(True, 5.0, 10.0),
                 )  # fmt: skip
             return run_start, rec
 
-        run_start, rec = asyncio.run(
-            main()
-        )  # asyncio's own loop: its transport reads through the stamped socket
+        run_start, rec = event_loop.run(main())
         truth = fetch_stats(url, detail=True)["per_request"][spec.request_id]
     assert rec.ok, rec.error
     assert sum(rec.chunk_tokens) == 3 and len(rec.chunk_times) == 3, (rec.chunk_times, rec.chunk_tokens)
     # the server's clock is the same CLOCK_MONOTONIC as the client's perf_counter: compare absolute times
     writes = [truth["t0"] + 0.05 + 0.1 * j + lag / 1000.0 for j, lag in enumerate(truth["lags_ms"])]
     got = [run_start + t for t in rec.chunk_times]
-    # each chunk within 3 ms of its write, the one that waited in the socket included (~50 ms late otherwise)
+    # each chunk within 3 ms of its write, the ones that waited in the socket included (50-80 ms late otherwise)
     for g, w in zip(got, writes, strict=True):
         assert abs(g - w) < 0.003, ([g - w for g, w in zip(got, writes, strict=True)], truth["lags_ms"])
+    # the end came with the last chunk (~250 ms) and was read when the second block ended (~330 ms)
+    assert rec.done is not None and rec.done_read is not None
+    assert abs(run_start + rec.done - writes[-1]) < 0.003, run_start + rec.done - writes[-1]
+    assert rec.done_read - rec.done > 0.05, (rec.done, rec.done_read)
 
 
 def test_the_servers_stamped_sockets_send_each_chunk_at_once() -> None:

@@ -59,14 +59,16 @@ async def test_closed_loop_keeps_exactly_n_in_flight(server: ScriptedServer) -> 
     assert outcome.point.closed_loop and outcome.stop_reason == "requests"  # a sized spec list: all of it
     assert len(recs) == 24 and all(r.ok for r in recs)
     assert server.max_inflight == 4
-    # a request is due when its slot became free: all four at the point's start, then each at its slot's previous
-    # done; the client's own time before sending is send lag, not hidden in `scheduled`
+    # a request is due when its slot became free: all four at the point's start, then when the client read the end
+    # of its slot's previous request (`done_read`; `done` is when that end arrived); the client's own time before
+    # sending is send lag, not hidden in `scheduled`
     firsts = {min(r.scheduled for r in recs if r.worker == w) for w in range(4)}
     assert len(firsts) == 1, firsts
     for w in range(4):
         mine = sorted((r for r in recs if r.worker == w), key=lambda r: r.scheduled)
         for prev, nxt in itertools.pairwise(mine):
-            assert prev.done is not None and nxt.scheduled == pytest.approx(prev.done, abs=1e-9)
+            assert prev.done is not None and prev.done_read is not None and prev.done <= prev.done_read
+            assert nxt.scheduled == pytest.approx(prev.done_read, abs=1e-9)
             assert nxt.sent is not None and nxt.sent >= nxt.scheduled
     assert outcome.client_cpu.samples  # sampled at least once (final partial interval)
 
@@ -252,7 +254,7 @@ async def test_closed_loop_writes_the_next_request_from_the_read_callback(
     assert outcome.counts["ok"] == len(records) == 6
     records.sort(key=lambda r: r.scheduled)
     for prev, nxt in itertools.pairwise(records):
-        assert prev.done is not None and nxt.scheduled == pytest.approx(prev.done, abs=1e-9)
+        assert prev.done_read is not None and nxt.scheduled == pytest.approx(prev.done_read, abs=1e-9)
     lags = [r.sent - r.scheduled for r in records[1:] if r.sent is not None]
     assert len(lags) == 5 and max(lags) < 0.1, lags  # sent before the 0.2 s sink of the request before it
     assert len(set(server.peers)) == connections

@@ -290,3 +290,28 @@ def test_a_starved_client_is_named_as_the_cause_of_its_late_sends_and_reads() ->
     strict = judge(PointChecks(**late, client_cpu_wait=0.05), VerdictPolicy(starved_cpu_wait=0.04))
     assert "waited for a CPU 5% of the point" in strict.recommendation
     assert judge(PointChecks(**base, client_cpu_wait=0.5)).status == "VALID"
+
+
+def test_a_closed_loop_whose_slots_waited_for_the_client_is_invalid() -> None:
+    """Each request takes 185 ms from due to done (TTFT 100+ ms, 4 more chunks, 5 ms); the client reads the end 20 ms
+    after it arrived: the slot was idle 20 / 205 of its time, ~9.8 %, above the 5 % limit. The end-read lag is
+    summarised; 5 ms late (2.6 %) is within the limit, and an open loop (no slots) is not judged by it."""
+    closed = META.model_copy(update={"load": META.load.model_copy(update={"closed_loop": True})})
+
+    def point(late_s: float, meta: PointMeta = closed) -> Any:
+        recs = []
+        for i in range(40):
+            rec = ok_record(i)
+            rec.chunk_times = [rec.scheduled + 0.100 + 0.020 * k for k in range(5)]
+            rec.done = rec.chunk_times[-1] + 0.005
+            rec.done_read = rec.done + late_s
+            recs.append(rec)
+        return summarize_point(recs, meta)
+
+    late = point(0.020)
+    assert [r.code for r in late.verdict.reasons] == ["slot_idle"]
+    assert late.checks.slot_idle_share == pytest.approx(0.020 / 0.205, abs=TOL)
+    assert late.end_read_lag_ms.p50 == pytest.approx(20.0, abs=1e-6) and late.end_read_lag_ms.count == 40
+    assert "taskset" in late.verdict.recommendation
+    assert point(0.005).verdict.status == "VALID"
+    assert point(0.020, META).verdict.status == "VALID"
