@@ -34,3 +34,22 @@ def test_a_bad_choice_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     ):
         loop.run(coro)
     assert coro.cr_frame is None  # closed, not left un-awaited
+
+
+@pytest.mark.parametrize(("value", "tick_s"), [("", 0.0005), ("0", 0.0), ("1.5", 0.0015)])
+def test_the_read_tick_is_set_and_recorded(
+    monkeypatch: pytest.MonkeyPatch, value: str, tick_s: float
+) -> None:
+    monkeypatch.setenv(loop.READ_TICK_ENV, value)
+    assert loop.read_tick_s() == pytest.approx(tick_s)
+    described = host_info().event_loop or ""
+    assert ("plain-HTTP reads at most every" in described) == (tick_s > 0), described
+    if tick_s:
+        assert described.endswith(f"every {tick_s * 1000:g} ms)"), described
+
+
+@pytest.mark.parametrize("value", ["fast", "-1", "6"])
+def test_a_bad_read_tick_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(loop.READ_TICK_ENV, value)
+    with pytest.raises(ConfigError, match=f"ENGINEBENCH_READ_TICK_MS='{value}' is not a tick of 0-5 ms"):
+        host_info()

@@ -505,3 +505,48 @@ async def test_a_point_runs_with_the_collector_paused_and_restores_it(server: Sc
         time.perf_counter(),
     )
     assert states == [False] * 4 and gc.isenabled()
+
+
+def _paced_point(monkeypatch: pytest.MonkeyPatch, tick_ms: str, point: LoadPoint, n: int) -> Any:
+    """`n` requests of 10 tokens 10 ms apart (TTFT 20 ms) against the scripted server in its own process, the
+    client's read tick set to `tick_ms`; the records, the server's account of each request, and the run's start."""
+    from adapters.scripted import make_adapter
+    from harness import loop as event_loop
+    from harness.calibrate import calibration_specs
+    from harness.calibration import ScriptConfig, fetch_stats, serve_in_process
+
+    monkeypatch.setenv(event_loop.READ_TICK_ENV, tick_ms)
+    with serve_in_process(ScriptConfig(ttft=0.02, itl=0.01, output_tokens=10)) as url:
+        target = Target("scripted", url, make_adapter(), "scripted")
+        specs = list(itertools.islice(calibration_specs(f"tick{tick_ms}", 10), n))
+        records: list[RequestRecord] = []
+        run_start = time.perf_counter()
+        event_loop.run(run_point(target, specs, point, StopRule(), records.append, run_start))
+        truth = fetch_stats(url, detail=True)["per_request"]
+    assert len(records) == n and all(r.ok for r in records), [r.error for r in records if not r.ok]
+    return records, truth, run_start
+
+
+def test_the_read_tick_delays_reads_not_timestamps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a 4 ms read tick the client reads up to 4 ms after bytes arrive, yet times every token by its arrival
+    (the kernel's): TTFT and ITL against the server's own write times stay within a millisecond. The late reads
+    show where they belong, as the gap between a stream's end arriving and the client reading it (`done_read`)."""
+    from harness.calibrate import match_errors
+
+    records, truth, run_start = _paced_point(monkeypatch, "4", LoadPoint("concurrency", 8, "closed"), 32)
+    errs = match_errors(records, truth, run_start)
+    assert len(errs["ttft"]) == 32 and errs["itl"]
+    assert np.median(np.abs(errs["ttft"])) < 0.001 and np.median(np.abs(errs["itl"])) < 0.001, (
+        np.percentile(errs["ttft"], [50, 100]),
+        np.percentile(errs["itl"], [50, 100]),
+    )
+    late = [r.done_read - r.done for r in records if r.done_read is not None and r.done is not None]
+    assert len(late) == 32 and 0.0005 < float(np.median(late)) < 0.0045, np.percentile(late, [0, 50, 100])
+
+
+def test_an_open_loop_is_not_paced_past_its_send_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read tick of 4 ms, requests due every 10 ms: the pacer wakes for each send time (`PreciseWaker` tells it),
+    so requests leave on time rather than up to a tick late."""
+    records, _, _ = _paced_point(monkeypatch, "4", LoadPoint("rate", 100.0, "constant"), 40)
+    lags = [r.sent - r.scheduled for r in records if r.sent is not None]
+    assert len(lags) == 40 and float(np.percentile(lags, 90)) < 0.0015, np.percentile(lags, [50, 90, 100])
