@@ -594,13 +594,23 @@ class Session:
         loop = asyncio.get_running_loop()
         try:
             if kernel_time.ENABLED:
-                proto = _Http1(loop)
-                StampedTransport(loop, sock, proto)
-            else:
-                _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
+                return self.wrap(sock, rest)
+            _, proto = await loop.create_connection(lambda: _Http1(loop), sock=sock)
         except BaseException:
             sock.close()
             raise
+        self._open.add(proto)
+        if rest and proto.transport is not None:
+            proto.transport.write(rest)
+        return proto
+
+    def wrap(self, sock: socket.socket, rest: bytes = b"") -> _Http1:
+        """`adopt` at once, where the client reads sockets itself (`kernel_time.ENABLED`): no event-loop round trip,
+        so a request sent from a read callback has its response read from then on (a socket nobody reads lets the
+        first token wait behind the next ones, and the kernel then times them all by the last)."""
+        loop = asyncio.get_running_loop()
+        proto = _Http1(loop)
+        StampedTransport(loop, sock, proto)
         self._open.add(proto)
         if rest and proto.transport is not None:
             proto.transport.write(rest)
@@ -914,14 +924,15 @@ connection if that can carry another request now (else None). It may send the ne
 
 @dataclass(frozen=True)
 class Handoff:
-    """A request already sent by `send_on` (give it to `execute`): on a pooled connection it now owns, or on a new
-    socket whose transport `execute` builds."""
+    """A request already sent by `send_on` (give it to `execute`): on a connection it now owns (pooled, or new and
+    read from the start), or on a new socket whose transport `execute` builds (where the loop's transport is used)."""
 
     call: HttpCall
     conn: _Http1 | None = None
     number: int = 1  # the connection's request count after this one
     sock: socket.socket | None = None
     rest: bytes = b""  # request bytes the new socket did not take at once
+    reused: bool = True  # `conn` carried a request before this one
 
 
 def _prepare(session: Session, target: Target, spec: RequestSpec) -> tuple[HttpCall, _Origin, bytes]:
@@ -975,6 +986,14 @@ def send_on(
         sock.close()
         return None
     rec.sent = sent_at
+    if kernel_time.ENABLED:
+        try:
+            new = session.wrap(sock, request[sent:])
+        except OSError:
+            sock.close()
+            return None
+        new.requests = 1
+        return Handoff(call, new, 1, reused=False)
     return Handoff(call, sock=sock, rest=request[sent:])
 
 
@@ -1016,7 +1035,7 @@ async def execute(
     try:
         async with asyncio.timeout(timeout.total):
             if handoff is not None and handoff.conn is not None:
-                conn, reused, number = handoff.conn, True, handoff.number
+                conn, reused, number = handoff.conn, handoff.reused, handoff.number
             elif handoff is not None and handoff.sock is not None:
                 conn, reused = await session.adopt(handoff.sock, handoff.rest), False
                 conn.requests = number = 1

@@ -24,7 +24,9 @@ while warm-up / measured requests are still in flight, so those finish under the
 Chat turns with `history_from` wait for that request's reply, extend its conversation with it as an assistant message,
 pause `think_time`, and count as due from then. Every finished record goes to `sink` at once. The client process's
 CPU is sampled every 0.5 s (a saturated client inflates TTFT and ITL). Python's cyclic garbage collector is paused
-for the point (`gc_paused`): its collections held the loop 1.5-12 ms at a time and collected nothing.
+for the point (`gc_paused`): its collections held the loop 1.5-12 ms at a time and collected nothing. Where reads
+keep the kernel's arrival time (plain HTTP on Linux), the loop wakes at most once per read tick (`ReadPacer`, 0.5
+ms): reads wait for the tick's end, their timestamps do not.
 `run_point(..., processes=N)` splits the point across N OS processes sharing one start time
 (`run_point_multiprocess`, at the end of this module).
 """
