@@ -18,11 +18,11 @@ HTTP/1.1 is spoken by a small `asyncio.Protocol` here rather than aiohttp, for t
 writes the body — and its coalesced headers — from a separate task, one event-loop iteration later, which under load
 is milliseconds of TTFT error the server never saw); each read is stamped in `data_received`, not when a coroutine
 gets round to it; and de-chunking a stream costs a fraction of aiohttp's per-HTTP-chunk callbacks (the client CPU
-per streamed token is the benchmark). On Linux the socket under it is read by `StampedTransport` (one `recvmsg_into`
-per read, which also returns the arrival time), not by the loop's transport. It handles Content-Length, chunked and read-until-close bodies, keep-alive,
-`Connection: close`, TLS (`https://`), a connect timeout, a stall timeout (no byte for that long) and an overall one.
-No proxy from the environment is ever used; `Accept-Encoding: identity` is sent (a compressed stream would hold
-tokens back in the compressor's buffer and cost client CPU).
+per streamed token is the benchmark). On Linux the socket under it is read by `StampedTransport` (one `recvmsg` per
+read, which also returns the arrival time), not by the loop's transport. It handles Content-Length, chunked and
+read-until-close bodies, keep-alive, `Connection: close`, TLS (`https://`), a connect timeout, a stall timeout (no
+byte for that long) and an overall one. No proxy from the environment is ever used; `Accept-Encoding: identity` is
+sent (a compressed stream would hold tokens back in the compressor's buffer and cost client CPU).
 
 Connections: pooled keep-alive by default, with a client idle timeout (`keepalive_idle_s`, 2 s) shorter than the
 servers' own (uvicorn — vLLM, SGLang — and cpp-httplib — llama.cpp — close idle connections after 5 s). The failure
@@ -918,14 +918,16 @@ async def _read_all(conn: _Http1, resp: _Response, limit: int | None = None) -> 
 
 
 Then = Callable[["_Http1 | None", float], None]
-"""Called from the read callback when a stream ended well, with the time the client read its end (`done_read`) and its
-connection if that can carry another request now (else None). It may send the next request at once (`send_on`)."""
+"""Called from the read callback when a stream ended well, with the time the client read its end (`done_read`) and
+its connection if that can carry another request now (else None). It may send the next request at once
+(`send_on`)."""
 
 
 @dataclass(frozen=True)
 class Handoff:
     """A request already sent by `send_on` (give it to `execute`): on a connection it now owns (pooled, or new and
-    read from the start), or on a new socket whose transport `execute` builds (where the loop's transport is used)."""
+    read from the start), or on a new socket whose transport `execute` builds (where the loop's transport is
+    used)."""
 
     call: HttpCall
     conn: _Http1 | None = None

@@ -28,13 +28,10 @@ _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # 35 on Linux; Python 3
 _TIMESPEC = struct.Struct("qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)  # room for one SCM_TIMESTAMPNS
 _READ_SIZE = 64 * 1024
-_unpack_timespec, _perf_counter, _wall = (
-    _TIMESPEC.unpack_from,
-    time.perf_counter,
-    time.time,
-)  # per read: no lookups
-_EPOCH = int(time.time())
-reads = 0  # read callbacks run so far (harness.runner.ReadPacer: whether the loop found work since it last looked)  # subtracted before adding nanoseconds, so float64 keeps them (~1e-9 s near _EPOCH)
+# bound once: per read, no attribute lookups
+_unpack_timespec, _perf_counter, _wall = _TIMESPEC.unpack_from, time.perf_counter, time.time
+_EPOCH = int(time.time())  # subtracted before adding nanoseconds, so float64 keeps them (~1e-9 s near _EPOCH)
+reads = 0  # read callbacks run so far (harness.runner.ReadPacer: whether the loop found work since it last looked)
 ENABLED = sys.platform == "linux"
 
 

@@ -7,9 +7,10 @@ client is late the request is still sent at once and the lag is recorded (`sent 
 `scheduled`. Closed loop (a concurrency): N workers each send their next request when the previous one finished;
 `scheduled` is the moment the slot became free: the point's start, then the moment the client read the previous
 request's end (`done_read`; its `done` is when those bytes arrived, from the kernel, and may be earlier when the
-client read late: `summary.end_read_lag_ms`, and the `slot_idle` rule judges it). For streams the next request is sent
-by the read callback that saw the previous stream end, on the keep-alive connection it frees or on a new connection whose handshake completed in
-the connect call (`_PointRun._continue`, `client.send_on`); its record is finished after. At 256 streams, where
+client read late: `summary.end_read_lag_ms`, and the `slot_idle` rule judges it). For streams the next request is
+sent by the read callback that saw the previous stream end, on the keep-alive connection it frees or on a new
+connection whose handshake completed in the connect call (`_PointRun._continue`, `client.send_on`); its record is
+finished after. At 256 streams, where
 dozens of streams end within a millisecond, this took the keep-alive send lag from 0.4 / 3.5 ms (p50 / p99, sent from
 the slot's task behind every callback queued before it) to 0.03 / 0.1 ms (benchmarks/README.md). Chat turns that wait
 for a reply, and connections that need the event loop to connect, are sent from the slot's task.
@@ -266,11 +267,11 @@ class ReadPacer:
 
     Reads keep the kernel's arrival time (`harness.kernel_time.StampedTransport`), so reading up to a tick later
     changes no timestamp; what it saves is a wake-up per read: at 64 streams of 5 ms ITL (12,800 reads/s) the
-    client's CPU fell by a third at 0.5 ms, by half at 1 ms, timing errors unchanged (benchmarks/README.md item
-    15). What it costs, each kept honest: a closed loop's slot frees when the client read the end (`done_read`, so
-    `slot_idle` counts the wait); chunks of one stream less than a tick apart share a read (and its time, that of
-    the later one); the loop's own timers may fire up to a tick late. An open loop's next deadline is not slept
-    past: `PreciseWaker` sets `wake_by`. A loop busier than a tick never sleeps."""
+    client's CPU fell by a quarter to a third at 0.5 ms, by half at 1 ms, timing errors unchanged
+    (benchmarks/README.md item 16). What it costs, each kept honest: a closed loop's slot frees when the client
+    read the end (`done_read`, so `slot_idle` counts the wait); chunks of one stream less than a tick apart share a
+    read (and its time, that of the later one); the loop's own timers may fire up to a tick late. An open loop's
+    next deadline is not slept past: `PreciseWaker` sets `wake_by`. A loop busier than a tick never sleeps."""
 
     def __init__(self, tick_s: float) -> None:
         self.tick_s = tick_s
