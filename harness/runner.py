@@ -276,7 +276,6 @@ class ReadPacer:
     def __init__(self, tick_s: float) -> None:
         self.tick_s = tick_s
         self.wake_by: float | None = None  # perf_counter of the next open-loop send
-        self.sleeps = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last = 0.0
         self._stopped = False
@@ -315,7 +314,6 @@ class ReadPacer:
             wake = self.wake_by
         if wake > now:
             time.sleep(wake - now)
-            self.sleeps += 1
             now = time.perf_counter()
         self._last, self._passed = now, False
         self._loop.call_soon(self._pace)
