@@ -94,56 +94,95 @@ class _Measured:
     cpu_total_s: float  # the whole run, start-up and teardown included (rusage)
     tail: str
     server_cpu_s: float  # the scripted server's CPU in the same window
+    stats: dict[str, Any]  # the server's per-request account of the run (`?detail=1`)
 
 
-def _tree_cpu(proc: psutil.Process) -> float:
-    """CPU seconds of a process, its reaped children and its live descendants."""
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
+def _cpu(procs: Sequence[psutil.Process], root: psutil.Process) -> float:
+    """CPU seconds of `procs`, plus the children `root` has reaped."""
     total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in procs:
         try:
             t = p.cpu_times()
         except psutil.Error:
             continue
-        total += t.user + t.system + (t.children_user + t.children_system if p is proc else 0.0)
+        total += t.user + t.system + (t.children_user + t.children_system if p is root else 0.0)
     return total
 
 
+def _server_window(stats: Mapping[str, Any], total: int) -> tuple[float, float] | None:
+    """From the server's own account: when its second request arrived and when its `total`-th stream ended (its
+    last scripted write plus that write's lag). None if it accounted fewer than `total` streams."""
+    from harness.calibration import chunk_schedule
+
+    starts, ends = [], []
+    for e in stats.get("per_request", {}).values():
+        sched = chunk_schedule(int(e["n"]), float(e["ttft"]), float(e["itl"]), int(e["tokens_per_chunk"]))
+        lags = e.get("lags_ms") or []
+        starts.append(float(e["t0"]))
+        if sched and len(lags) >= len(sched):
+            last_write = sched[-1][0] + lags[len(sched) - 1] / 1e3
+            ends.append(float(e["t0"]) + float(e.get("shift", 0.0)) + last_write)
+    if len(starts) < 2 or len(ends) < total:
+        return None
+    return sorted(starts)[1], sorted(ends)[total - 1]
+
+
 def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | None = None) -> _Measured:
-    """Run `argv`, polling the scripted server: the client's CPU is taken from when the server has seen its second
-    request (vLLM bench sends one test request first) until it has finished `total` of them."""
+    """Run `argv` and charge it the CPU its process tree used while the server served its requests: from the
+    server's second request until it had finished `total` of them (every request the client sends).
+
+    Nothing here competes with the two processes measured. The client's and the server's CPU times are sampled from
+    /proc every 20 ms (about 30 µs a process; the client's tree is looked up again at 0.1, 0.2, 0.4 ... s), and the
+    window is taken afterwards from the server's per-request account, the CPU times interpolated to its ends. Asking
+    the server for its counters over HTTP and scanning /proc for the tree every 20 ms, as this did before, took a few
+    ms of one of the two CPUs each time, and EngineBench's reads lagged by as much (benchmarks/README.md, item 17)."""
     from harness.calibration import fetch_stats
 
+    me = psutil.Process()
+    servers = [p for p in me.children() if "harness.calibration" in " ".join(p.cmdline())]
+    server_tree = [q for p in servers for q in _tree(p)]
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
         ps = psutil.Process(proc.pid)
-        start: tuple[float, float, float] | None = None
-        end: tuple[float, float, float] | None = None
-        last = (time.perf_counter(), 0.0, 0.0)
+        tree, rescan = [ps], 0.1
+        t_start = time.perf_counter()
+        samples: list[tuple[float, float, float]] = []  # (time, client tree CPU, server CPU)
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:  # exited (and reaped here, so its rusage covers the whole tree)
                 break
             time.sleep(0.02)
-            try:
-                cpu = _tree_cpu(ps)
-                stats = fetch_stats(url, timeout=5.0, brief=True)
-            except (psutil.Error, OSError):
-                continue
-            last = (time.perf_counter(), cpu, float(stats["cpu_s"]))
-            if start is None and stats["requests"] >= 2:
-                start = last
-            if end is None and stats["streams_done"] >= total:
-                end = last
+            now = time.perf_counter()
+            if now - t_start >= rescan:
+                tree, rescan = _tree(ps), rescan * 2
+            samples.append((now, _cpu(tree, ps), sum(_cpu([p], p) for p in server_tree)))
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu_total = usage.ru_utime + usage.ru_stime
         out.seek(0)
         tail = out.read()[-3000:].decode("utf-8", "replace")
-    start = start or last
-    end = end or last
-    wall = max(end[0] - start[0], 1e-9)
-    return _Measured(proc.returncode, end[1] - start[1], wall, cpu_total, tail, end[2] - start[2])
+    stats = fetch_stats(url, detail=True)
+    window = _server_window(stats, total) if samples else None
+    if window is None:
+        got = len(stats.get("per_request", {}))
+        if proc.returncode == 0:
+            raise RuntimeError(f"the server accounted {got} streams of the {total} the client sent: {tail}")
+        wall = time.perf_counter() - t_start  # the client failed: the caller says so and uses nothing else
+        return _Measured(proc.returncode, cpu_total, wall, cpu_total, tail, 0.0, stats)
+    ts = np.array([s[0] for s in samples])
+    client, server = np.array([s[1] for s in samples]), np.array([s[2] for s in samples])
+    cpu = float(np.diff(np.interp(window, ts, client))[0])
+    server_cpu = float(np.diff(np.interp(window, ts, server))[0])
+    wall = max(window[1] - window[0], 1e-9)
+    return _Measured(proc.returncode, cpu, wall, cpu_total, tail, server_cpu, stats)
 
 
 def _server_truth(stats: Mapping[str, Any]) -> tuple[dict[str, float], list[float]]:
@@ -204,7 +243,7 @@ def run_enginebench(
     url: str, concurrency: int, requests: int, processes: int = 1, connection: str = "fresh"
 ) -> PeerRun:
     from harness.calibrate import match_errors
-    from harness.calibration import fetch_stats, reset_stats
+    from harness.calibration import reset_stats
     from harness.metrics import itl_samples, send_lag, ttft
     from harness.records import RequestRecord
 
@@ -227,7 +266,7 @@ def run_enginebench(
         if m.code != 0:
             raise RuntimeError(f"EngineBench child failed ({m.code}): {m.tail}")
         doc = json.loads(out.read_text())
-    stats = fetch_stats(url, detail=True)
+    stats = m.stats
     recs = [RequestRecord.from_dict(r) for r in doc["records"]]
     ok = [r for r in recs if r.ok]
     measured = [r for r in ok if r.phase == "measure"]
@@ -267,7 +306,7 @@ def run_enginebench(
 
 # ---- vLLM bench serve ---------------------------------------------------------------------------------------------
 def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: Path) -> PeerRun:
-    from harness.calibration import fetch_stats, reset_stats
+    from harness.calibration import reset_stats
 
     reset_stats(url)
     prefix = f"vb{concurrency}-{requests}-"
@@ -287,11 +326,12 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
         argv += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
         argv += ["--save-result", "--save-detailed", "--result-dir", d, "--result-filename", "r.json"]
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
-        m = _measured(argv, url, requests + 1, env)  # + its initial test request
+        # its ready check (one test request) is off by default (`--ready-check-timeout-sec 0`): it sends `requests`
+        m = _measured(argv, url, requests, env)
         if m.code != 0:
             raise RuntimeError(f"vllm bench serve failed ({m.code}): {m.tail}")
         res = json.loads((Path(d) / "r.json").read_text())
-    stats = fetch_stats(url, detail=True)
+    stats = m.stats
     first, gaps = _server_truth(stats)
     ttfts, itls = res.get("ttfts", []), res.get("itls", [])
     errors = res.get("errors", [])
