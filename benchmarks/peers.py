@@ -174,7 +174,7 @@ def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | No
     if window is None:
         got = len(stats.get("per_request", {}))
         if proc.returncode == 0:
-            raise RuntimeError(f"the server accounted {got} streams of the {total} the client sent: {tail}")
+            raise RuntimeError(f"the server accounted {got} streams, {total} expected: {tail}")
         wall = time.perf_counter() - t_start  # the client failed: the caller says so and uses nothing else
         return _Measured(proc.returncode, cpu_total, wall, cpu_total, tail, 0.0, stats)
     ts = np.array([s[0] for s in samples])
