@@ -54,3 +54,32 @@ def test_measured_charges_only_the_window_the_server_served(tmp_path: Path) -> N
     # the 0.8 s burnt before and after is outside the window; inside, the client mostly waits on its socket
     assert m.cpu_total_s >= 0.8, m.cpu_total_s
     assert m.cpu_s < 0.25, m.cpu_s
+
+
+def _row(tool: str, c: int, rep: int, cpu: float, ttft_p99: float = 0.1) -> dict[str, object]:
+    return {
+        "tool": tool,
+        "concurrency": c,
+        "rep": rep,
+        "cpu_us_per_token": cpu,
+        "ttft_err_ms": (0.03, ttft_p99),
+        "itl_err_ms": (0.0, 0.0),
+        "extra": {"itl_err_matched_ms": (0.0, 0.01)},
+    }
+
+
+def test_judge_takes_the_worst_run_for_timing_and_medians_for_cpu() -> None:
+    from benchmarks.peers import judge
+
+    eb, vb = "EngineBench (keepalive)", "vllm bench serve"
+    # three interleaved runs: EngineBench 12, 15, 13 µs/token (median 13), vLLM 21, 18, 20 (median 20): 0.65;
+    # one run's TTFT p99 is 2.5 ms
+    points = [
+        _row(eb, 256, i, cpu, p99) for i, (cpu, p99) in enumerate([(12.0, 0.1), (15.0, 2.5), (13.0, 0.2)])
+    ]
+    points += [_row(vb, 256, i, cpu) for i, cpu in enumerate([21.0, 18.0, 20.0])]
+    lines = judge({"points": points, "ceiling": []})
+    timing = next(line for line in lines if "timing error" in line)
+    cpu = next(line for line in lines if "2/3" in line)
+    assert "FAIL (TTFT 0.03 / 2.50 ms" in timing and "the worst of 3 runs" in timing
+    assert "PASS (ratio 0.65, medians of 3 runs; per run 0.57-0.83)" in cpu
