@@ -190,9 +190,19 @@ def test_frames_carry_the_scripted_truth(runs: Runs) -> None:
 def test_decision_frames_name_the_fast_engine(runs: Runs) -> None:
     decision = api.decision([runs.run, runs.run_b], plan=runs.plan)
     assert decision["winner"] == "fast" and set(decision["ranking"]) == {"fast", "scripted", HOSTILE_ENGINE}
-    assert decision["ranking"][-1] == HOSTILE_ENGINE  # slowest on every measured criterion
     matrix = api.matrix_frame(decision)
     assert list(matrix.index) == decision["ranking"]
+    totals = [s["total"] for e in decision["ranking"] for s in decision["scores"] if s["engine"] == e]
+    assert totals == sorted(totals, reverse=True)
+    # the slower engine is measured slowest on both latency criteria (50 vs 40 vs 20 ms TTFT, 8 vs 4 vs 2 ms
+    # between tokens) and scores no better than "scripted" on them. Which of the two ranks last is not known by
+    # construction: the slower one has the best goodput (its concurrency=4 point) and knowledge-file scores that
+    # "scripted" lacks, and the timings put both engines' ratios to "fast" on score thresholds (0.5 and 0.25), so
+    # a few tenths of a ms decided it (CI once ranked "scripted" last)
+    raw = {s["engine"]: s["criteria"] for s in decision["scores"]}
+    for crit in ("ttft_p95", "tpot_p95"):
+        assert raw[HOSTILE_ENGINE][crit]["raw"] > raw["scripted"][crit]["raw"] > raw["fast"][crit]["raw"]
+        assert matrix.loc[HOSTILE_ENGINE, crit] <= matrix.loc["scripted", crit]
     assert (
         matrix.loc["fast", "ttft_p95"] == 5 and matrix.loc[HOSTILE_ENGINE, "ttft_p95"] <= 3
     )  # ~25 vs ~55 ms
