@@ -107,7 +107,7 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return [proc]
 
 
-def _cpu(procs: Sequence[psutil.Process], root: psutil.Process) -> float:
+def _cpu(procs: Sequence[psutil.Process], root: psutil.Process | None = None) -> float:
     """CPU seconds of `procs`, plus the children `root` has reaped."""
     total = 0.0
     for p in procs:
@@ -122,16 +122,13 @@ def _cpu(procs: Sequence[psutil.Process], root: psutil.Process) -> float:
 def _server_window(stats: Mapping[str, Any], total: int) -> tuple[float, float] | None:
     """From the server's own account: when its second request arrived and when its `total`-th stream ended (its
     last scripted write plus that write's lag). None if it accounted fewer than `total` streams."""
-    from harness.calibration import chunk_schedule
+    from harness.calibrate import chunk_writes
 
     starts, ends = [], []
     for e in stats.get("per_request", {}).values():
-        sched = chunk_schedule(int(e["n"]), float(e["ttft"]), float(e["itl"]), int(e["tokens_per_chunk"]))
-        lags = e.get("lags_ms") or []
         starts.append(float(e["t0"]))
-        if sched and len(lags) >= len(sched):
-            last_write = sched[-1][0] + lags[len(sched) - 1] / 1e3
-            ends.append(float(e["t0"]) + float(e.get("shift", 0.0)) + last_write)
+        if (truth := chunk_writes(e)) is not None and truth[2]:
+            ends.append(truth[2][-1])
     if len(starts) < 2 or len(ends) < total:
         return None
     return sorted(starts)[1], sorted(ends)[total - 1]
@@ -167,7 +164,7 @@ def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | No
             now = time.perf_counter()
             if now - t_start >= rescan:
                 tree, rescan = _tree(ps), rescan * 2
-            samples.append((now, _cpu(tree, ps), sum(_cpu([p], p) for p in server_tree)))
+            samples.append((now, _cpu(tree, ps), _cpu(server_tree)))
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu_total = usage.ru_utime + usage.ru_stime
         out.seek(0)

@@ -49,6 +49,7 @@ __all__ = [
     "ServerCeilingPoint",
     "calibrate",
     "calibration_specs",
+    "chunk_writes",
     "match_errors",
     "render_table",
     "run_calibration",
@@ -153,6 +154,22 @@ def calibration_specs(prefix: str, n_tokens: int) -> Iterator[RequestSpec]:
         i += 1
 
 
+def chunk_writes(
+    entry: Mapping[str, Any],
+) -> tuple[list[tuple[float, int]], list[float], list[float]] | None:
+    """One request of the scripted server's account (`/calibration/stats?detail=1`): its chunk schedule (offset,
+    tokens), each chunk's lag (s) and when each was really written (perf_counter); None if it wrote fewer chunks
+    than scheduled (a cut stream)."""
+    sched = chunk_schedule(
+        int(entry["n"]), float(entry["ttft"]), float(entry["itl"]), int(entry["tokens_per_chunk"])
+    )
+    lags = [x / 1000.0 for x in entry["lags_ms"]]
+    if len(lags) < len(sched):
+        return None
+    t0 = float(entry["t0"]) + float(entry.get("shift", 0.0))
+    return sched, lags, [t0 + off + lag for (off, _), lag in zip(sched, lags, strict=False)]
+
+
 def match_errors(
     records: Sequence[RequestRecord], server: Mapping[str, Mapping[str, Any]], run_start: float
 ) -> dict[str, list[float]]:
@@ -164,12 +181,10 @@ def match_errors(
         s = server.get(rec.request_id)
         if s is None or not rec.ok or not rec.chunk_times:
             continue
-        sched = chunk_schedule(int(s["n"]), float(s["ttft"]), float(s["itl"]), int(s["tokens_per_chunk"]))
-        lags = [x / 1000.0 for x in s["lags_ms"]]
-        if len(lags) < len(sched):
+        truth = chunk_writes(s)
+        if truth is None:
             continue
-        t0 = float(s["t0"]) + float(s.get("shift", 0.0))
-        writes = [t0 + off + lag for (off, _), lag in zip(sched, lags, strict=False)]
+        sched, lags, writes = truth
         ends = np.cumsum([k for _, k in sched])  # cumulative tokens after each server chunk
         ttft = rec.chunk_times[0] - rec.scheduled
         out["ttft_raw"].append(ttft - sched[0][0])
