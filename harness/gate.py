@@ -17,7 +17,7 @@ import numpy as np
 
 from harness import metrics
 from harness.errors import BenchError, CompareError, ConfigError
-from harness.records import RequestRecord
+from harness.records import RequestRecord, latest_attempts
 from harness.rundir import Manifest, RunDir
 from harness.slo import Slo
 from harness.summary import PointSummary, point_meta, summarize_point
@@ -184,6 +184,7 @@ def load_points(path: Path | str, policy: GatePolicy) -> tuple[list[PointData], 
         events = list(rd.iter_events())
     if not records:
         raise CompareError(f"{rd.path} has no request records; pass a run directory written by `bench run`")
+    records, _ = latest_attempts(records)  # as the summary counts them
     slo = Slo.from_dict(manifest.slo) if manifest else Slo()
     vpolicy = _verdict_policy(rd, policy)
     groups: dict[tuple[str, str], list[RequestRecord]] = {}

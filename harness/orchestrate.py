@@ -36,7 +36,7 @@ from harness.summary import Summary, rebuild_summary
 from harness.telemetry import EngineTelemetry
 from workloads.arrival import LoadPoint
 from workloads.registry import Workload, load_workload
-from workloads.spec import RequestSpec
+from workloads.spec import RequestSpec, continued
 from workloads.tokenizer import EngineTokenizer, LocalTokenizer, SimpleTokenizer, Tokenizer
 
 __all__ = [
@@ -359,7 +359,15 @@ async def _run_point(
         }
     )
     done = 0
-    skip, stop = _resume_filter(cfg, (target.engine, point.id, str(repeat)))
+    key = (target.engine, point.id, str(repeat))
+    skip, stop = _resume_filter(cfg, key)
+    prior_turns = (cfg.prior.replies.get(key), cfg.prior.failed.get(key)) if cfg.prior else (None, None)
+
+    def not_sent(spec: RequestSpec, reason: str) -> None:
+        line = f"{target.engine} {point.id}: {spec.request_id} not sent on resume: {reason}"
+        run.append_event({"kind": "resume_not_sent", "request_id": spec.request_id, "reason": reason,
+                          "engine": target.engine, "point": point.id, "summary_note": line})  # fmt: skip
+        progress(line)
 
     def sink(rec: RequestRecord) -> None:
         nonlocal done
@@ -386,7 +394,7 @@ async def _run_point(
     task = asyncio.ensure_future(
         point_runner(
             target,
-            _skipping(_repeat_specs(specs, repeat), skip),
+            _skipping(_repeat_specs(specs, repeat), skip, *prior_turns, not_sent=not_sent),
             point,
             stop,
             sink,
@@ -603,7 +611,8 @@ def _raise_file_limit(cfg: RunConfig, progress: Progress) -> None:
 # records carry tags["segment"] = "2", "3", ... (records of the first segment have no tag).
 # An (engine, point, repeat) whose `point_end` says it finished is not run again. In the others, request ids that
 # already have a record are skipped (with `resend_failed`, only those that ended ok), warm-up runs again (the engine
-# is new), and the measured quota counts the measured records kept.
+# is new), and the measured quota counts the measured records kept. A chat session cut off between two turns goes on
+# where it stopped: the next turn is sent with the conversation rebuilt from the kept records (`_skipping`).
 
 _FINISHED_REASONS = frozenset({"requests", "duration", "specs_exhausted", "error_budget"})
 Key = tuple[str, str, str]  # (engine, point id, repeat)
@@ -617,16 +626,25 @@ class ResumeState:
     skip: Mapping[Key, frozenset[str]] = field(default_factory=dict)
     measured: Mapping[Key, int] = field(default_factory=dict)
     finished: frozenset[Key] = frozenset()
+    # of the kept records: the reply of each one that ended ok, the status of each one that did not
+    replies: Mapping[Key, Mapping[str, str]] = field(default_factory=dict)
+    failed: Mapping[Key, Mapping[str, str]] = field(default_factory=dict)
 
 
 def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
     skip: dict[Key, set[str]] = {}
     measured: Counter[Key] = Counter()
+    replies: dict[Key, dict[str, str]] = {}
+    failed: dict[Key, dict[str, str]] = {}
     for rec in run.iter_records():
         key = (rec.engine, rec.point, rec.tags.get("repeat", "1"))
         if rec.ok or not resend_failed:
             skip.setdefault(key, set()).add(rec.request_id)
             measured[key] += rec.phase == "measure" and rec.status != "cancelled"
+            if rec.ok and rec.output_text is not None:
+                replies.setdefault(key, {})[rec.request_id] = rec.output_text
+            elif not rec.ok:
+                failed.setdefault(key, {})[rec.request_id] = rec.status
     finished: set[Key] = set()
     segment = 1
     for ev in run.iter_events():
@@ -635,7 +653,12 @@ def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
         elif ev.get("kind") == "resume":
             segment = max(segment, int(ev.get("segment", 1)))
     return ResumeState(
-        segment + 1, {k: frozenset(v) for k, v in skip.items()}, dict(measured), frozenset(finished)
+        segment + 1,
+        {k: frozenset(v) for k, v in skip.items()},
+        dict(measured),
+        frozenset(finished),
+        replies,
+        failed,
     )
 
 
@@ -657,8 +680,53 @@ def _resume_filter(cfg: RunConfig, key: Key) -> tuple[frozenset[str], StopRule]:
     return cfg.prior.skip.get(key, frozenset()), stop
 
 
-def _skipping(specs: Iterable[RequestSpec], skip: frozenset[str]) -> Iterable[RequestSpec]:
-    return specs if not skip else (s for s in specs if s.request_id not in skip)
+def _skipping(
+    specs: Iterable[RequestSpec],
+    skip: frozenset[str],
+    replies: Mapping[str, str] | None = None,
+    failed: Mapping[str, str] | None = None,
+    not_sent: Callable[[RequestSpec, str], None] | None = None,
+) -> Iterable[RequestSpec]:
+    """What a resumed segment sends: the specs without a kept record (`skip`), in order.
+
+    A chat turn that continues a kept turn is sent as it would have been: the conversation that turn was sent with
+    (rebuilt the same way down its session), its recorded reply (`replies`) and its own messages, with nothing left
+    to wait for. One that continues a kept failure (`failed`: status by request id) is not sent, nor are the turns
+    after it; `not_sent(spec, reason)` hears of each (the first segment would have cancelled them)."""
+    if not skip:
+        return specs
+    replies, failed = replies or {}, failed or {}
+
+    def filtered() -> Iterator[RequestSpec]:
+        # kept session turns that ended ok, as sent, until their next turn comes; turns whose conversation cannot go
+        # on, and why
+        kept: dict[str, RequestSpec] = {}
+        dead: dict[str, str] = {}
+        for spec in specs:
+            parent, rid = spec.history_from, spec.request_id
+            if parent is not None and parent in dead:
+                if rid in skip:  # its record is kept: an earlier segment cancelled it
+                    dead[rid] = f"ended {failed.get(rid, 'without a recorded reply')} in an earlier segment"
+                else:
+                    dead[rid] = "was not sent either"
+                    if not_sent is not None:
+                        not_sent(spec, f"the turn it continues ({parent}) {dead[parent]}")
+                continue
+            sent = spec
+            if parent is not None and parent in kept:
+                sent = continued(spec, kept.pop(parent), replies[parent])
+            if rid in skip:
+                if spec.session is not None:
+                    if rid in replies:
+                        kept[rid] = sent
+                    else:
+                        dead[rid] = (
+                            f"ended {failed.get(rid, 'without a recorded reply')} in an earlier segment"
+                        )
+                continue
+            yield sent if sent is spec else dataclasses.replace(sent, history_from=None, think_time=0.0)
+
+    return filtered()
 
 
 def _begin_resume(run: RunDir, cfg: RunConfig, progress: Progress) -> tuple[RunConfig, ClockAnchor]:

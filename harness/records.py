@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["RECORD_SCHEMA_VERSION", "Phase", "RequestRecord", "Status", "TokenSource"]
+__all__ = ["RECORD_SCHEMA_VERSION", "Phase", "RequestRecord", "Status", "TokenSource", "latest_attempts"]
 
 RECORD_SCHEMA_VERSION = 1
 
@@ -89,3 +89,21 @@ class RequestRecord:
 
 
 _FIELDS = frozenset(RequestRecord.__dataclass_fields__)
+
+
+def latest_attempts(records: list[RequestRecord]) -> tuple[list[RequestRecord], int]:
+    """The records without the failures a later resume segment sent again (`bench run --resume --resend-failed`
+    writes a second record under the same id), and how many were dropped."""
+
+    def key(r: RequestRecord) -> tuple[str, str, str, str]:
+        return (r.engine, r.point, r.tags.get("repeat", "1"), r.request_id)
+
+    def segment(r: RequestRecord) -> int:
+        return int(r.tags.get("segment", "1"))
+
+    last: dict[tuple[str, str, str, str], int] = {}
+    for r in records:
+        k = key(r)
+        last[k] = max(last.get(k, 1), segment(r))
+    kept = [r for r in records if r.ok or segment(r) >= last[key(r)]]
+    return kept, len(records) - len(kept)

@@ -72,7 +72,7 @@ from harness.client import (
 from harness.loopwatch import LoopWatch
 from harness.records import Phase, RequestRecord
 from workloads.arrival import LoadPoint, send_times
-from workloads.spec import RequestSpec
+from workloads.spec import RequestSpec, continued
 
 __all__ = [
     "ClientCpu",
@@ -581,11 +581,7 @@ class _PointRun:
         delay = due + self.run_start - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        reply = parent.rec.output_text
-        if spec.api == "chat":
-            history = (*parent.spec.messages, {"role": "assistant", "content": reply})
-            return dataclasses.replace(spec, messages=(*history, *spec.messages))
-        return dataclasses.replace(spec, prompt=parent.spec.prompt + reply + spec.prompt)
+        return continued(spec, parent.spec, parent.rec.output_text)
 
     def finish(self, rec: RequestRecord, phase: Phase, settled: bool = False) -> None:
         if self.watch is not None and rec.read_stall is None and rec.sent is not None and rec.chunk_times:

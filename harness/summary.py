@@ -20,7 +20,7 @@ from harness import metrics
 from harness.breakdown import Breakdown, PrefixReuse, breakdowns, prefix_reuse
 from harness.metrics import LatencyStats, stats_ms
 from harness.quality import quality_summary
-from harness.records import RequestRecord
+from harness.records import RequestRecord, latest_attempts
 from harness.rundir import SCHEMA_VERSION, Manifest, RunDir
 from harness.slo import Goodput, Slo, goodput
 from harness.telemetry import TelemetrySummary, read_telemetry, summarize_telemetry, telemetry_path
@@ -385,6 +385,12 @@ def summarize_run(
         slo = Slo.from_dict(manifest.slo) if manifest else Slo()
     policy = policy or VerdictPolicy()
 
+    records, superseded = latest_attempts(records)
+    if superseded:
+        notes.append(
+            f"{superseded} failed requests were sent again on resume (--resend-failed): each counts once, as its "
+            "latest attempt; the earlier failures stay in records.jsonl"
+        )
     groups: dict[tuple[str, str], list[RequestRecord]] = {}
     for r in records:
         groups.setdefault((r.engine, r.point), []).append(r)

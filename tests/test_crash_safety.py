@@ -166,3 +166,89 @@ def test_resume_resends_failed_requests_only_when_asked(tmp_path: Path) -> None:
     seg2_b = {r.request_id for r in RunDir.open(out2).iter_records() if r.tags.get("segment") == "2"}
     assert not failed_a & seg2_a  # by default a failed request stays failed
     assert failed_b <= seg2_b  # asked: every failed one is sent again
+    # the summary counts each request once, as its latest attempt; the file keeps both
+    recs_b = list(RunDir.open(out2).iter_records())
+    latest = {(r.point, r.request_id): r for r in recs_b}  # file order: the re-send comes later
+    assert len(latest) < len(recs_b)
+    summary = summarize_run(out2)
+    for p in summary.points:
+        mine = [r for (point, _), r in latest.items() if point == p.point and r.phase == "measure"]
+        assert (p.requests.ok, p.requests.failed) == (sum(r.ok for r in mine), sum(not r.ok for r in mine))
+    assert any("sent again on resume" in n for n in summary.notes), summary.notes
+    from harness.gate import load_gate_policy, load_points  # the regression gate counts them the same way
+
+    for g in load_points(out2, load_gate_policy(None))[0]:
+        mine = [r for (point, _), r in latest.items() if point == g.point and r.phase == "measure"]
+        assert g.failed == sum(not r.ok and r.status != "cancelled" for r in mine)
+
+
+CHAT = ["--workload", "chat", "--set", "turns.min=3", "--set", "turns.max=4", "--set", "user_tokens.max=20",
+        "--set", "reply_tokens.max=8", "--set", "think_time_s.mean=0.05", "--set", "think_time_s.max=0.1",
+        "--concurrency", "2", "--requests", "24", "--warmup", "0"]  # fmt: skip
+
+
+def test_resumed_chat_sessions_go_on_with_their_conversation(server: str, tmp_path: Path) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = bench("run", "--endpoint", f"s={server}", *CHAT, "--out", str(whole))
+    assert r.returncode == 0, r.stderr
+    _start_and_signal(
+        ["run", "--endpoint", f"s={server}", *CHAT, "--out", str(cut)], cut, signal.SIGKILL, after=7
+    )
+    r = bench("run", "--resume", str(cut))
+    assert r.returncode == 0, r.stderr
+    # the scripted server's replies depend only on their length, and it counts the prompt it was sent word by word:
+    # a turn sent with the same conversation has the same prompt_tokens in both runs
+    truth = {r.request_id: r.prompt_tokens for r in RunDir.open(whole).iter_records()}
+    recs = list(RunDir.open(cut).iter_records())
+    assert all(r.ok for r in recs), [(r.request_id, r.error) for r in recs if not r.ok]
+    first = {r.request_id for r in recs if "segment" not in r.tags}
+    resumed = [
+        r
+        for r in recs
+        if r.tags.get("segment") == "2"
+        and int(r.tags["turn"]) > 1
+        and f"{r.request_id.rsplit('-t', 1)[0]}-t{int(r.tags['turn']) - 1:02d}" in first
+    ]
+    assert resumed, "no session was cut between two turns"
+    common = [r for r in recs if r.request_id in truth]
+    assert {r.request_id for r in resumed} <= {r.request_id for r in common}
+    assert {r.request_id: r.prompt_tokens for r in common} == {
+        r.request_id: truth[r.request_id] for r in common
+    }
+
+
+def test_resume_drops_the_turns_after_a_kept_failure_and_says_why() -> None:
+    from harness.orchestrate import _skipping
+    from workloads.spec import RequestSpec
+
+    def turns(session: str, n: int) -> list[RequestSpec]:
+        return [
+            RequestSpec(
+                f"{session}-t{t}",
+                "chat",
+                8,
+                messages=({"role": "user", "content": f"{session}{t}"},),
+                session=session,
+                turn=t,
+                history_from=f"{session}-t{t - 1}" if t > 1 else None,
+                think_time=1.0,
+            )
+            for t in range(1, n + 1)
+        ]
+
+    specs = turns("a", 4) + turns("b", 3) + turns("c", 3)
+    skip = frozenset({"a-t1", "a-t2", "a-t3", "b-t1", "c-t1"})
+    replies = {"a-t1": "ra1", "b-t1": "rb1"}
+    failed = {"a-t2": "http_error", "a-t3": "cancelled", "c-t1": "timeout"}
+    heard: list[tuple[str, str]] = []
+    sent = list(_skipping(specs, skip, replies, failed, lambda s, why: heard.append((s.request_id, why))))
+    assert [s.request_id for s in sent] == ["b-t2", "b-t3"]
+    # b-t2 continues a kept turn: its conversation is rebuilt, and it has nothing left to wait for
+    assert [m["content"] for m in sent[0].messages] == ["b1", "rb1", "b2"]
+    assert sent[0].history_from is None and sent[0].think_time == 0.0
+    assert sent[1] == specs[6]  # b-t3 continues b-t2, sent in this segment: as generated
+    assert heard == [
+        ("a-t4", "the turn it continues (a-t3) ended cancelled in an earlier segment"),
+        ("c-t2", "the turn it continues (c-t1) ended timeout in an earlier segment"),
+        ("c-t3", "the turn it continues (c-t2) was not sent either"),
+    ]

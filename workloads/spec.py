@@ -7,10 +7,10 @@ looks inside the prompt. Workloads own these; they never open sockets.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = ["Api", "Message", "RequestSpec"]
+__all__ = ["Api", "Message", "RequestSpec", "continued"]
 
 Api = Literal["chat", "completions"]
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
@@ -39,3 +39,12 @@ class RequestSpec:
     history_from: str | None = None
     think_time: float = 0.0
     tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def continued(turn: RequestSpec, parent_sent: RequestSpec, reply: str) -> RequestSpec:
+    """`turn` as sent: the conversation its parent was sent with, the parent's actual reply, then its own messages
+    (for completions: the parent's prompt, the reply, then its own prompt)."""
+    if turn.api == "chat":
+        history = (*parent_sent.messages, {"role": "assistant", "content": reply})
+        return replace(turn, messages=(*history, *turn.messages))
+    return replace(turn, prompt=parent_sent.prompt + reply + turn.prompt)
