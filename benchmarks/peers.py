@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-__all__ = ["PeerRun", "main", "run_enginebench", "run_vllm", "vllm_bin"]
+__all__ = ["PeerRun", "loopback_read_us", "main", "run_enginebench", "run_vllm", "vllm_bin"]
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ENGINEBENCH_CACHE", Path.home() / ".cache" / "enginebench"))
@@ -391,7 +391,11 @@ def compare(
     out: dict[str, Any] = {"schema_version": 1, "kind": "peers", "points": [], "ceiling": [], "notes": []}
     if not (vllm and tok):
         out["notes"].append(f"vLLM bench serve skipped: vllm at {vllm} / tokenizer at {tok} not found")
-    out["host"] = {"cpus": os.cpu_count(), "cpu_pressure": _pressure()}
+    out["host"] = {
+        "cpus": os.cpu_count(),
+        "cpu_pressure": _pressure(),
+        "loopback_read_us": loopback_read_us(),
+    }
 
     def one(tool: str, url: str, c: int, n: int) -> PeerRun:
         if tool.startswith("EngineBench"):
@@ -440,6 +444,30 @@ def compare(
             out["ceiling"].append(row)
     out["host"]["cpu_pressure_after"] = _pressure()
     return out
+
+
+def loopback_read_us(chunks: int = 20_000) -> float:
+    """This machine's price of the read each streamed token costs a client that keeps per-chunk times: one
+    `recvmsg` (with the receive timestamp) of one 100-byte chunk already waiting on a loopback TCP socket, in µs of
+    wall time. It sets how much of a client's CPU per token is the kernel's, and it differs between machines of
+    one kind (benchmarks/README.md, item 18), so the CPU ratio between two clients that read differently does too."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as reader:
+            writer, _ = listener.accept()
+            with writer:
+                writer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reader.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
+                payload, spent = b"x" * 100, 0
+                for _ in range(chunks):
+                    writer.send(payload)
+                    t = time.perf_counter_ns()
+                    data = reader.recvmsg(65536, 64)[0]
+                    spent += time.perf_counter_ns() - t
+                    if len(data) != len(payload):
+                        raise RuntimeError(f"loopback read took {len(data)} bytes, {len(payload)} sent")
+    return spent / chunks / 1000.0
 
 
 def _pressure() -> str | None:
@@ -500,6 +528,10 @@ def render(result: Mapping[str, Any]) -> str:
             "",
             f"CPUs: {host.get('cpus')}; CPU pressure before: {host.get('cpu_pressure')}; after: {host.get('cpu_pressure_after')}",
         ]
+        if host.get("loopback_read_us") is not None:
+            lines.append(
+                f"One loopback read of a streamed chunk (`recvmsg`, timestamped): {host['loopback_read_us']:.2f} µs"
+            )
     return "\n".join(lines)
 
 

@@ -83,3 +83,12 @@ def test_judge_takes_the_worst_run_for_timing_and_medians_for_cpu() -> None:
     cpu = next(line for line in lines if "2/3" in line)
     assert "FAIL (TTFT 0.03 / 2.50 ms" in timing and "the worst of 3 runs" in timing
     assert "PASS (ratio 0.65, medians of 3 runs; per run 0.57-0.83)" in cpu
+
+
+def test_loopback_read_probe_times_real_reads() -> None:
+    from benchmarks.peers import loopback_read_us
+
+    # a read is a syscall that copies 100 bytes: more than a tenth of a µs, far less than a millisecond on any
+    # machine that can run the benchmark
+    us = loopback_read_us(chunks=2000)
+    assert 0.1 < us < 1000.0
