@@ -139,10 +139,11 @@ def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | No
     server's second request until it had finished `total` of them (every request the client sends).
 
     Nothing here competes with the two processes measured. The client's and the server's CPU times are sampled from
-    /proc every 20 ms (about 30 µs a process; the client's tree is looked up again at 0.1, 0.2, 0.4 ... s), and the
-    window is taken afterwards from the server's per-request account, the CPU times interpolated to its ends. Asking
-    the server for its counters over HTTP and scanning /proc for the tree every 20 ms, as this did before, took a few
-    ms of one of the two CPUs each time, and EngineBench's reads lagged by as much (benchmarks/README.md, item 17)."""
+    /proc every 20 ms (about 30 µs a process; the client's tree, 1.5 ms to find, is looked up again at 0.1, 0.2,
+    0.4 s, then every 0.5 s), and the window is taken afterwards from the server's per-request account, the CPU
+    times interpolated to its ends. Asking the server for its counters over HTTP and scanning /proc for the tree
+    every 20 ms, as this did before, took a few ms of one of the two CPUs each time, and EngineBench's reads lagged
+    by as much (benchmarks/README.md, item 17)."""
     from harness.calibration import fetch_stats
 
     me = psutil.Process()
@@ -162,8 +163,10 @@ def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | No
                 break
             time.sleep(0.02)
             now = time.perf_counter()
-            if now - t_start >= rescan:
-                tree, rescan = _tree(ps), rescan * 2
+            if (
+                now - t_start >= rescan
+            ):  # a tool may start its worker processes late (AIPerf's, after start-up)
+                tree, rescan = _tree(ps), min(rescan * 2, rescan + 0.5)
             samples.append((now, _cpu(tree, ps), _cpu(server_tree)))
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu_total = usage.ru_utime + usage.ru_stime
@@ -370,6 +373,54 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
     )
 
 
+# ---- GuideLLM, AIPerf, inference-perf (benchmarks/peer_tools.py) --------------------------------------------------
+def run_tool(tool: Any, url: str, concurrency: int, requests: int, tokenizer: Path) -> PeerRun:
+    """One closed-loop point by one of the other peers, judged the same way: its TTFT per request against the
+    server's account (matched by the stream's id), its ITL distribution against the server's achieved gaps (where
+    it keeps per-chunk times), its CPU per streamed token over the server's window."""
+    from benchmarks.peer_tools import Run, tool_venv
+    from harness.calibration import reset_stats
+
+    reset_stats(url)
+    with tempfile.TemporaryDirectory() as d:
+        run = Run(url, concurrency, requests, Path(d), tokenizer)
+        argv = tool.command(tool_venv(tool), run)
+        m = _measured(argv, url, requests, tool.env)  # none of them sends warm-up requests
+        if m.code != 0:
+            raise RuntimeError(f"{tool.name} failed ({m.code}): {m.tail}")
+        parsed = tool.parse(run.out)
+    first, gaps = _server_truth(m.stats)
+    ok = [r for r in parsed.requests if r.ok]
+    ttft_err = [
+        r.ttft_s - TTFT - first[r.server_id] for r in ok if r.ttft_s is not None and r.server_id in first
+    ]
+    per_chunk = [g for r in ok for g in (r.gaps_s or ())]
+    has_gaps = all(r.gaps_s is not None for r in ok) and bool(ok)
+    p_itl, p_gap = _pct(per_chunk), _pct(gaps)
+    return PeerRun(
+        tool=tool.name,
+        concurrency=concurrency,
+        requests=len(parsed.requests),
+        ok=len(ok),
+        wall_s=m.wall_s,
+        cpu_s=m.cpu_s,
+        tokens=sum(r.output_tokens for r in ok),
+        ttft_ms=parsed.ttft_ms,
+        itl_ms=parsed.itl_ms,
+        ttft_err_ms=_pct(ttft_err),
+        # its per-token gaps against the server's (distribution-level); none where it keeps only a mean per request
+        itl_err_ms=(p_itl[0] - p_gap[0], p_itl[1] - p_gap[1]) if has_gaps else (float("nan"), float("nan")),
+        server_first_lag_ms=_pct(list(first.values())),
+        server_cpu_s=m.server_cpu_s,
+        extra={
+            "duration_s": parsed.span_s or m.wall_s,
+            "matched_ttft": len(ttft_err),
+            "cpu_total_s": m.cpu_total_s,
+            "tool_note": parsed.note,
+        },
+    )
+
+
 # ---- the comparison -----------------------------------------------------------------------------------------------
 def compare(
     concurrency: Sequence[int],
@@ -383,14 +434,24 @@ def compare(
     """Both clients at each concurrency (TTFT 50 ms, ITL 5 ms), `reps` interleaved runs of each (a row per run,
     `rep` its number), then the ceiling (TTFT = ITL = 0): `ceiling_reps` interleaved runs of each client, the best
     one reported (all are kept in `runs_requests_per_s`)."""
+    from benchmarks.peer_tools import TOOLS, installed
     from harness.calibration import ScriptConfig, serve_in_process
 
     vllm, tok = vllm_bin(), tokenizer_dir()
     tools = ["EngineBench"] + (["EngineBench (keepalive)"] if keepalive else [])
     tools += ["vllm bench serve"] if vllm and tok else []
+    others = {t.name: t for t in TOOLS.values() if installed(t) and tok}
+    tools += list(others)
     out: dict[str, Any] = {"schema_version": 1, "kind": "peers", "points": [], "ceiling": [], "notes": []}
     if not (vllm and tok):
         out["notes"].append(f"vLLM bench serve skipped: vllm at {vllm} / tokenizer at {tok} not found")
+    for key, t in TOOLS.items():
+        if t.name not in others:
+            out["notes"].append(
+                f"{t.name} skipped: not installed (python -m benchmarks.peers --install {key})"
+            )
+        else:
+            out["notes"].append(f"{t.name}: {t.note}")
     out["host"] = {
         "cpus": os.cpu_count(),
         "cpu_pressure": _pressure(),
@@ -400,7 +461,10 @@ def compare(
     def one(tool: str, url: str, c: int, n: int) -> PeerRun:
         if tool.startswith("EngineBench"):
             return run_enginebench(url, c, n, processes, "keepalive" if "keepalive" in tool else "fresh")
-        assert vllm is not None and tok is not None
+        assert tok is not None
+        if tool in others:
+            return run_tool(others[tool], url, c, n, tok)
+        assert vllm is not None
         return run_vllm(url, c, n, vllm, tok)
 
     cfg = ScriptConfig(ttft=TTFT, itl=ITL, output_tokens=TOKENS, workers=server_workers, max_tracked=100_000)
@@ -496,7 +560,10 @@ def render(result: Mapping[str, Any]) -> str:
         "| server lag p50 / p99 (ms) | client CPU µs / token | req/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    f = "{:.2f} / {:.2f}".format
+
+    def f(a: float, b: float) -> str:
+        return "–" if np.isnan(a) else f"{a:.2f} / {b:.2f}"
+
     several = any(r.get("rep", 0) for r in result["points"])
     for r in result["points"]:
         itl_err = r["extra"].get(
@@ -522,6 +589,8 @@ def render(result: Mapping[str, Any]) -> str:
             f"| {r['server_cpu_util']:.2f} |"
         )
     lines += ["", *judge(result)]
+    if result.get("notes"):
+        lines += ["", *(f"Note: {n}" for n in result["notes"])]
     host = result.get("host") or {}
     if host:
         lines += [
@@ -614,15 +683,42 @@ def judge(result: Mapping[str, Any]) -> list[str]:
                 f"{us / per_tok['vllm bench serve']:.2f}"
             )
     ceil = {r["tool"]: r["requests_per_s"] for r in result["ceiling"]}
-    theirs = ceil.get("vllm bench serve")
     for tool, ours in ceil.items():
-        if tool.startswith("EngineBench") and theirs is not None:
-            verdict = "PASS" if ours > theirs else "FAIL"
-            out.append(
-                f"- {tool}: higher ceiling than vLLM bench serve: {verdict} ({ours:.1f} vs {theirs:.1f} req/s)"
-            )
-    if theirs is None:
+        for other, theirs in ceil.items():
+            if tool.startswith("EngineBench") and not other.startswith("EngineBench"):
+                verdict = "PASS" if ours > theirs else "FAIL"
+                out.append(
+                    f"- {tool}: higher ceiling than {_display(other)}: {verdict} ({ours:.1f} vs {theirs:.1f} req/s)"
+                )
+    if "vllm bench serve" not in ceil:
         out.append("- targets needing vLLM bench serve: n/a (not installed here)")
+    return out + _leads(runs)
+
+
+def _display(tool: str) -> str:
+    return "vLLM bench serve" if tool == "vllm bench serve" else tool
+
+
+def _leads(runs: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]]) -> list[str]:
+    """EngineBench (keep-alive, as `bench run` connects) against every other client at every stream count: a
+    smaller TTFT error at p50 and p99 (its worst run against their best) and less CPU per token (medians)."""
+    lead = (
+        "EngineBench (keepalive)" if any(t == "EngineBench (keepalive)" for t, _ in runs) else "EngineBench"
+    )
+    out = []
+    for (tool, c), theirs in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ours = runs.get((lead, c))
+        if tool.startswith("EngineBench") or not ours:
+            continue
+        o50, o99 = max(abs(r["ttft_err_ms"][0]) for r in ours), max(r["ttft_err_ms"][1] for r in ours)
+        t50, t99 = min(abs(r["ttft_err_ms"][0]) for r in theirs), min(r["ttft_err_ms"][1] for r in theirs)
+        ratio = _cpu_ratio(ours, theirs)[0]
+        verdict = "PASS" if o50 <= t50 and o99 <= t99 and ratio < 1 else "FAIL"
+        out.append(
+            f"- {lead} leads {_display(tool)} at {c} streams: {verdict} (TTFT error p50 / p99 {o50:.2f} / "
+            f"{o99:.2f} vs {t50:.2f} / {t99:.2f} ms, our worst run against their best; CPU per token ratio "
+            f"{ratio:.2f}, medians)"
+        )
     return out
 
 
@@ -647,10 +743,20 @@ def main(argv: list[str] | None = None) -> None:
         "--ceiling-reps", type=int, default=3, help="interleaved ceiling runs per client (best kept)"
     )
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--install",
+        default=None,
+        help="install other peers in their own venvs: guidellm,inference-perf,aiperf or all",
+    )
     p.add_argument("--render", type=Path, default=None, help="only print the tables of a saved --json result")
     a = p.parse_args(argv)
     if a.render:
         print(render(json.loads(a.render.read_text())))
+        return
+    if a.install:
+        from benchmarks import peer_tools
+
+        peer_tools.main(a.install.split(","))
         return
     if a.cmd == "child":
         _child(a.url, a.concurrency, a.requests, a.processes, a.out, a.connection)
