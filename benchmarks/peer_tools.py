@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["TOOLS", "Parsed", "Req", "Tool", "install", "installed", "tool_venv"]
 
@@ -274,6 +275,122 @@ def _inference_perf_parse(out: Path) -> Parsed:
     return Parsed(reqs, reported("time_to_first_token"), reported("inter_token_latency"))
 
 
+# ---- AIPerf --------------------------------------------------------------------------------------------------------
+# aiperf 0.13.0 (NVIDIA): a system controller and its services (dataset, timing, worker manager, records, a record
+# processor) and workers, over ZMQ. Its default worker count on 2 CPUs is 1, which falls behind at 256 streams
+# (chunks bunched, ~0.6 s queueing before sends); 2 workers is its better setting here. With HF_HUB_OFFLINE it cannot
+# load a tokenizer from a folder (it asks the hub for the path: HFValidationError), so the folder is offered as a
+# local hub cache entry, `local/<name>`, whose files link to it.
+_AIPERF_REV = "0" * 40
+
+
+def _aiperf_hub(tokenizer: Path, out: Path) -> Path:
+    hub = out / "hf-hub"
+    snap = hub / f"models--local--{tokenizer.name}" / "snapshots" / _AIPERF_REV
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(_AIPERF_REV)
+    for f in tokenizer.iterdir():
+        if f.is_file() and (f.suffix in (".json", ".jinja", ".txt", ".model") or f.name == "merges.txt"):
+            (snap / f.name).symlink_to(f)
+    return hub
+
+
+def _aiperf_command(venv: Path, run: Run) -> list[str]:
+    hub = _aiperf_hub(run.tokenizer, run.out)
+    # `env` execs AIPerf in place (the process measured is AIPerf's); its temporary files go to the run's folder
+    return [
+        "env",
+        f"HF_HUB_CACHE={hub}",
+        f"TMPDIR={run.out}",
+        str(venv / "bin" / "aiperf"),
+        "profile",
+        "--model",
+        "scripted",
+        "--url",
+        run.url,
+        "--endpoint-type",
+        "chat",
+        "--streaming",
+        "--tokenizer",
+        f"local/{run.tokenizer.name}",
+        "--concurrency",
+        str(run.concurrency),  # closed loop
+        "--request-count",
+        str(run.requests),
+        "--isl",
+        str(INPUT_TOKENS),
+        "--isl-stddev",
+        "0",
+        "--osl",
+        "256",
+        "--osl-stddev",
+        "0",
+        "--extra-inputs",
+        "ignore_eos:true",
+        "--random-seed",
+        "1",
+        "--workers-max",
+        "2",
+        "--artifact-dir",
+        str(run.out / "artifacts"),
+        "--ui",
+        "none",
+        "--no-server-metrics",
+        "--no-gpu-telemetry",
+    ]
+
+
+_TO_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0}
+
+
+def _aiperf_parse(out: Path) -> Parsed:
+    """artifacts/profile_export.jsonl, one request a line: metadata.x_request_id (sent as X-Request-ID, the
+    server's key), request_start_ns / request_end_ns (wall clock); metrics as {value, unit}: time_to_first_token
+    (from just before the request is sent to the read that carried the first content), inter_chunk_latency (the
+    gaps between content events; events of one read share its time). profile_export_aiperf.json: its percentiles
+    (its ITL is a per-request mean)."""
+    art = out / "artifacts"
+    reqs: list[Req] = []
+    for line in (art / "profile_export.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        meta, m = rec.get("metadata") or {}, rec.get("metrics") or {}
+        if meta.get("benchmark_phase", "profiling") != "profiling":
+            continue
+
+        def sec(tag: str, m: Mapping[str, Any] = m) -> Any:
+            e = m.get(tag)
+            if not e or e.get("value") is None:
+                return None
+            k = _TO_S[e.get("unit", "ms")]
+            return [x * k for x in e["value"]] if isinstance(e["value"], list) else e["value"] * k
+
+        ok = rec.get("error") is None and not meta.get("was_cancelled", False)
+        tokens = (m.get("usage_completion_tokens") or m.get("output_sequence_length") or {}).get("value")
+        start, end = meta.get("request_start_ns"), meta.get("request_end_ns")
+        reqs.append(
+            Req(
+                ok=ok,
+                server_id=meta.get("x_request_id"),
+                ttft_s=sec("time_to_first_token") if ok else None,
+                gaps_s=(sec("inter_chunk_latency") or []) if ok else None,
+                output_tokens=int(tokens or 0) if ok else 0,
+                start_s=start / 1e9 if start is not None else None,
+                end_s=end / 1e9 if end is not None else None,
+            )
+        )
+    agg = json.loads((art / "profile_export_aiperf.json").read_text())
+
+    def reported(tag: str) -> tuple[float, float]:
+        e = agg[tag]
+        k = _TO_S[e.get("unit", "ms")] * 1000.0
+        return (float(e["p50"]) * k, float(e["p99"]) * k)
+
+    return Parsed(reqs, reported("time_to_first_token"), reported("inter_token_latency"))
+
+
 TOOLS: dict[str, Tool] = {
     "guidellm": Tool(
         "GuideLLM",
@@ -282,6 +399,14 @@ TOOLS: dict[str, Tool] = {
         _guidellm_command,
         _guidellm_parse,
         note="guidellm 0.8.1, defaults: chat completions, up to 10 worker processes",
+    ),
+    "aiperf": Tool(
+        "AIPerf",
+        ("aiperf==0.13.0",),
+        "python3.11",
+        _aiperf_command,
+        _aiperf_parse,
+        note="aiperf 0.13.0: chat completions, 2 workers (its default on 2 CPUs is 1, which falls behind)",
     ),
     "inference-perf": Tool(
         "inference-perf",

@@ -121,7 +121,7 @@ def test_judge_says_whether_enginebench_leads_every_other_client() -> None:
 FIXTURES = Path(__file__).parent / "fixtures" / "peers"
 
 
-@pytest.mark.parametrize("name", ["guidellm", "inference-perf"])
+@pytest.mark.parametrize("name", ["guidellm", "aiperf", "inference-perf"])
 def test_other_peers_outputs_are_read_as_the_server_served_them(name: str) -> None:
     import json
 
