@@ -397,8 +397,10 @@ async def test_worker_processes_share_the_port_and_merge_their_stats() -> None:
 @pytest.mark.bench
 @pytest.mark.slow
 def test_peers_side_by_side() -> None:
-    """The issue's comparison with vLLM's own client (benchmarks/peers.py); ratios measured in one run. About six
-    minutes. Timing errors are printed, not asserted: on a shared machine they measure its contention."""
+    """The issue's comparison with vLLM's own client and every other peer installed (`python -m benchmarks.peers
+    --install all`; benchmarks/peers.py); ratios measured in one run. About four minutes with all of them. The
+    timing-error targets are printed, not asserted (on a shared machine they measure its contention); the ratios,
+    ceilings and leads are."""
     from benchmarks.peers import compare, judge, tokenizer_dir, vllm_bin
 
     if vllm_bin() is None or tokenizer_dir() is None:
