@@ -611,7 +611,8 @@ def _raise_file_limit(cfg: RunConfig, progress: Progress) -> None:
 # records carry tags["segment"] = "2", "3", ... (records of the first segment have no tag).
 # An (engine, point, repeat) whose `point_end` says it finished is not run again. In the others, request ids that
 # already have a record are skipped (with `resend_failed`, only those that ended ok), warm-up runs again (the engine
-# is new), and the measured quota counts the measured records kept. A chat session cut off between two turns goes on
+# is new), and the measured quota counts the measured records kept (a `--duration` point: the measurement window's
+# time the earlier segments spent, first measured request due to last one ended, per segment). A chat session cut off between two turns goes on
 # where it stopped: the next turn is sent with the conversation rebuilt from the kept records (`_skipping`).
 
 _FINISHED_REASONS = frozenset({"requests", "duration", "specs_exhausted", "error_budget"})
@@ -629,6 +630,8 @@ class ResumeState:
     # of the kept records: the reply of each one that ended ok, the status of each one that did not
     replies: Mapping[Key, Mapping[str, str]] = field(default_factory=dict)
     failed: Mapping[Key, Mapping[str, str]] = field(default_factory=dict)
+    # seconds of measurement window the earlier segments ran (a `--duration` point's time already spent)
+    measured_s: Mapping[Key, float] = field(default_factory=dict)
 
 
 def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
@@ -636,8 +639,13 @@ def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
     measured: Counter[Key] = Counter()
     replies: dict[Key, dict[str, str]] = {}
     failed: dict[Key, dict[str, str]] = {}
+    windows: dict[tuple[Key, str], tuple[float, float]] = {}  # per segment: first measured due, last end
     for rec in run.iter_records():
         key = (rec.engine, rec.point, rec.tags.get("repeat", "1"))
+        if rec.phase == "measure":
+            seg = (key, rec.tags.get("segment", "1"))
+            lo, hi = windows.get(seg, (rec.scheduled, rec.scheduled))
+            windows[seg] = (min(lo, rec.scheduled), max(hi, rec.done or rec.scheduled))
         if rec.ok or not resend_failed:
             skip.setdefault(key, set()).add(rec.request_id)
             measured[key] += rec.phase == "measure" and rec.status != "cancelled"
@@ -645,6 +653,9 @@ def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
                 replies.setdefault(key, {})[rec.request_id] = rec.output_text
             elif not rec.ok:
                 failed.setdefault(key, {})[rec.request_id] = rec.status
+    measured_s: dict[Key, float] = {}
+    for (key, _), (lo, hi) in windows.items():
+        measured_s[key] = measured_s.get(key, 0.0) + hi - lo
     finished: set[Key] = set()
     segment = 1
     for ev in run.iter_events():
@@ -659,6 +670,7 @@ def _resume_state(run: RunDir, resend_failed: bool) -> ResumeState:
         frozenset(finished),
         replies,
         failed,
+        measured_s,
     )
 
 
@@ -667,6 +679,8 @@ def _resumed_done(cfg: RunConfig, engine: str, point: LoadPoint, repeat: int) ->
         return False
     key = (engine, point.id, str(repeat))
     if key in cfg.prior.finished:
+        return True
+    if cfg.stop.duration_s is not None and cfg.prior.measured_s.get(key, 0.0) >= cfg.stop.duration_s:
         return True
     return cfg.stop.requests is not None and cfg.prior.measured.get(key, 0) >= cfg.stop.requests
 
@@ -677,6 +691,9 @@ def _resume_filter(cfg: RunConfig, key: Key) -> tuple[frozenset[str], StopRule]:
     stop = cfg.stop
     if stop.requests is not None:
         stop = dataclasses.replace(stop, requests=max(1, stop.requests - cfg.prior.measured.get(key, 0)))
+    if stop.duration_s is not None:  # the window's time the earlier segments spent is not run again
+        left = stop.duration_s - cfg.prior.measured_s.get(key, 0.0)
+        stop = dataclasses.replace(stop, duration_s=max(left, 1e-3))
     return cfg.prior.skip.get(key, frozenset()), stop
 
 

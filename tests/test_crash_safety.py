@@ -252,3 +252,26 @@ def test_resume_drops_the_turns_after_a_kept_failure_and_says_why() -> None:
         ("c-t2", "the turn it continues (c-t1) ended timeout in an earlier segment"),
         ("c-t3", "the turn it continues (c-t2) was not sent either"),
     ]
+
+
+def test_resumed_duration_point_runs_only_the_time_left(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--endpoint", f"s={server}", "--workload", "synthetic", "--set", "output_tokens=10",
+            "--concurrency", "2", "--duration", "3", "--warmup", "2", "--out", str(out)]  # fmt: skip
+    _start_and_signal(args, out, signal.SIGKILL, after=24)  # ~18 requests/s: about 1.2 s of the window
+    r = bench("run", "--resume", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def window(segment: str) -> float:
+        recs = [
+            r
+            for r in RunDir.open(out).iter_records()
+            if r.phase == "measure" and r.tags.get("segment", "1") == segment
+        ]
+        return max(r.done or r.scheduled for r in recs) - min(r.scheduled for r in recs)
+
+    first, second = window("1"), window("2")
+    assert first > 0.5, first  # the kill came well inside the window
+    # together the two segments measured the 3 s asked for, not the first segment's time plus 3 s; a window ends
+    # when its time is up and the requests in flight then end within ~0.1 s
+    assert 2.7 < first + second < 3.6, (first, second)
