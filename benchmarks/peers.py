@@ -37,10 +37,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
+
+if TYPE_CHECKING:
+    from benchmarks.peer_tools import Tool
 
 __all__ = ["PeerRun", "loopback_read_us", "main", "run_enginebench", "run_vllm", "vllm_bin"]
 
@@ -163,9 +166,8 @@ def _measured(argv: list[str], url: str, total: int, env: Mapping[str, str] | No
                 break
             time.sleep(0.02)
             now = time.perf_counter()
-            if (
-                now - t_start >= rescan
-            ):  # a tool may start its worker processes late (AIPerf's, after start-up)
+            # a tool may start its worker processes late (AIPerf's, GuideLLM's: seconds after launch)
+            if now - t_start >= rescan:
                 tree, rescan = _tree(ps), min(rescan * 2, rescan + 0.5)
             samples.append((now, _cpu(tree, ps), _cpu(server_tree)))
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -374,7 +376,7 @@ def run_vllm(url: str, concurrency: int, requests: int, vllm: Path, tokenizer: P
 
 
 # ---- GuideLLM, AIPerf, inference-perf (benchmarks/peer_tools.py) --------------------------------------------------
-def run_tool(tool: Any, url: str, concurrency: int, requests: int, tokenizer: Path) -> PeerRun:
+def run_tool(tool: Tool, url: str, concurrency: int, requests: int, tokenizer: Path) -> PeerRun:
     """One closed-loop point by one of the other peers, judged the same way: its TTFT per request against the
     server's account (matched by the stream's id), its ITL distribution against the server's achieved gaps (where
     it keeps per-chunk times), its CPU per streamed token over the server's window."""
