@@ -22,14 +22,17 @@ from typing import Any, cast
 import orjson
 
 from adapters.base import Adapter, EngineConfig
+from adapters.hostcpu import DtypeChoice, choose_cpu_dtype, cpu_flags
 from harness.errors import ConfigError, EngineUnavailable
 
 __all__ = [
     "SERVED_MODEL",
     "Availability",
     "adapters",
+    "apply_settings",
     "availability",
     "broken",
+    "cpu_dtype_choice",
     "default_config",
     "get",
     "hardware_here",
@@ -150,7 +153,9 @@ def default_config(name: str) -> EngineConfig:
         return EngineConfig(
             model=str(install.hf_model_dir()),
             served_model_name=SERVED_MODEL,
-            dtype="bfloat16",
+            dtype=choose_cpu_dtype(
+                cpu_flags()
+            ).dtype,  # float32 without AVX-512 BF16 / AMX (adapters.hostcpu)
             max_context=4096,
             max_num_seqs=8,
             port=0,
@@ -204,3 +209,63 @@ def record_live_test(engine: str, passed: bool, version: str | None, detail: str
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     tmp.replace(path)
+
+
+# EngineConfig fields a user may set from the command line (`bench run --engine-set vllm.dtype=float32`), and how
+# each value is read; model and port stay EngineBench's (the model is the shipped one, the port picked free).
+_SETTABLE: dict[str, type] = {
+    "dtype": str,
+    "quantization": str,
+    "max_context": int,
+    "max_num_seqs": int,
+    "prefix_caching": bool,
+    "tensor_parallel": int,
+    "kv_cache_dtype": str,
+    "gpu_memory_fraction": float,
+    "threads": int,
+}
+
+
+def _coerce(engine: str, key: str, raw: object) -> object:
+    kind = _SETTABLE.get(key)
+    if kind is None:
+        raise ConfigError(
+            f"--engine-set {engine}.{key}: unknown setting; settable: {', '.join(sorted(_SETTABLE))}"
+        )
+    if not isinstance(raw, str) or kind is str:
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "on", "off", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "on", "1")
+        return kind(raw)
+    except ValueError:
+        what, example = {
+            int: ("a whole number", "8"),
+            float: ("a number", "0.9"),
+            bool: ("true or false", "true"),
+        }[kind]
+        raise ConfigError(
+            f"--engine-set {engine}.{key}={raw}: give {what}, e.g. --engine-set {engine}.{key}={example}"
+        ) from None
+
+
+def apply_settings(engine: str, cfg: EngineConfig, settings: dict[str, object]) -> EngineConfig:
+    """`cfg` with the user's settings for `engine` (values as typed on the command line or already typed)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: _coerce(engine, k, v) for k, v in settings.items()})  # type: ignore[arg-type]
+
+
+def cpu_dtype_choice(adapter: str, cfg: EngineConfig, user_set: bool) -> DtypeChoice | None:
+    """Why a CPU engine runs at its dtype (None for engines that are not launched on this CPU with a dtype choice):
+    recorded in the manifest (engines[].dtype_choice), with a warning when the user chose the slow one."""
+    if adapter != "vllm" or cfg.env.get("VLLM_TARGET_DEVICE", "cpu") != "cpu":
+        return None
+    if user_set:
+        return choose_cpu_dtype(cpu_flags(), cfg.dtype)
+    chosen = choose_cpu_dtype(cpu_flags())
+    if cfg.dtype != chosen.dtype:  # a configuration made elsewhere (the API, a resumed run) chose it
+        return choose_cpu_dtype(cpu_flags(), cfg.dtype)
+    return chosen

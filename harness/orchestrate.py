@@ -68,6 +68,8 @@ class EngineChoice:
     url: str | None = None
     config: EngineConfig | None = None
     variant: str | None = None  # the quantized workload's precision variant this engine serves
+    # the user's settings for a launched engine (`--engine-set NAME.FIELD=VALUE`), applied over its configuration
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,11 @@ def _failed_point(p: PointOutcome) -> bool:
     return p.stop_reason == "error_budget" or (p.counts.get("measure", 0) > 0 and p.counts.get("ok", 0) == 0)
 
 
-def parse_engines(engines: str | None, endpoints: Sequence[str]) -> tuple[EngineChoice, ...]:
-    """`--engines vllm,llamacpp` and repeatable `--endpoint [NAME=]URL` -> engine choices (names unique)."""
+def parse_engines(
+    engines: str | None, endpoints: Sequence[str], engine_sets: Sequence[str] = ()
+) -> tuple[EngineChoice, ...]:
+    """`--engines vllm,llamacpp`, repeatable `--endpoint [NAME=]URL` and `--engine-set NAME.FIELD=VALUE` -> engine
+    choices (names unique)."""
     known = registry.adapters()
     choices: list[EngineChoice] = []
     for raw in (engines or "").split(","):
@@ -163,7 +168,28 @@ def parse_engines(engines: str | None, endpoints: Sequence[str]) -> tuple[Engine
         raise ConfigError(
             f"engine name {dupes[0]!r} given twice; name endpoints apart: --endpoint a=URL --endpoint b=URL"
         )
-    return tuple(choices)
+    return _with_settings(tuple(choices), engine_sets)
+
+
+def _with_settings(choices: tuple[EngineChoice, ...], engine_sets: Sequence[str]) -> tuple[EngineChoice, ...]:
+    settings: dict[str, dict[str, Any]] = {}
+    launched = {c.name for c in choices if c.url is None}
+    for raw in engine_sets:
+        target, eq, value = raw.partition("=")
+        name, dot, key = target.strip().partition(".")
+        if not (eq and dot and name and key):
+            raise ConfigError(
+                f"--engine-set {raw!r}: write it as ENGINE.FIELD=VALUE, e.g. vllm.dtype=float32"
+            )
+        if name not in launched:
+            raise ConfigError(
+                f"--engine-set {raw!r}: {name!r} is not an engine launched here (--engines); an attached endpoint "
+                "runs with the settings its server was started with"
+            )
+        settings.setdefault(name, {})[key.strip()] = value.strip()
+    for name, values in settings.items():  # unknown fields and bad values are refused now, not at launch
+        registry.apply_settings(name, EngineConfig(model=""), values)
+    return tuple(dataclasses.replace(c, settings=settings.get(c.name, {})) for c in choices)
 
 
 def _generic_adapter(known: Mapping[str, Adapter]) -> str:
@@ -237,15 +263,25 @@ def _wanted(stop: StopRule, point: LoadPoint) -> int:
 
 @contextlib.asynccontextmanager
 async def _engine(
-    choice: EngineChoice, run: RunDir, cfg: RunConfig
-) -> AsyncIterator[tuple[Adapter, Endpoint]]:
+    choice: EngineChoice, run: RunDir, cfg: RunConfig, progress: Progress
+) -> AsyncIterator[tuple[Adapter, Endpoint, dict[str, Any]]]:
+    """The engine's adapter, its endpoint, and what the manifest should add to its entry (the dtype choice)."""
     if choice.url is not None:
         adapter = registry.get(choice.adapter)
         async with attached(adapter, choice.url, name=choice.name) as ep:
-            yield adapter, ep
+            yield adapter, ep, {}
         return
     adapter = registry.require_runnable(choice.adapter)
     engine_cfg = choice.config or registry.default_config(choice.adapter)
+    engine_cfg = registry.apply_settings(choice.name, engine_cfg, dict(choice.settings))
+    extra: dict[str, Any] = {}
+    dtype = registry.cpu_dtype_choice(choice.adapter, engine_cfg, user_set="dtype" in choice.settings)
+    if dtype is not None:
+        extra["dtype_choice"] = dtype.to_dict()
+        progress(f"{choice.name}: dtype {dtype.dtype} ({dtype.reason})")
+        if dtype.warning:
+            progress(f"{choice.name}: warning: {dtype.warning}")
+            run.append_event({"kind": "engine_warning", "engine": choice.name, "warning": dtype.warning})
     (run.path / "engines").mkdir(exist_ok=True)
     async with launched(
         adapter,
@@ -255,7 +291,7 @@ async def _engine(
         name=choice.name,
         nice=cfg.engine_nice,
     ) as ep:
-        yield adapter, ep
+        yield adapter, ep, extra
 
 
 async def _run_engine(
@@ -269,8 +305,8 @@ async def _run_engine(
     outcome = EngineOutcome(choice.name, "ran")
     progress(f"{choice.name}: {'attaching to ' + choice.url if choice.url else 'launching'}")
     try:
-        async with _engine(choice, run, cfg) as (adapter, ep):
-            entry = ep.manifest_entry(choice.adapter)
+        async with _engine(choice, run, cfg, progress) as (adapter, ep, extra):
+            entry = {**ep.manifest_entry(choice.adapter), **extra}
             run.append_event({"kind": "engine_ready", "engine": choice.name, **entry})
             _add_engine_to_manifest(run, entry)
             cold = f" (cold start {ep.cold_start_s:.1f} s)" if ep.cold_start_s is not None else ""
@@ -814,7 +850,14 @@ def _choice_from(d: Mapping[str, Any]) -> EngineChoice:
     config = None
     if isinstance(raw, Mapping):
         config = EngineConfig(**{**raw, "extra_args": tuple(raw.get("extra_args") or ())})
-    return EngineChoice(str(d["name"]), str(d["adapter"]), d.get("url"), config)
+    settings = d.get("settings")
+    return EngineChoice(
+        str(d["name"]),
+        str(d["adapter"]),
+        d.get("url"),
+        config,
+        settings=dict(settings) if isinstance(settings, Mapping) else {},
+    )
 
 
 def resume_config(

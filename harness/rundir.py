@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.hostcpu import cpu_flags, isa_features
 from harness.errors import BenchError, ConfigError, SchemaError
 from harness.records import RECORD_SCHEMA_VERSION, RequestRecord
 
@@ -93,6 +94,9 @@ class HostInfo(BaseModel):
     cores: int | None
     memory_bytes: int | None
     event_loop: str | None = None  # the client's event loop (harness.loop), e.g. "uvloop 0.23.0"
+    # the instruction-set features that change an engine's speed (adapters.hostcpu.ISA_FLAGS), e.g. avx2, avx512_bf16
+    cpu_features: list[str] | None = None
+    machine: str | None = None  # platform.machine(): x86_64, aarch64, ...
 
 
 class Manifest(BaseModel):
@@ -141,6 +145,8 @@ def host_info() -> HostInfo:
         cores=os.cpu_count(),
         memory_bytes=int(psutil.virtual_memory().total),
         event_loop=loop_name(),
+        cpu_features=isa_features(cpu_flags()),
+        machine=platform.machine() or None,
     )
 
 

@@ -41,7 +41,7 @@ _SECRET_OPTIONS = ("--api-key", "--token", "--password")
 _RUN_SHAPING = (
     "engines", "endpoint", "workload", "concurrency", "rate", "arrival", "burstiness", "requests", "duration",
     "warmup", "cooldown", "error_budget", "seed", "slo", "out", "set_", "stream", "stall_timeout",
-    "request_timeout", "ready_timeout", "repeat", "engine_nice",
+    "request_timeout", "ready_timeout", "repeat", "engine_nice", "engine_set",
 )  # fmt: skip
 
 
@@ -147,6 +147,14 @@ def run(
     ready_timeout: Annotated[
         float, typer.Option(help="Seconds a launched engine may take to become ready.")
     ] = 600.0,
+    engine_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Set a launched engine's setting: ENGINE.FIELD=VALUE (repeatable), e.g. vllm.dtype=float32, "
+            "llamacpp.max_num_seqs=4. Fields: dtype, max_num_seqs, max_context, prefix_caching, kv_cache_dtype, "
+            "threads, quantization, tensor_parallel, gpu_memory_fraction."
+        ),
+    ] = None,
     engine_nice: Annotated[
         int,
         typer.Option(
@@ -197,7 +205,7 @@ def run(
         cfg = _new_config(
             engines, endpoint, workload, concurrency, rate, arrival, burstiness, requests, duration, warmup,
             cooldown, error_budget, seed, slo, out, set_, stream, stall_timeout, request_timeout, ready_timeout,
-            api_key_env, api_key_file, repeat, engine_nice,
+            api_key_env, api_key_file, repeat, engine_nice, engine_set or [],
         )  # fmt: skip
     if distributed:
         import dataclasses
@@ -233,6 +241,7 @@ def _new_config(
     api_key_file: Path | None,
     repeat: int,
     engine_nice: int,
+    engine_set: list[str],
 ) -> RunConfig:
     from adapters.process import check_nice
     from harness.errors import ConfigError
@@ -242,7 +251,7 @@ def _new_config(
     from workloads.arrival import parse_sweep
     from workloads.registry import load_workload
 
-    choices = parse_engines(engines, endpoint or [])
+    choices = parse_engines(engines, endpoint or [], engine_set)
     check_nice(engine_nice, "--engine-nice")
     if engine_nice and all(c.url is not None for c in choices):
         raise ConfigError(
