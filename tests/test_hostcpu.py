@@ -100,3 +100,36 @@ def test_engine_set_parses_types_and_refuses_bad_input() -> None:
             parse_engines("vllm", [], [bad])
     with pytest.raises(ConfigError, match="attached endpoint"):
         parse_engines(None, ["x=http://127.0.0.1:1"], ["x.dtype=float32"])
+
+
+def _llama_marker(cache: Path, needs: list[str]) -> None:
+    from adapters import install
+
+    for tool in install.LLAMA_TOOLS:
+        install.llama_bin(tool).parent.mkdir(parents=True, exist_ok=True)
+        install.llama_bin(tool).touch()
+    marker = install.llama_bin("llama-server").parent.parent / "ready.json"
+    marker.write_text(
+        json.dumps({"schema_version": 1, "versions": {"llama.cpp": install.LLAMA_BUILD}, "cpu_needs": needs})
+    )
+
+
+def test_a_llama_build_is_not_reused_on_a_cpu_without_its_instructions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters import install
+
+    monkeypatch.setenv("ENGINEBENCH_CACHE", str(tmp_path))
+    have = sorted(cpu_flags())
+    if not have:
+        pytest.skip("this host's /proc/cpuinfo has no flags line")
+    _llama_marker(tmp_path, have[:3])
+    assert install.status("llamacpp").installed
+    _llama_marker(tmp_path, [*have[:3], "no_such_isa_flag"])
+    st = install.status("llamacpp")
+    assert not st.installed
+    assert "built for no_such_isa_flag, which this CPU lacks" in st.detail
+    assert "python -m adapters.install llamacpp" in st.detail
+    # the portable x86 build needs x86-64-v3 and no more
+    if install.platform.machine() == "x86_64" and not install.LLAMA_NATIVE:
+        assert install._llama_cpu_needs() == ["sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"]
