@@ -9,10 +9,15 @@ scaled to a small model's context; turns per session are geometric; think times 
 `input_tokens` is the templated prompt length: exact for the first turn; for later turns an estimate that assumes
 each earlier reply had exactly its `max_tokens` (tag `input_tokens_exact=false`), since the real reply is only known
 at run time.
+
+Expected cache share (`cache_expected_tokens`): a later turn's history (the previous turn's prompt and reply) plus
+the template's tokens; a first turn's template tokens only (a system prompt is its session's own).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from workloads.model import ChatSpec, sample
@@ -23,24 +28,26 @@ from workloads.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from workloads.registry import Workload
 
-__all__ = ["GENERATOR_VERSION", "generate"]
+__all__ = ["GENERATOR_VERSION", "generate", "requests"]
 
 GENERATOR_VERSION = 1
 
 
-def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
+def generate(
+    workload: Workload, n: int, seed: int, tokenizer: Tokenizer, prompts: str = ""
+) -> list[RequestSpec]:
+    return list(itertools.islice(requests(workload, seed, tokenizer, prompts), n))
+
+
+def requests(workload: Workload, seed: int, tokenizer: Tokenizer, prompts: str = "") -> Iterator[RequestSpec]:
     spec = workload.params
     assert isinstance(spec, ChatSpec)
-    builder = PromptBuilder(tokenizer)
-    out: list[RequestSpec] = []
-    session = 0
-    while len(out) < n:
-        out.extend(_session(spec, builder, seed, session, n - len(out)))
-        session += 1
-    return out
+    builder = PromptBuilder(tokenizer, salt=prompts)
+    for session in itertools.count():
+        yield from _session(spec, builder, seed, session)
 
 
-def _session(spec: ChatSpec, builder: PromptBuilder, seed: int, s: int, limit: int) -> list[RequestSpec]:
+def _session(spec: ChatSpec, builder: PromptBuilder, seed: int, s: int) -> Iterator[RequestSpec]:
     rng = rng_for(seed, "chat-session", s)
     turns = max(1, int(sample(spec.turns, rng, 1, integer=True)[0]))
     users = sample(spec.user_tokens, rng, turns, integer=True)
@@ -53,9 +60,9 @@ def _session(spec: ChatSpec, builder: PromptBuilder, seed: int, s: int, limit: i
         history.append(
             {"role": "system", "content": texts.text(spec.system_prompt_tokens, (seed, "system", s))}
         )
-    out: list[RequestSpec] = []
     previous: str | None = None
-    for t in range(1, min(turns, limit) + 1):
+    history_tokens = 0  # the previous turn's prompt and reply: what a prefix cache can serve this turn
+    for t in range(1, turns + 1):
         u, r = max(1, int(users[t - 1])), max(1, int(replies[t - 1]))
         user: Message = {"role": "user", "content": texts.text(u, (seed, "user", s, t))}
         built = builder.chat([*history, user])
@@ -66,7 +73,8 @@ def _session(spec: ChatSpec, builder: PromptBuilder, seed: int, s: int, limit: i
             user = {"role": "user", "content": texts.text(u, (seed, "user", s, t))}
             built = builder.chat([*history, user])
         request_id = f"{spec.name}-{seed}-s{s:05d}-t{t:02d}"
-        out.append(
+        expected = min(built.input_tokens, history_tokens + builder.template_tokens("chat"))
+        yield (
             RequestSpec(
                 request_id=request_id,
                 api="chat",
@@ -85,11 +93,12 @@ def _session(spec: ChatSpec, builder: PromptBuilder, seed: int, s: int, limit: i
                         "content_tokens": u,
                         "input_tokens": built.input_tokens,
                         "input_tokens_exact": t == 1,
+                        "cache_expected_tokens": expected,
                     }
                 ),
             )
         )
+        history_tokens = built.input_tokens + r
         # stand-in for the reply the engine will give: pinned output makes it `r` tokens long
         history += [user, {"role": "assistant", "content": texts.text(r, (seed, "reply", s, t))}]
         previous = request_id
-    return out

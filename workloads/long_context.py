@@ -3,12 +3,15 @@
 Request i uses fraction `fractions[i % len(fractions)]`, so every length is measured across the whole run (not one
 length early, another late). The input is `floor(fraction * max_context)` prefilled tokens, lowered when needed so
 that input + output fit the window. Tags carry the fraction and input length for "TTFT and prefill tokens/s by
-input length".
+input length". Every prompt is fresh: the cache is expected to serve the chat template's tokens at most
+(`cache_expected_tokens`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from harness.errors import ConfigError
@@ -20,7 +23,7 @@ from workloads.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from workloads.registry import Workload
 
-__all__ = ["GENERATOR_VERSION", "generate", "input_length"]
+__all__ = ["GENERATOR_VERSION", "generate", "input_length", "requests"]
 
 GENERATOR_VERSION = 1
 
@@ -35,16 +38,21 @@ def input_length(spec: LongContextSpec, fraction: float) -> int:
     return target
 
 
-def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
+def generate(
+    workload: Workload, n: int, seed: int, tokenizer: Tokenizer, prompts: str = ""
+) -> list[RequestSpec]:
+    return list(itertools.islice(requests(workload, seed, tokenizer, prompts), n))
+
+
+def requests(workload: Workload, seed: int, tokenizer: Tokenizer, prompts: str = "") -> Iterator[RequestSpec]:
     spec = workload.params
     assert isinstance(spec, LongContextSpec)
-    builder = PromptBuilder(tokenizer)
-    out = []
-    for i in range(n):
+    builder = PromptBuilder(tokenizer, salt=prompts)
+    for i in itertools.count():
         fraction = spec.fractions[i % len(spec.fractions)]
         target = input_length(spec, fraction)
         built = builder.prompt(target, spec.api, (seed, "long-context", i))
-        out.append(
+        yield (
             RequestSpec(
                 request_id=f"{spec.name}-{seed}-{i:06d}",
                 api=spec.api,
@@ -59,8 +67,8 @@ def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> lis
                         "fraction": f"{fraction:g}",
                         "input_tokens": built.input_tokens,
                         "content_tokens": built.content_tokens,
+                        "cache_expected_tokens": builder.template_tokens(spec.api),
                     }
                 ),
             )
         )
-    return out

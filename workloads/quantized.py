@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ __all__ = [
     "output_from_openai",
     "quality_report",
     "quality_requests",
+    "requests",
     "variants",
 ]
 
@@ -77,12 +78,22 @@ class Variant:
     path: Path
 
 
-def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
+def generate(
+    workload: Workload, n: int, seed: int, tokenizer: Tokenizer, prompts: str = ""
+) -> list[RequestSpec]:
+    return _base(workload).generate(n, seed, tokenizer=tokenizer, prompts=prompts)
+
+
+def requests(workload: Workload, seed: int, tokenizer: Tokenizer, prompts: str = "") -> Iterator[RequestSpec]:
+    return _base(workload).requests(seed, tokenizer=tokenizer, prompts=prompts)
+
+
+def _base(workload: Workload) -> Workload:
     from workloads.registry import Workload as _Workload
 
     spec = workload.params
     assert isinstance(spec, QuantizedSpec)
-    return _Workload(spec.base, workload.source, workload.base_dir).generate(n, seed, tokenizer=tokenizer)
+    return _Workload(spec.base, workload.source, workload.base_dir)
 
 
 # --------------------------------------------------------------------------------------------- variant files

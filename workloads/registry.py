@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,7 +27,8 @@ from workloads.tokenizer import Tokenizer
 
 __all__ = ["Workload", "builtin_names", "fingerprint_of", "list_workloads", "load_workload", "parse_workload"]
 
-# kind -> module that generates it; each has GENERATOR_VERSION and generate(workload, n, seed, tokenizer)
+# kind -> module that generates it; each has GENERATOR_VERSION, generate(workload, n, seed, tokenizer, prompts) and
+# requests(workload, seed, tokenizer, prompts) (an iterator of the same requests)
 _GENERATORS = {
     "synthetic": "workloads.synthetic",
     "chat": "workloads.chat",
@@ -90,17 +91,29 @@ class Workload:
         return (self.base_dir / p).resolve()
 
     def generate(
-        self, n: int, seed: int | None = None, tokenizer: Tokenizer | None = None
+        self, n: int, seed: int | None = None, tokenizer: Tokenizer | None = None, prompts: str = ""
     ) -> list[RequestSpec]:
         """The first `n` requests for `seed` (default: the file's), lengths measured with `tokenizer` (required:
         the served model's). Deterministic, and prefix-stable: the first k requests of generate(n) are those of
-        generate(k). Trace replay returns fewer when the trace has fewer rows."""
-        if tokenizer is None:
-            raise ConfigError(f"workload {self.name}: generating requests needs the served model's tokenizer")
+        generate(k). Trace replay returns fewer when the trace has fewer rows. `prompts` is the run's prompt key
+        (`workloads.text`): the seed fixes the distribution (lengths, sessions, arrivals), the key the words."""
         if n < 0:
             raise ConfigError(f"request count must be >= 0, got {n}")
         fn = cast(Callable[..., list[RequestSpec]], _generator(self.kind).generate)
-        return fn(self, n, self.seed if seed is None else seed, tokenizer)
+        return fn(self, n, self.seed if seed is None else seed, self._tokenizer(tokenizer), prompts)
+
+    def requests(
+        self, seed: int | None = None, tokenizer: Tokenizer | None = None, prompts: str = ""
+    ) -> Iterator[RequestSpec]:
+        """The same requests as `generate`, one at a time and without end (a trace: until its rows run out), for
+        a supply that builds them ahead of need (`harness.supply`)."""
+        fn = cast(Callable[..., Iterator[RequestSpec]], _generator(self.kind).requests)
+        return fn(self, self.seed if seed is None else seed, self._tokenizer(tokenizer), prompts)
+
+    def _tokenizer(self, tokenizer: Tokenizer | None) -> Tokenizer:
+        if tokenizer is None:
+            raise ConfigError(f"workload {self.name}: generating requests needs the served model's tokenizer")
+        return tokenizer
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Workload:
         """The same workload with some parameters changed (dotted keys reach into nested ones: `turns.mean`)."""

@@ -8,10 +8,15 @@ message; completions concatenate them.
 Order: the first `groups` requests are one per group (`role=warm`: they fill the cache); after that requests cycle
 over the groups (`role=reuse`), and every `control_every`-th one is a control (`group=control`, `shared=false`):
 same lengths, a prefix of its own, so the difference between reuse and control is what the cache buys.
+
+Expected cache share (`cache_expected_tokens`): a reuse request's shared prefix (templated) plus the template's
+tokens; a warm-up or control request's template tokens only.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from workloads.model import SharedPrefixSpec
@@ -22,7 +27,7 @@ from workloads.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from workloads.registry import Workload
 
-__all__ = ["GENERATOR_VERSION", "generate", "slot"]
+__all__ = ["GENERATOR_VERSION", "generate", "requests", "slot"]
 
 GENERATOR_VERSION = 1
 
@@ -38,17 +43,32 @@ def slot(spec: SharedPrefixSpec, i: int) -> tuple[str, str]:
     return f"g{shared_before % spec.groups}", "reuse"
 
 
-def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
+def generate(
+    workload: Workload, n: int, seed: int, tokenizer: Tokenizer, prompts: str = ""
+) -> list[RequestSpec]:
+    return list(itertools.islice(requests(workload, seed, tokenizer, prompts), n))
+
+
+def requests(workload: Workload, seed: int, tokenizer: Tokenizer, prompts: str = "") -> Iterator[RequestSpec]:
     spec = workload.params
     assert isinstance(spec, SharedPrefixSpec)
-    builder = PromptBuilder(tokenizer)
+    builder = PromptBuilder(tokenizer, salt=prompts)
     target = spec.prefix_tokens + spec.suffix_tokens
-    out = []
-    for i in range(n):
+    shared_tokens: dict[str, int] = {}  # group -> its prefix's templated tokens
+    for i in itertools.count():
         group, role = slot(spec, i)
         prefix_key = (seed, "prefix", group if group != "control" else f"control-{i}")
         prefix = builder.texts.text(spec.prefix_tokens, prefix_key)
         suffix_key = (seed, "suffix", i)
+        expected = builder.template_tokens(spec.api)
+        if role == "reuse":
+            if group not in shared_tokens:
+                shared_tokens[group] = (
+                    builder.tokenizer.count_chat([{"role": "system", "content": prefix}])
+                    if spec.api == "chat"
+                    else builder.tokenizer.count_prompt(prefix)
+                )
+            expected += shared_tokens[group]
         if spec.api == "chat":
             system = {"role": "system", "content": prefix}
             built = builder.chat(
@@ -61,7 +81,7 @@ def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> lis
                 suffix_key,
                 prefix=prefix,
             )
-        out.append(
+        yield (
             RequestSpec(
                 request_id=f"{spec.name}-{seed}-{i:06d}",
                 api=spec.api,
@@ -79,8 +99,8 @@ def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> lis
                         "prefix_tokens": spec.prefix_tokens,
                         "input_tokens": built.input_tokens,
                         "target_tokens": target,
+                        "cache_expected_tokens": min(expected, built.input_tokens),
                     }
                 ),
             )
         )
-    return out

@@ -1,11 +1,13 @@
 """The `synthetic` workload: every request has the same input and output length, and its own fresh prompt.
 
 Prompts differ from their first word on, so a prefix cache finds nothing to reuse beyond the chat template
-(pitfall 9: caches inflating results).
+(pitfall 9: caches inflating results): each request's `cache_expected_tokens` tag is the template's tokens only.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from workloads.model import SyntheticSpec
@@ -16,19 +18,24 @@ from workloads.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from workloads.registry import Workload
 
-__all__ = ["GENERATOR_VERSION", "generate"]
+__all__ = ["GENERATOR_VERSION", "generate", "requests"]
 
 GENERATOR_VERSION = 1
 
 
-def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
+def generate(
+    workload: Workload, n: int, seed: int, tokenizer: Tokenizer, prompts: str = ""
+) -> list[RequestSpec]:
+    return list(itertools.islice(requests(workload, seed, tokenizer, prompts), n))
+
+
+def requests(workload: Workload, seed: int, tokenizer: Tokenizer, prompts: str = "") -> Iterator[RequestSpec]:
     spec = workload.params
     assert isinstance(spec, SyntheticSpec)
-    builder = PromptBuilder(tokenizer)
-    out = []
-    for i in range(n):
+    builder = PromptBuilder(tokenizer, salt=prompts)
+    for i in itertools.count():
         built = builder.prompt(spec.input_tokens, spec.api, (seed, "synthetic", i))
-        out.append(
+        yield (
             RequestSpec(
                 request_id=f"{spec.name}-{seed}-{i:06d}",
                 api=spec.api,
@@ -42,8 +49,8 @@ def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> lis
                         "workload": spec.name,
                         "input_tokens": built.input_tokens,
                         "content_tokens": built.content_tokens,
+                        "cache_expected_tokens": builder.template_tokens(spec.api),
                     }
                 ),
             )
         )
-    return out

@@ -7,13 +7,18 @@ extended until the count is exact, because merges at a boundary can change it.
 
 `PromptBuilder.prompt` hits a target length of the *templated* prompt for chat requests (what the engine prefills),
 and records the content tokens separately.
+
+The `salt` (a run's prompt key, docs/workloads.md "Fresh prompts") goes into every text's key: the same seed and
+salt give the same texts, another salt other words of the same lengths. Lengths never depend on it, so a run keeps
+its seed's distribution and still sends prompts no engine has seen (pitfall 12: caches warmed by an earlier run).
+The empty salt gives the texts of a workload's seed alone.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -59,9 +64,10 @@ def _words(key: Sequence[int | str]) -> Iterator[str]:
 class TextBuilder:
     """Builds space-led texts of exactly n tokens (as `tokenizer.encode` counts them) from a key."""
 
-    def __init__(self, tokenizer: Tokenizer, max_rounds: int = 40) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_rounds: int = 40, salt: str = "") -> None:
         self.tokenizer = tokenizer
         self.max_rounds = max_rounds
+        self.salt = salt
         self._fillers: list[str] | None = None
         self._cache: dict[tuple[int, tuple[int | str, ...]], str] = {}
 
@@ -85,6 +91,8 @@ class TextBuilder:
             raise ValueError(f"token count must be >= 0, got {n}")
         if n == 0:
             return ""
+        if self.salt:
+            key = ("salt", self.salt, *key)
         cache_key = (n, tuple(key))
         if (hit := self._cache.get(cache_key)) is not None:
             return hit
@@ -134,22 +142,39 @@ def _join(words: Sequence[str]) -> str:
 @dataclass(frozen=True, slots=True)
 class BuiltPrompt:
     """A prompt and its lengths: `input_tokens` is what the engine prefills (templated, special tokens included);
-    `content_tokens` the tokens of the text the workload wrote."""
+    `content_tokens` the tokens of the text the workload wrote; `fixed_tokens` (from `PromptBuilder.prompt`) the
+    tokens before and around its fresh text: template, special tokens and any `prefix`."""
 
     api: Api
     messages: tuple[Message, ...]
     prompt: str
     input_tokens: int
     content_tokens: int
+    fixed_tokens: int = 0
 
 
 class PromptBuilder:
     """Exact-length prompts for either API. For chat, the target is the templated prompt length."""
 
-    def __init__(self, tokenizer: Tokenizer, max_rounds: int = 6) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_rounds: int = 6, salt: str = "") -> None:
         self.tokenizer = tokenizer
-        self.texts = TextBuilder(tokenizer)
+        self.texts = TextBuilder(tokenizer, salt=salt)
         self.max_rounds = max_rounds
+        self._template: dict[Api, int] = {}
+
+    def template_tokens(self, api: Api) -> int:
+        """Tokens a prompt of this API has besides its text: the chat template's (system prompt, role markers) or
+        the special tokens a completion gets. Every request of a run shares them, so a token-granular prefix cache
+        may serve the leading part of them whatever the workload (docs/workloads.md "Expected cache share")."""
+        if api not in self._template:
+            one = " the"
+            built = (
+                self.completion([one])
+                if api == "completions"
+                else self.chat([{"role": "user", "content": one}])
+            )
+            self._template[api] = max(0, built.input_tokens - self.texts.count(one))
+        return self._template[api]
 
     def completion(self, segments: Sequence[str]) -> BuiltPrompt:
         prompt = "".join(segments)
@@ -185,12 +210,16 @@ class PromptBuilder:
             return self.chat([*before, {"role": "user", "content": text}])
 
         probe = build(1)
-        k = target - (probe.input_tokens - 1)
+        fixed = probe.input_tokens - 1
+        k = target - fixed
         if k < 1:
             raise ConfigError(
-                f"a prompt of {target} tokens is impossible: the fixed part already takes {probe.input_tokens - 1} "
+                f"a prompt of {target} tokens is impossible: the fixed part already takes {fixed} "
                 f"tokens ({api} template, prefix); raise the length"
             )
+        return replace(self._fit(build, target, k), fixed_tokens=fixed)
+
+    def _fit(self, build: Callable[[int], BuiltPrompt], target: int, k: int) -> BuiltPrompt:
         best = build(k)
         for _ in range(self.max_rounds):
             if best.input_tokens == target:

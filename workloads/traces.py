@@ -10,6 +10,10 @@ Readers for two public traces (both carry lengths and times, never text):
 A trace's times become the schedule: `trace_schedule` returns send times (seconds from the first kept row, divided
 by `speedup`) alongside the requests, for an open-loop replay. Replaying on a small machine needs `speedup`,
 `length_scale`, caps and sampling; they are part of the workload, hence of its fingerprint, and stated in results.
+
+Expected cache share (`cache_expected_tokens`): Azure rows share nothing (the template's tokens only); a Mooncake
+row's leading blocks whose hash ids an earlier kept row had (an engine reuses a prefix, not blocks after a miss),
+plus the template's tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +44,7 @@ __all__ = [
     "read_azure",
     "read_mooncake",
     "read_trace",
+    "requests",
     "select_rows",
     "trace_schedule",
     "trace_times",
@@ -129,7 +134,7 @@ def _scaled(value: int, spec: TraceSpec, cap: int | None) -> int:
 
 
 def trace_schedule(
-    workload: Workload, tokenizer: Tokenizer, n: int | None = None, seed: int | None = None
+    workload: Workload, tokenizer: Tokenizer, n: int | None = None, seed: int | None = None, prompts: str = ""
 ) -> tuple[list[float], list[RequestSpec]]:
     """Send times (seconds from the first request) and the requests, for open-loop replay."""
     spec = workload.params
@@ -143,15 +148,20 @@ def trace_schedule(
         rows = rows[:n]
     if not rows:
         return [], []
-    builder = PromptBuilder(tokenizer)
+    builder = PromptBuilder(tokenizer, salt=prompts)
     block = max(1, round(spec.block_tokens * spec.length_scale))
     t0 = rows[0].time_s
     times, specs = [], []
+    seen: set[int] = set()  # hash ids of the rows before
     for r in rows:
         input_tokens = _scaled(r.input_tokens, spec, spec.max_input_tokens)
         output_tokens = _scaled(r.output_tokens, spec, spec.max_output_tokens)
+        expected = builder.template_tokens(spec.api)
         if spec.format == "mooncake" and r.hash_ids:
             built = _blocks_prompt(builder, spec, seed, r, input_tokens, block)
+            reused = next((k for k, h in enumerate(r.hash_ids) if h not in seen), len(r.hash_ids))
+            expected += min(reused * block, input_tokens)
+            seen.update(r.hash_ids)
         else:
             built = builder.prompt(input_tokens, spec.api, (seed, "trace", r.index))
         times.append((r.time_s - t0) / spec.speedup)
@@ -173,6 +183,7 @@ def trace_schedule(
                         "trace_input_tokens": r.input_tokens,
                         "trace_output_tokens": r.output_tokens,
                         "input_tokens": built.input_tokens,
+                        "cache_expected_tokens": min(expected, built.input_tokens),
                     }
                 ),
             )
@@ -217,9 +228,16 @@ def infer_sessions(rows: Sequence[TraceRow], block_tokens: int = 512) -> list[in
     return sessions
 
 
-def generate(workload: Workload, n: int, seed: int, tokenizer: Tokenizer) -> list[RequestSpec]:
+def generate(
+    workload: Workload, n: int, seed: int, tokenizer: Tokenizer, prompts: str = ""
+) -> list[RequestSpec]:
     """The first `n` kept rows (fewer when the trace has fewer); their send times come from `trace_schedule`."""
-    return trace_schedule(workload, tokenizer, n, seed)[1]
+    return trace_schedule(workload, tokenizer, n, seed, prompts)[1]
+
+
+def requests(workload: Workload, seed: int, tokenizer: Tokenizer, prompts: str = "") -> Iterator[RequestSpec]:
+    """Every kept row, built one by one would rebuild the trace's shared blocks per row: built at once."""
+    return iter(trace_schedule(workload, tokenizer, None, seed, prompts)[1])
 
 
 def trace_times(workload: Workload, seed: int | None = None) -> list[float]:
