@@ -1,11 +1,16 @@
-"""GPU readings through NVML (the `pynvml` module of PyPI `nvidia-ml-py`): memory used/total, utilization, power.
+"""GPU readings through NVML (the `pynvml` module of PyPI `nvidia-ml-py`): memory used/total, utilization, power,
+the energy counter, and the compute processes on each GPU with their memory.
 
 The library is injected: `Nvml.open(lib)` takes any module (or object) with the pynvml functions used here, so tests
 pass a stand-in with scripted readings and no GPU; `lib=None` imports the real `pynvml`. No GPU, no driver or no
 `pynvml` is not an error: `open_nvml` returns the reason instead, for the caller to record once.
 
 Functions used: nvmlInit, nvmlShutdown, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex, nvmlDeviceGetName,
-nvmlDeviceGetMemoryInfo, nvmlDeviceGetUtilizationRates, nvmlDeviceGetPowerUsage, and the NVMLError exception.
+nvmlDeviceGetMemoryInfo, nvmlDeviceGetUtilizationRates, nvmlDeviceGetPowerUsage (milliwatts),
+nvmlDeviceGetTotalEnergyConsumption (millijoules since the driver loaded; Volta and newer),
+nvmlDeviceGetComputeRunningProcesses (objects with `pid` and `usedGpuMemory` in bytes, None where NVML cannot say:
+nvidia-ml-py 13.615 maps NVML_VALUE_NOT_AVAILABLE to None), and the NVMLError exception. The pids NVML gives are the
+host's: inside a container with its own PID namespace they match no local process, which the caller must detect.
 """
 
 from __future__ import annotations
@@ -14,11 +19,19 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GpuReading", "GpuUnavailable", "Nvml", "open_nvml"]
+__all__ = ["GpuProcess", "GpuReading", "GpuUnavailable", "Nvml", "open_nvml"]
 
 
 class GpuUnavailable(Exception):
     """NVML cannot be used here; the message says why (no pynvml, no driver, no GPU)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A compute process on a GPU: its pid (as NVML sees it) and the GPU memory it holds (None: NVML cannot say)."""
+
+    pid: int
+    used_bytes: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +45,12 @@ class GpuReading:
     util_gpu: float | None  # fraction of the last sample period a kernel ran
     util_memory: float | None  # fraction of it the memory was read or written
     power_w: float | None
+    energy_mj: int | None = None  # NVML's energy counter: millijoules since the driver loaded
+    processes: tuple[GpuProcess, ...] | None = None  # None: NVML does not list them on this GPU
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, engine_pids: frozenset[int] | None = None) -> dict[str, Any]:
+        """The line written per GPU. With `engine_pids` each process says whether it belongs to the engine."""
+        out: dict[str, Any] = {
             "index": self.index,
             "name": self.name,
             "memory_used_bytes": self.memory_used_bytes,
@@ -42,7 +58,15 @@ class GpuReading:
             "util_gpu": self.util_gpu,
             "util_memory": self.util_memory,
             "power_w": self.power_w,
+            "energy_mj": self.energy_mj,
         }
+        if self.processes is not None:
+            out["processes"] = [
+                {"pid": p.pid, "used_bytes": p.used_bytes}
+                | ({"engine": p.pid in engine_pids} if engine_pids is not None else {})
+                for p in self.processes
+            ]
+        return out
 
 
 def _text(value: object) -> str:
@@ -97,12 +121,25 @@ class Nvml:
         for i, h in enumerate(self._handles):
             mem = lib.nvmlDeviceGetMemoryInfo(h)
             util_gpu = util_mem = power = None
+            energy: int | None = None
+            procs: tuple[GpuProcess, ...] | None = None
             with contextlib.suppress(lib.NVMLError):
                 rates = lib.nvmlDeviceGetUtilizationRates(h)
                 util_gpu, util_mem = rates.gpu / 100.0, rates.memory / 100.0
             with contextlib.suppress(lib.NVMLError):
                 power = lib.nvmlDeviceGetPowerUsage(h) / 1000.0  # milliwatts
-            out.append(GpuReading(i, self.names[i], int(mem.used), int(mem.total), util_gpu, util_mem, power))
+            with contextlib.suppress(lib.NVMLError, AttributeError):  # AttributeError: a pynvml without it
+                energy = int(lib.nvmlDeviceGetTotalEnergyConsumption(h))
+            with contextlib.suppress(lib.NVMLError, AttributeError):
+                procs = tuple(
+                    GpuProcess(int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
+                    for p in lib.nvmlDeviceGetComputeRunningProcesses(h)
+                )
+            out.append(
+                GpuReading(
+                    i, self.names[i], int(mem.used), int(mem.total), util_gpu, util_mem, power, energy, procs
+                )
+            )
         return out
 
     def close(self) -> None:

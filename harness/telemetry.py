@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import MetricMap
 from adapters.prometheus import Histogram, Value, delta, kind_of, scrape
+from harness import metrics
 from harness.gpu import Nvml, open_nvml
 from harness.reconcile import ReconcilePolicy, Reconciliation, reconcile
 from harness.rundir import SCHEMA_VERSION, TruncatedLineWarning, check_schema
@@ -53,10 +55,15 @@ __all__ = [
     "DEFAULT_INTERVAL_S",
     "TELEMETRY_DIR",
     "EngineTelemetry",
+    "GpuEnergy",
+    "GpuMemoryShare",
     "PointSampler",
     "TelemetrySummary",
     "decode_values",
     "encode_values",
+    "energy_line",
+    "gpu_energy",
+    "gpu_memory_share",
     "point_delta",
     "point_windows",
     "read_telemetry",
@@ -299,6 +306,12 @@ class PointSampler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
+            # one last sample as the point ends: the power integral then spans the whole point, not up to the
+            # last tick (up to interval_s short)
+            try:
+                await self._tick()
+            except Exception as e:
+                self._skip("sampler", f"telemetry sampling failed: {type(e).__name__}: {e}")
             try:
                 await self._settled_end()
             except Exception as e:
@@ -344,14 +357,16 @@ class PointSampler:
         text = await self._fetch() if self._session is not None else None
         c0 = time.thread_time()
         line: dict[str, Any] = {"kind": "sample", **self._tags, "t": self._t()}
+        proc = self._process()
         if self._nvml is not None:
+            # each GPU process is marked as the engine's or not (pids of the tree walked by _process)
+            pids = frozenset(p.pid for p in self._procs) if self.owner._sources.processes else None
             try:
-                line["gpus"] = [g.to_dict() for g in self._nvml.read()]
+                line["gpus"] = [g.to_dict(pids) for g in self._nvml.read()]
             except Exception as e:
                 self._skip("gpu", f"reading the GPUs failed: {e}")
                 self._nvml.close()
                 self._nvml = None
-        proc = self._process()
         if proc is not None:
             line["process"] = proc
         if text is not None and self.owner._sources.metric_map is not None:
@@ -514,8 +529,30 @@ class TelemetrySummary(BaseModel):
     gpu_memory_peak_bytes: int | None = None  # summed over GPUs
     gpu_memory_mean_bytes: float | None = None
     gpu_util_mean: float | None = None  # fraction, mean over GPUs and samples
-    gpu_power_mean_w: float | None = None  # summed over GPUs
-    gpu_power_peak_w: float | None = None
+    gpu_power_mean_w: float | None = (
+        None  # summed over GPUs; time-weighted (energy / window) where integrated
+    )
+    gpu_power_peak_w: float | None = None  # the highest sample, summed over GPUs
+    # energy: NVML power integrated over the point (trapezoid per GPU between consecutive samples), see GpuEnergy
+    gpu_energy_j: float | None = None  # summed over GPUs
+    gpu_energy_by_gpu_j: list[float] = Field(default_factory=list)
+    gpu_energy_window_s: float | None = None  # the time integrated over (first to last sample, repeats added)
+    gpu_power_sample_interval_s: float | None = None  # mean spacing of the power samples actually taken
+    gpu_energy_counter_j: float | None = (
+        None  # NVML's own energy counter over the same window, as a cross-check
+    )
+    energy_per_output_token_j: float | None = None  # gpu_energy_j / output tokens of the successful requests
+    energy_per_request_j: float | None = None  # gpu_energy_j / successful requests
+    energy_output_tokens: int | None = None  # the divisors: successful requests sent in the window, and their
+    energy_requests: int | None = (
+        None  # output tokens (warm-up and cool-down too: the GPU drew power for them)
+    )
+    # GPU memory of the engine's own processes (nvmlDeviceGetComputeRunningProcesses) and of every other process
+    gpu_memory_basis: str | None = None  # "process" (engine told apart) or "device" (totals only; see reason)
+    gpu_memory_basis_reason: str | None = None
+    gpu_memory_engine_peak_bytes: int | None = None
+    gpu_memory_engine_mean_bytes: float | None = None
+    gpu_memory_others_peak_bytes: int | None = None  # other tenants' compute processes, summed over GPUs
     engine_rss_peak_bytes: int | None = None  # summed over the engine's process tree
     engine_rss_mean_bytes: float | None = None
     engine_cpu_mean_cores: float | None = None
@@ -587,6 +624,168 @@ def point_delta(lines: Iterable[Mapping[str, Any]]) -> dict[str, Value] | None:
     return point_windows(lines)[0]
 
 
+@dataclass(frozen=True)
+class GpuEnergy:
+    """NVML power integrated over a point's samples.
+
+    Per GPU, the trapezoid rule between consecutive samples that both carry that GPU's power: Σ (Pᵢ + Pᵢ₊₁)/2 ·
+    (tᵢ₊₁ − tᵢ). Samples of different repeats are separate segments (the gap between repeats is not integrated).
+    `window_s` is the time from first to last sample, segments added; `interval_s` the mean spacing of the samples
+    (the sampler's `interval_s` is the one asked for); `coverage` the smallest share of the window any GPU's
+    readings span (below 1 when a GPU's power was missing at the window's edges). `counter_j` is NVML's energy
+    counter (nvmlDeviceGetTotalEnergyConsumption) over the same samples where every GPU has one.
+    """
+
+    by_gpu_j: tuple[float, ...]
+    window_s: float
+    interval_s: float | None
+    coverage: float
+    peak_w: float | None
+    counter_j: float | None
+    windows: tuple[tuple[float, float], ...]
+
+    @property
+    def total_j(self) -> float:
+        return sum(self.by_gpu_j)
+
+    @property
+    def mean_w(self) -> float | None:
+        return self.total_j / self.window_s if self.window_s > 0 else None
+
+
+def _segments(samples: Iterable[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    by_repeat: dict[Any, list[Mapping[str, Any]]] = {}
+    for s in samples:
+        if s.get("kind", "sample") == "sample" and s.get("gpus"):
+            by_repeat.setdefault(s.get("repeat"), []).append(s)
+    return [sorted(seg, key=lambda s: float(s["t"])) for seg in by_repeat.values()]
+
+
+def gpu_energy(samples: Iterable[Mapping[str, Any]]) -> GpuEnergy | None:
+    """The energy of a point's `sample` lines (see GpuEnergy); None when no GPU reported power in two samples."""
+    segments = [seg for seg in _segments(samples) if len(seg) >= 2]
+    if not segments:
+        return None
+    indexes = sorted({int(g["index"]) for seg in segments for s in seg for g in s["gpus"]})
+    energy = dict.fromkeys(indexes, 0.0)
+    covered = dict.fromkeys(indexes, 0.0)
+    counter: dict[int, float] | None = dict.fromkeys(indexes, 0.0)
+    window = 0.0
+    gaps: list[float] = []
+    peaks: list[float] = []
+    for seg in segments:
+        t = [float(s["t"]) for s in seg]
+        window += t[-1] - t[0]
+        gaps += [b - a for a, b in itertools.pairwise(t)]
+        for s in seg:
+            powers = [g.get("power_w") for g in s["gpus"]]
+            if powers and all(p is not None for p in powers):
+                peaks.append(float(sum(powers)))
+        for i in indexes:
+            readings = [
+                (float(s["t"]), g)
+                for s in seg
+                for g in s["gpus"]
+                if int(g["index"]) == i and g.get("power_w") is not None
+            ]
+            for (t0, g0), (t1, g1) in itertools.pairwise(readings):
+                energy[i] += (float(g0["power_w"]) + float(g1["power_w"])) / 2.0 * (t1 - t0)
+            if len(readings) >= 2:
+                covered[i] += readings[-1][0] - readings[0][0]
+            marks = [g["energy_mj"] for _, g in readings if g.get("energy_mj") is not None]
+            if counter is not None and len(marks) == len(readings) and len(marks) >= 2:
+                counter[i] += (float(marks[-1]) - float(marks[0])) / 1000.0
+            else:
+                counter = None
+    if not any(covered.values()):
+        return None
+    return GpuEnergy(
+        by_gpu_j=tuple(energy[i] for i in indexes),
+        window_s=window,
+        interval_s=sum(gaps) / len(gaps) if gaps else None,
+        coverage=min(covered.values()) / window if window > 0 else 0.0,
+        peak_w=max(peaks) if peaks else None,
+        counter_j=sum(counter.values()) if counter is not None else None,
+        windows=tuple((float(seg[0]["t"]), float(seg[-1]["t"])) for seg in segments),
+    )
+
+
+@dataclass(frozen=True)
+class GpuMemoryShare:
+    """GPU memory of the engine's processes against everyone's, from the per-GPU process lists of the samples."""
+
+    basis: str  # "process" | "device"
+    reason: str | None
+    engine_peak_bytes: int | None
+    engine_mean_bytes: float | None
+    others_peak_bytes: int | None
+
+
+def gpu_memory_share(samples: Iterable[Mapping[str, Any]]) -> GpuMemoryShare | None:
+    """Per-process GPU memory where NVML listed the processes and some are the engine's; else the device totals,
+    with the reason. None when no sample has a GPU."""
+    with_gpus = [s for s in samples if s.get("kind", "sample") == "sample" and s.get("gpus")]
+    if not with_gpus:
+        return None
+
+    def device(reason: str) -> GpuMemoryShare:
+        return GpuMemoryShare("device", reason, None, None, None)
+
+    listed = [s for s in with_gpus if all("processes" in g for g in s["gpus"])]
+    if not listed:
+        return device("NVML does not list the compute processes on these GPUs: device totals only")
+    procs = [p for s in listed for g in s["gpus"] for p in g["processes"]]
+    if not any("engine" in p for p in procs):
+        return device("no local engine process tree (an attached endpoint): device totals only")
+    mine = [p for p in procs if p.get("engine")]
+    if not mine:
+        return device(
+            f"NVML listed {len({p['pid'] for p in procs})} GPU processes, none in the engine's process tree "
+            "(a container's own PID namespace shows other pids than the host's): device totals only"
+        )
+    if any(p.get("used_bytes") is None for p in mine):
+        return device(
+            "NVML cannot tell the engine's processes' GPU memory (not available): device totals only"
+        )
+    engine = [
+        float(sum(p["used_bytes"] for g in s["gpus"] for p in g["processes"] if p.get("engine")))
+        for s in listed
+    ]
+    others = [
+        float(sum(p["used_bytes"] or 0 for g in s["gpus"] for p in g["processes"] if not p.get("engine")))
+        for s in listed
+    ]
+    return GpuMemoryShare("process", None, int(max(engine)), sum(engine) / len(engine), int(max(others)))
+
+
+def _energy_divisors(
+    records: Iterable[RequestRecord], windows: Sequence[tuple[float, float]]
+) -> tuple[int, int]:
+    """(successful requests, their output tokens) among the requests scheduled inside the energy windows."""
+    ok = [r for r in records if r.ok and any(a <= r.scheduled <= b for a, b in windows)]
+    return len(ok), sum(metrics.output_tokens(r).value for r in ok)
+
+
+def energy_line(engine: str, point: str, t: TelemetrySummary | None) -> str | None:
+    """One line for `bench run`'s table footer: energy per token and request, mean and peak power (None: no GPU
+    power was integrated)."""
+    if t is None or t.gpu_energy_j is None:
+        return None
+    per_token = "–" if t.energy_per_output_token_j is None else f"{t.energy_per_output_token_j:.3g} J/token"
+    per_req = "–" if t.energy_per_request_j is None else f"{t.energy_per_request_j:.3g} J/request"
+    mean = "–" if t.gpu_power_mean_w is None else f"{t.gpu_power_mean_w:.0f} W"
+    peak = "–" if t.gpu_power_peak_w is None else f"{t.gpu_power_peak_w:.0f} W"
+    spacing = (
+        ""
+        if t.gpu_power_sample_interval_s is None
+        else f", samples every {t.gpu_power_sample_interval_s:.2f} s"
+    )
+    return (
+        f"{engine} {point} energy: {per_token}, {per_req}; power mean {mean}, peak {peak} "
+        f"({t.gpu_energy_j:.0f} J over {t.gpu_energy_window_s or 0:.1f} s on {t.gpu_count or 0} GPU(s){spacing})"
+    )
+
+
 def summarize_telemetry(
     lines: Iterable[Mapping[str, Any]],
     point: str,
@@ -654,7 +853,14 @@ def summarize_telemetry(
     wall = sum(float(ln.get("wall_s") or 0.0) for ln in sampler)
     # only requests sent between a start and an end scrape are in the engine's deltas (a resumed point's earlier
     # requests are not)
-    recs = [r for r in records if any(a <= r.scheduled <= b for a, b in windows)]
+    all_recs = list(records)
+    recs = [r for r in all_recs if any(a <= r.scheduled <= b for a, b in windows)]
+    energy = gpu_energy(samples)
+    share = gpu_memory_share(samples)
+    n_req = n_tok = None
+    if energy is not None:
+        n_req, n_tok = _energy_divisors(all_recs, energy.windows)
+    power_mean = energy.mean_w if energy is not None and energy.coverage >= 1.0 else _avg(gpu_power)
     return TelemetrySummary(
         samples=len(samples),
         interval_s=sampler[0].get("interval_s") if sampler else None,
@@ -664,8 +870,22 @@ def summarize_telemetry(
         gpu_memory_peak_bytes=int(max(gpu_mem)) if gpu_mem else None,
         gpu_memory_mean_bytes=_avg(gpu_mem),
         gpu_util_mean=_avg(gpu_util),
-        gpu_power_mean_w=_avg(gpu_power),
+        gpu_power_mean_w=power_mean,
         gpu_power_peak_w=_peak(gpu_power),
+        gpu_energy_j=energy.total_j if energy else None,
+        gpu_energy_by_gpu_j=list(energy.by_gpu_j) if energy else [],
+        gpu_energy_window_s=energy.window_s if energy else None,
+        gpu_power_sample_interval_s=energy.interval_s if energy else None,
+        gpu_energy_counter_j=energy.counter_j if energy else None,
+        energy_per_output_token_j=energy.total_j / n_tok if energy and n_tok else None,
+        energy_per_request_j=energy.total_j / n_req if energy and n_req else None,
+        energy_output_tokens=n_tok,
+        energy_requests=n_req,
+        gpu_memory_basis=share.basis if share else None,
+        gpu_memory_basis_reason=share.reason if share else None,
+        gpu_memory_engine_peak_bytes=share.engine_peak_bytes if share else None,
+        gpu_memory_engine_mean_bytes=share.engine_mean_bytes if share else None,
+        gpu_memory_others_peak_bytes=share.others_peak_bytes if share else None,
         engine_rss_peak_bytes=int(max(rss)) if rss else None,
         engine_rss_mean_bytes=_avg(rss),
         engine_cpu_mean_cores=_avg(cpu),

@@ -4,7 +4,10 @@ It implements exactly the pynvml functions `harness.gpu` calls, with pynvml's sh
 `total`/`free`/`used` bytes, utilization rates in percent, power in milliwatts, `NVMLError` with a `value`), and is
 passed to the sampler as its NVML library (dependency injection; the real `pynvml` is never touched).
 Each `nvmlDeviceGetMemoryInfo` call on a device returns the next value of its `memory_used` script (the last one
-repeats), so a test knows the exact peak and mean the sampler must report.
+repeats), so a test knows the exact peak and mean the sampler must report; `power_mw` and `energy_mj` may be scripts
+the same way (each call of their function takes the next value). `processes` lists (pid, bytes) pairs as
+`nvmlDeviceGetComputeRunningProcesses` returns them (bytes None: NVML_VALUE_NOT_AVAILABLE, which nvidia-ml-py turns
+into None); None makes the call raise "Not Supported", as on boards that do not list processes.
 """
 
 from __future__ import annotations
@@ -35,8 +38,14 @@ class FakeGpu:
     memory_used: Sequence[int] = (2**30,)
     util_gpu: int = 50  # percent
     util_memory: int = 20
-    power_mw: int | None = 250_000  # None: not supported (raises NVMLError, as some boards do)
+    power_mw: int | Sequence[int] | None = (
+        250_000  # None: not supported (raises NVMLError, as some boards do)
+    )
+    energy_mj: Sequence[int] | None = None  # the energy counter's script; None: not supported (pre-Volta)
+    processes: Sequence[tuple[int, int | None]] | None = ()
     calls: int = field(default=0, init=False)
+    power_calls: int = field(default=0, init=False)
+    energy_calls: int = field(default=0, init=False)
 
 
 class StandInNvml:
@@ -90,4 +99,22 @@ class StandInNvml:
         self._check()
         if handle.power_mw is None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
-        return handle.power_mw
+        if isinstance(handle.power_mw, int):
+            return handle.power_mw
+        value = handle.power_mw[min(handle.power_calls, len(handle.power_mw) - 1)]
+        handle.power_calls += 1
+        return value
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGpu) -> int:
+        self._check()
+        if handle.energy_mj is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        value = handle.energy_mj[min(handle.energy_calls, len(handle.energy_mj) - 1)]
+        handle.energy_calls += 1
+        return value
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGpu) -> list[SimpleNamespace]:
+        self._check()
+        if handle.processes is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in handle.processes]
