@@ -28,7 +28,7 @@ import yaml
 
 from harness.errors import BenchError, CompareError, ConfigError, SchemaError
 from matrix.capacity import Capacity, Traffic, capacity, parse_slo, replicas_for
-from matrix.cost import PriceTable, cost_of, parse_prices
+from matrix.cost import EnergyPrice, PriceTable, cost_of, energy_cost, energy_price, parse_prices
 from matrix.criteria import CRITERIA, raw_values
 from matrix.inputs import EngineInfo, Point, classify_workload
 from matrix.knowledge import Knowledge, merge_knowledge, parse_knowledge
@@ -65,6 +65,7 @@ class DecideConfig:
     instance: str | None = None
     target: Traffic | None = None
     tie_margin: float = 0.1
+    usd_per_kwh: float | None = None  # prices the GPU energy (else the price table's `energy:` block)
 
 
 def read_data_file(path: Path, what: str) -> Any:
@@ -167,9 +168,10 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 def _memory_peak(point: Mapping[str, Any]) -> float | None:
     """Peak memory of the engine during the point, from its telemetry (docs/telemetry.md): GPU memory where a GPU
-    was sampled, else the RSS of the engine's process tree (the figure that matters for CPU engines)."""
+    was sampled (the engine's own processes where NVML told them apart, else the device's), else the RSS of the
+    engine's process tree (the figure that matters for CPU engines)."""
     telemetry = point.get("telemetry") or {}
-    for key in ("gpu_memory_peak_bytes", "engine_rss_peak_bytes"):
+    for key in ("gpu_memory_engine_peak_bytes", "gpu_memory_peak_bytes", "engine_rss_peak_bytes"):
         value = telemetry.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -250,6 +252,7 @@ def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, An
                     for m in ("ttft", "tpot", "itl", "e2e")
                 },
                 memory_peak_bytes=_memory_peak(p),
+                energy_per_output_token_j=(p.get("telemetry") or {}).get("energy_per_output_token_j"),
                 closed_loop=bool(load.get("closed_loop", load.get("kind") == "concurrency")),
             )
         )
@@ -308,6 +311,32 @@ def _weights(config: DecideConfig, warnings: list[str]) -> tuple[dict[str, float
     return dict(profiles[name].weights), {"name": name, "description": profiles[name].description}
 
 
+def _energy_price(config: DecideConfig) -> EnergyPrice | None:
+    """--usd-per-kwh, else the `energy:` block of the user's price table; None: energy is not priced."""
+    if config.usd_per_kwh is not None:
+        if config.usd_per_kwh < 0:
+            raise ConfigError(f"--usd-per-kwh {config.usd_per_kwh:g}: a price must be ≥ 0 ($ per kWh)")
+        return EnergyPrice(config.usd_per_kwh, "--usd-per-kwh")
+    if config.prices_file is None:
+        return None
+    doc = read_data_file(config.prices_file, "price table")
+    return energy_price(doc.get("energy") if isinstance(doc, Mapping) else None, str(config.prices_file))
+
+
+def _energy_cost(
+    cap: Capacity, pts: Sequence[Point], replicas: int, config: DecideConfig, hours_per_month: float
+) -> dict[str, Any] | None:
+    """The capacity's GPU energy priced at the stated $/kWh, at the energy per token of the point it rests on."""
+    price = _energy_price(config)
+    if price is None:
+        return None
+    at = next((p for p in pts if p.point == cap.at_point and p.energy_per_output_token_j is not None), None)
+    if at is None or at.energy_per_output_token_j is None:
+        return {"note": f"no GPU energy measured at {cap.at_point} (NVML power): not priced"}
+    cost = energy_cost(cap, replicas, at.energy_per_output_token_j, at.point, price, hours_per_month)
+    return dict(_jsonable(cost))
+
+
 def _capacity_rows(
     points: Sequence[Point],
     infos: Mapping[str, Sequence[EngineInfo]],
@@ -336,6 +365,9 @@ def _capacity_rows(
             reps = replicas_for(cap, config.target) if config.target else None
             n = reps.replicas if reps and reps.replicas else 1
             row["cost"] = _jsonable(cost_of(cap, n, inst, prices.hours_per_month))
+            energy = _energy_cost(cap, pts, n, config, prices.hours_per_month)
+            if energy is not None:
+                row["energy_cost"] = energy
             if reps is not None:
                 row["replicas"] = _jsonable(reps)
                 row["extrapolated"] = reps.extrapolated
@@ -428,6 +460,7 @@ def decide(config: DecideConfig) -> dict[str, Any]:
             "runs": runs,
             "knowledge": knowledge.origin,
             "prices": prices.origin,
+            "energy_price": _jsonable(_energy_price(config)),
             "plan": str(config.plan_file) if config.plan_file else None,
             "instance": config.instance,
             "target": _jsonable(config.target) if config.target else None,

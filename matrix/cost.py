@@ -17,6 +17,8 @@ from matrix.capacity import Capacity
 
 __all__ = ["PRICES_SCHEMA_VERSION", "Cost", "Instance", "PriceTable", "cost_of", "parse_prices"]
 
+__all__ += ["EnergyCost", "EnergyPrice", "energy_cost", "energy_price"]
+
 PRICES_SCHEMA_VERSION = 1
 
 
@@ -124,4 +126,69 @@ def cost_of(cap: Capacity, replicas: int, instance: Instance, hours_per_month: f
         usd_per_1m_tokens=_per_million(instance.usd_per_hour, both),
         price_source=instance.source,
         price_date=instance.date,
+    )
+
+
+# -- energy: the GPU's electricity at a stated price ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyPrice:
+    """$/kWh and where it came from (`bench decide --usd-per-kwh`, or a price table's `energy:` block)."""
+
+    usd_per_kwh: float
+    source: str
+    date: str = ""
+
+
+def energy_price(data: Any, origin: str) -> EnergyPrice | None:
+    """A price table's optional `energy: {usd_per_kwh, source, date}` block (None when absent)."""
+    if data is None:
+        return None
+    price = data.get("usd_per_kwh") if isinstance(data, Mapping) else None
+    if not isinstance(price, int | float) or isinstance(price, bool) or price < 0:
+        raise ConfigError(f"price table {origin}: energy.usd_per_kwh must be a number ≥ 0 ($ per kWh)")
+    if not data.get("source"):
+        raise ConfigError(f"price table {origin}: energy needs a `source` (where the $/kWh comes from)")
+    return EnergyPrice(float(price), str(data["source"]), str(data.get("date", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyCost:
+    """The GPU energy of serving, priced: only the GPUs' board power as NVML reports it (not the host's CPUs,
+    memory, fans or the data centre's cooling overhead), at the energy per token measured at `at_point`."""
+
+    j_per_output_token: float
+    at_point: str
+    usd_per_kwh: float
+    kwh_per_1m_output_tokens: float
+    usd_per_1m_output_tokens: float
+    usd_per_month: float | None  # replicas × the capacity's output tokens/s, every hour of the month
+    price_source: str
+    price_date: str
+
+
+def energy_cost(
+    cap: Capacity,
+    replicas: int,
+    j_per_output_token: float,
+    at_point: str,
+    price: EnergyPrice,
+    hours_per_month: float = 730.0,
+) -> EnergyCost:
+    """1 kWh = 3.6 MJ: kWh per 1M tokens = J/token × 1e6 / 3.6e6."""
+    kwh_per_1m = j_per_output_token * 1e6 / 3.6e6
+    per_month = None
+    if cap.output_tokens_per_s:
+        joules = j_per_output_token * cap.output_tokens_per_s * 3600.0 * hours_per_month * replicas
+        per_month = joules / 3.6e6 * price.usd_per_kwh
+    return EnergyCost(
+        j_per_output_token=j_per_output_token,
+        at_point=at_point,
+        usd_per_kwh=price.usd_per_kwh,
+        kwh_per_1m_output_tokens=kwh_per_1m,
+        usd_per_1m_output_tokens=kwh_per_1m * price.usd_per_kwh,
+        usd_per_month=per_month,
+        price_source=price.source,
+        price_date=price.date,
     )

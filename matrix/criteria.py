@@ -68,6 +68,14 @@ CRITERIA: tuple[Criterion, ...] = (
         "peak memory divided by requests in flight, at the engine's most loaded valid point with telemetry",
     ),
     Criterion(
+        "energy_per_token",
+        "measured",
+        "lower",
+        "J/token",
+        "GPU energy per output token (NVML power integrated over the point) at the common load on the general "
+        "workload",
+    ),
+    Criterion(
         "cold_start", "measured", "lower", "s", "launch to ready (manifest engines[].cold_start_s; median)"
     ),
     Criterion(
@@ -235,6 +243,28 @@ def _memory(points: Sequence[Point], engines: Sequence[str]) -> dict[str, RawVal
     return out
 
 
+def _energy(points: Sequence[Point], engines: Sequence[str]) -> dict[str, RawValue]:
+    """J per output token at the highest general-workload load where every engine with energy has a valid point
+    (energy per token falls as batches grow, so engines are compared at one load, as latencies are)."""
+    chosen = [p for p in _valid(points) if p.role == "general" and p.energy_per_output_token_j is not None]
+    common = _common_load(chosen, engines)
+    out: dict[str, RawValue] = {}
+    for engine in engines:
+        mine = [p for p in chosen if p.engine == engine]
+        if not mine:
+            out[engine] = RawValue(None, "no GPU power measured (NVML) at a valid general-workload point")
+            continue
+        if common is not None:
+            at = [p for p in mine if (p.load_kind, p.load_value) == common]
+            how = f"at common load {common[0]}={common[1]:g}"
+        else:
+            at = [min(mine, key=lambda p: p.load_value)]
+            how = f"at its lightest valid point {at[0].point} (no load common to all engines)"
+        values = [p.energy_per_output_token_j for p in at if p.energy_per_output_token_j is not None]
+        out[engine] = RawValue(statistics.median(values), f"GPU J per output token {how}")
+    return out
+
+
 def _error_rate(points: Sequence[Point], engines: Sequence[str]) -> dict[str, RawValue]:
     out: dict[str, RawValue] = {}
     for engine in engines:
@@ -293,6 +323,7 @@ def raw_values(
         "long_context_ttft_p95": _latency_at_common_load(points, {"long_context"}, "ttft", "p95", engines),
         "prefix_reuse_gain": _prefix_gain(points, engines),
         "memory_per_request": _memory(points, engines),
+        "energy_per_token": _energy(points, engines),
         "cold_start": _cold_start(infos, engines),
         "error_rate": _error_rate(points, engines),
     }

@@ -56,6 +56,8 @@ class Point:
     # {"ttft": {"p50": .., "p95": ..}, "tpot": {...}, "itl": {...}, "e2e": {...}}
     latency_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     memory_peak_bytes: float | None = None
+    # GPU energy per output token of the point's successful requests (NVML power integrated; docs/telemetry.md)
+    energy_per_output_token_j: float | None = None
     closed_loop: bool = True
     # TTFT p50 (ms) of the point's measured ok requests grouped by their `role` tag (shared-prefix workload:
     # "reuse" and "control"); empty when the caller did not read the records

@@ -213,3 +213,97 @@ async def test_sampler_reports_the_engines_own_gpu_memory(tmp_path: Path) -> Non
     assert s is not None and s.gpu_memory_basis == "process"
     assert s.gpu_memory_engine_peak_bytes == 700 * MB and s.gpu_memory_others_peak_bytes == 2_000 * MB
     assert s.gpu_memory_peak_bytes == 3_000 * MB  # the device total stays what it was
+
+
+# ------------------------------------------------------------------------------------------------- decision, cost
+
+
+def _summary_point(
+    engine: str, conc: int, j_per_token: float | None, *, engine_gpu_mib: float
+) -> dict[str, Any]:
+    stats = {"count": 50, "mean": 100.0, "p50": 90.0, "p90": 120.0, "p95": 130.0, "p99": 150.0, "max": 160.0}
+    telemetry: dict[str, Any] = {
+        "samples": 20, "gpu_memory_peak_bytes": 70 * 2**30, "gpu_memory_engine_peak_bytes": engine_gpu_mib * MB,
+        "gpu_memory_basis": "process",
+    }  # fmt: skip
+    if j_per_token is not None:
+        telemetry |= {"gpu_energy_j": 1000.0, "energy_per_output_token_j": j_per_token}
+    return {
+        "engine": engine, "point": f"concurrency={conc}", "workload_fingerprint": "sha256:w",
+        "load": {"kind": "concurrency", "value": conc, "closed_loop": True}, "duration_s": 20.0,
+        "requests": {"total": 50, "measured": 50, "ok": 50, "failed": 0, "warmup": 0, "cooldown": 0},
+        "errors": {}, "error_rate": 0.0, "ttft_ms": stats, "itl_ms": stats, "tpot_ms": stats, "e2e_ms": stats,
+        "send_lag_ms": stats, "requests_per_s": 2.0 * conc, "input_tokens_per_s": 100.0 * conc,
+        "output_tokens_per_s": 50.0 * conc, "total_tokens_per_s": 150.0 * conc,
+        "verdict": {"status": "VALID", "reasons": []}, "telemetry": telemetry,
+    }  # fmt: skip
+
+
+def _gpu_run(d: Path, engine: str, points: list[dict[str, Any]]) -> Path:
+    d.mkdir(parents=True)
+    manifest = {
+        "schema_version": 1, "kind": "manifest", "run_id": d.name, "started_at": "2026-12-07T00:00:00+00:00",
+        "clock_anchor": {"wall": 1.0, "perf": 1.0}, "status": "complete", "command": ["bench", "run"],
+        "host": {"hostname": "h", "os": "linux", "python": "3.11", "cpu_model": None, "cores": 16,
+                 "memory_bytes": None, "gpus": [{"name": "NVIDIA H100", "vendor": "nvidia"}]},
+        "engines": [{"name": engine, "adapter": engine, "mode": "launched", "cold_start_s": 5.0}],
+        "workload": {"name": "synthetic", "version": 1, "fingerprint": "sha256:w", "params": {}},
+        "load": {"kind": "concurrency", "values": [1, 4]}, "slo": {},
+    }  # fmt: skip
+    summary = {
+        "schema_version": 1,
+        "kind": "summary",
+        "run_id": d.name,
+        "generated_by": "test",
+        "points": points,
+    }
+    (d / "manifest.json").write_text(orjson.dumps(manifest).decode())
+    (d / "summary.json").write_text(orjson.dumps(summary).decode())
+    return d
+
+
+def test_decide_ranks_energy_per_token_at_the_common_load_and_prices_it(tmp_path: Path) -> None:
+    from harness.decide import DecideConfig, decide
+
+    a = _gpu_run(tmp_path / "a", "vllm", [
+        _summary_point("vllm", 1, 3.0, engine_gpu_mib=800), _summary_point("vllm", 4, 0.9, engine_gpu_mib=1200),
+    ])  # fmt: skip
+    b = _gpu_run(tmp_path / "b", "sglang", [
+        _summary_point("sglang", 1, 2.0, engine_gpu_mib=600), _summary_point("sglang", 4, 1.8, engine_gpu_mib=800),
+        _summary_point("sglang", 8, 0.1, engine_gpu_mib=900),  # no other engine ran c=8: not the common load
+    ])  # fmt: skip
+    c = _gpu_run(tmp_path / "c", "tgi", [_summary_point("tgi", 4, None, engine_gpu_mib=500)])  # no power
+    weights = tmp_path / "w.yaml"
+    weights.write_text("weights: {energy_per_token: 1}\n")
+    d = decide(DecideConfig(run_dirs=(a, b, c), weights_file=weights, usd_per_kwh=0.15))
+    scores = {s["engine"]: s["criteria"] for s in d["scores"]}
+    assert scores["vllm"]["energy_per_token"]["raw"] == pytest.approx(0.9)  # at concurrency=4, common to both
+    assert scores["sglang"]["energy_per_token"]["raw"] == pytest.approx(1.8)
+    assert scores["tgi"]["energy_per_token"]["raw"] is None  # missing, not zero
+    assert d["ranking"][:2] == ["vllm", "sglang"]
+    # the engine's own GPU memory (not the device's 70 GiB) per request in flight: 1200 MiB / 4
+    assert scores["vllm"]["memory_per_request"]["raw"] == pytest.approx(300.0)
+    rows = {r["capacity"]["engine"]: r for r in d["capacity"]}
+    e = rows["vllm"]["energy_cost"]
+    # no SLO: capacity is the heaviest valid point, c=4, 200 output tokens/s at 0.9 J/token
+    assert e["at_point"] == "concurrency=4" and e["j_per_output_token"] == pytest.approx(0.9)
+    assert e["kwh_per_1m_output_tokens"] == pytest.approx(0.9e6 / 3.6e6)  # 0.25 kWh
+    assert e["usd_per_1m_output_tokens"] == pytest.approx(0.25 * 0.15)
+    assert e["usd_per_month"] == pytest.approx(0.9 * 200 * 3600 * 730 / 3.6e6 * 0.15)  # 131.4 kWh → $19.71
+    assert e["price_source"] == "--usd-per-kwh" and d["inputs"]["energy_price"]["usd_per_kwh"] == 0.15
+    assert "not priced" in rows["tgi"]["energy_cost"]["note"]
+
+
+def test_energy_price_from_a_price_table_needs_a_source(tmp_path: Path) -> None:
+    from harness.errors import ConfigError
+    from matrix.cost import energy_price
+
+    assert (
+        energy_price({"usd_per_kwh": 0.12, "source": "my utility bill", "date": "2026-11"}, "p.yaml")
+        is not None
+    )
+    with pytest.raises(ConfigError, match="energy needs a `source`"):
+        energy_price({"usd_per_kwh": 0.12}, "p.yaml")
+    with pytest.raises(ConfigError, match="must be a number"):
+        energy_price({"usd_per_kwh": "cheap", "source": "x"}, "p.yaml")
+    assert energy_price(None, "p.yaml") is None

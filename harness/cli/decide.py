@@ -34,6 +34,10 @@ def decide(
     tie_margin: Annotated[
         float, typer.Option(help="Total-score gap below which engines are near-tied.")
     ] = 0.1,
+    usd_per_kwh: Annotated[
+        float | None,
+        typer.Option(help="Price the GPUs' measured energy at this $ per kWh (adds energy cost)."),
+    ] = None,
 ) -> None:
     """Weighted decision matrix, sensitivity, capacity and cost, and a hybrid deployment plan."""
     from rich.console import Console
@@ -58,6 +62,7 @@ def decide(
         instance=instance,
         target=target,
         tie_margin=tie_margin,
+        usd_per_kwh=usd_per_kwh,
     )
     decision = run_decide(config)
     render(decision, Console(width=200))

@@ -296,6 +296,7 @@ def _execute_and_print(cfg: RunConfig) -> None:
     from harness.breakdown import describe
     from harness.orchestrate import execute
     from harness.summary import render_table
+    from harness.telemetry import energy_line
 
     console = Console(stderr=True, log_path=False)
     result = execute(cfg, lambda msg: console.log(msg, highlight=False, markup=False))
@@ -305,6 +306,9 @@ def _execute_and_print(cfg: RunConfig) -> None:
         for p in result.summary.points:
             for line in describe(p.engine, p.point, p.breakdowns, p.prefix_reuse):
                 out_console.print(line, highlight=False, markup=False)
+        for p in result.summary.points:  # GPU energy where NVML gave power (docs/telemetry.md)
+            if (energy := energy_line(p.engine, p.point, p.telemetry)) is not None:
+                out_console.print(energy, highlight=False, markup=False)
         for p in result.summary.points:
             for r in p.verdict.reasons:
                 out_console.print(
