@@ -260,6 +260,7 @@ def _workloads(
                 "ttft_cdf": Markup(ttft_svg) if ttft_svg else None,
                 "itl_cdf": Markup(itl_svg) if itl_svg else None,
                 "telemetry": _telemetry(tel, skip, colors, salt),
+                "energy": _energy_rows(wruns),
                 "samples": _samples(recs),
             }
         )
@@ -280,6 +281,39 @@ def _workloads(
         for p in points.itertuples()
     ]
     return out, verdicts
+
+
+def _energy_rows(runs: Sequence[api.Run]) -> list[dict[str, Any]]:
+    """Per load point with GPU telemetry: energy per output token and per request, mean and peak power, and the
+    engine's GPU memory apart from other tenants' where NVML told them apart (docs/telemetry.md)."""
+    rows = []
+    for r in runs:
+        for p in r.summary.get("points") or []:
+            t = p.get("telemetry") or {}
+            if t.get("gpu_energy_j") is None and t.get("gpu_memory_peak_bytes") is None:
+                continue
+            engine_mem = t.get("gpu_memory_engine_peak_bytes")
+            rows.append(
+                {
+                    "engine": str(p.get("engine")),
+                    "point": str(p.get("point")),
+                    "j_token": fmt(t.get("energy_per_output_token_j")),
+                    "j_request": fmt(t.get("energy_per_request_j")),
+                    "power_mean": fmt(t.get("gpu_power_mean_w")),
+                    "power_peak": fmt(t.get("gpu_power_peak_w")),
+                    "energy": fmt(t.get("gpu_energy_j")),
+                    "window": fmt(t.get("gpu_energy_window_s")),
+                    "interval": fmt(t.get("gpu_power_sample_interval_s")),
+                    "counter": fmt(t.get("gpu_energy_counter_j")),
+                    "memory": _bytes(
+                        engine_mem if engine_mem is not None else t.get("gpu_memory_peak_bytes")
+                    ),
+                    "memory_basis": "engine's processes" if engine_mem is not None else "device total",
+                    "memory_why": t.get("gpu_memory_basis_reason") or "",
+                    "others": _bytes(t.get("gpu_memory_others_peak_bytes")),
+                }
+            )
+    return rows
 
 
 def _environment(runs: Sequence[api.Run]) -> list[dict[str, Any]]:

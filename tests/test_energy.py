@@ -259,6 +259,10 @@ def _gpu_run(d: Path, engine: str, points: list[dict[str, Any]]) -> Path:
     }
     (d / "manifest.json").write_text(orjson.dumps(manifest).decode())
     (d / "summary.json").write_text(orjson.dumps(summary).decode())
+    recs = [record(f"r{i}", 1.0, 16) for i in range(len(points))]
+    for r, p in zip(recs, points, strict=True):
+        r.engine, r.point = engine, p["point"]
+    (d / "records.jsonl").write_bytes(b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in recs))
     return d
 
 
@@ -307,3 +311,17 @@ def test_energy_price_from_a_price_table_needs_a_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be a number"):
         energy_price({"usd_per_kwh": "cheap", "source": "x"}, "p.yaml")
     assert energy_price(None, "p.yaml") is None
+
+
+def test_the_report_shows_energy_per_point_and_says_when_it_was_not_recorded(tmp_path: Path) -> None:
+    from reports.html import ReportConfig, build_report, render_report
+
+    gpu_run = _gpu_run(tmp_path / "gpu", "vllm", [_summary_point("vllm", 4, 0.9, engine_gpu_mib=1200)])
+    cpu_point = _summary_point("llamacpp", 4, None, engine_gpu_mib=0)
+    cpu_point["telemetry"] = {"samples": 10, "engine_rss_peak_bytes": 2**30}
+    cpu_run = _gpu_run(tmp_path / "cpu", "llamacpp", [cpu_point])
+    html = render_report(build_report(ReportConfig(run_dirs=(gpu_run,))))
+    table = html.split('<table class="energy">', 1)[1].split("</table>", 1)[0]
+    assert "0.9" in table and "1.2 GiB" in table and "engine&#39;s processes" in table
+    html = render_report(build_report(ReportConfig(run_dirs=(cpu_run,))))
+    assert "energy-not-recorded" in html and '<table class="energy">' not in html
