@@ -18,6 +18,7 @@ is the throughput of the best unsaturated point and of the first saturated one.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +35,7 @@ from harness.calibration import (
     serve_in_process,
 )
 from harness.client import Codec, Connection, Target
-from harness.loopwatch import cpu_wait_s
+from harness.loopwatch import cpu_wait_s, machine_cpu_s
 from harness.records import RequestRecord
 from workloads.spec import RequestSpec
 
@@ -126,6 +127,9 @@ class PointCalibration:
     reasons: tuple[str, ...] = ()
     # the server's own delay reading a request after the kernel had it (part of its first-chunk lag, so subtracted)
     server_intake: ErrorStats = field(default_factory=ErrorStats)
+    # share of the machine's CPUs that neither the client nor the server used but something else did (other
+    # processes, or the hypervisor's other guests): a busy machine, not the harness, then made the tail
+    others_cpu: float | None = None
 
 
 @dataclass(frozen=True)
@@ -314,9 +318,9 @@ async def _calibrate_at(
     for conc in cfg.concurrency:
         await asyncio.to_thread(reset_stats, url)
         before = await asyncio.to_thread(fetch_stats, url)
-        wait0 = cpu_wait_s()
+        wait0, machine0, own0 = cpu_wait_s(), machine_cpu_s(), time.process_time()
         records, outcome, wall = await _run_one_point(url, cfg, codec, conc, run_start)
-        wait1 = cpu_wait_s()
+        wait1, machine1, own1 = cpu_wait_s(), machine_cpu_s(), time.process_time()
         stats = await asyncio.to_thread(fetch_stats, url, True)
         cpu = _delta(before.get("cpu_s"), stats.get("cpu_s"))
         server_wait = _delta(before.get("cpu_wait_s"), stats.get("cpu_wait_s"))
@@ -325,6 +329,9 @@ async def _calibrate_at(
             None if server_wait is None else server_wait / wall,
         )
         pc = _point(cfg, conc, records, outcome, stats, cpu, waits, run_start)
+        if machine0 is not None and machine1 is not None and cpu is not None:
+            others = (machine1 - machine0) - (own1 - own0) - cpu
+            pc = replace(pc, others_cpu=max(0.0, others) / (wall * (os.cpu_count() or 1)))
         progress(pc)
         points.append(pc)
     return points

@@ -16,10 +16,11 @@ cores, a neighbour). High, it says why the loop was held up: the machine, not th
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from bisect import bisect_left, bisect_right
 
-__all__ = ["INTERVAL_S", "LoopWatch", "cpu_wait_s"]
+__all__ = ["INTERVAL_S", "LoopWatch", "cpu_wait_s", "machine_cpu_s"]
 
 INTERVAL_S = 0.005  # 200 callbacks/s: a few µs each, well under 0.1 % of a core
 _FLOOR_S = 0.001  # lateness below this is the loop's timer resolution (uvloop ticks in whole ms); not kept
@@ -34,6 +35,23 @@ def cpu_wait_s(thread: bool = False) -> float | None:
             return int(f.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return None
+
+
+def machine_cpu_s() -> float | None:
+    """CPU-seconds the whole machine has spent busy, all CPUs together, including time the hypervisor gave to other
+    guests (steal: on a shared VM, the neighbours); None where /proc/stat cannot be read. Minus what the processes
+    under test used over a span, it is what everything else on the machine took from them."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait
+    values = [int(v) for v in fields[1:9]]
+    return (sum(values) - values[3] - values[4]) / tick
 
 
 class LoopWatch:

