@@ -345,9 +345,31 @@ async def _describe(
     return model, version
 
 
-async def _wait_ready(proc: EngineProcess, url: str, timeout: float, started: float) -> float:
-    """Poll the health URL until HTTP 200; fail fast if the process exits. Returns seconds since `started`."""
+WaitObserver = Callable[[float, str], None]  # (seconds waited so far, the engine log's latest line)
+_WAIT_REPORT_S = 1.0
+
+
+def last_log_line(path: Path, window: int = 4096) -> str:
+    """The last non-empty line of a log file (its final `window` bytes read), "" when there is none."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - window))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+async def _wait_ready(
+    proc: EngineProcess, url: str, timeout: float, started: float, on_wait: WaitObserver | None = None
+) -> float:
+    """Poll the health URL until HTTP 200; fail fast if the process exits. Returns seconds since `started`.
+    `on_wait` hears, about once a second, how long the wait has lasted and the engine log's latest line."""
     last = "no answer yet"
+    reported = started
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         while True:
             proc.tree()  # remember descendants while the tree is intact (orphans leave the tree)
@@ -371,7 +393,11 @@ async def _wait_ready(proc: EngineProcess, url: str, timeout: float, started: fl
                     last = f"HTTP {r.status}"
             except (aiohttp.ClientError, TimeoutError) as e:
                 last = type(e).__name__
-            if time.perf_counter() - started > timeout:
+            now = time.perf_counter()
+            if on_wait is not None and now - reported >= _WAIT_REPORT_S:
+                reported = now
+                on_wait(now - started, last_log_line(proc.log_path))
+            if now - started > timeout:
                 raise EngineError(
                     f"{proc.name} was not ready after {timeout:.0f} s (GET {url}: {last}); raise the ready timeout "
                     f"or read {proc.log_path}; its last lines:\n{proc.log_tail()}"
@@ -390,6 +416,7 @@ async def launched(
     container: bool = False,
     runtime: str = "docker",
     nice: int = 0,
+    on_wait: WaitObserver | None = None,
 ) -> AsyncIterator[Endpoint]:
     """Start the engine (port 0 in `cfg` picks a free one), wait until ready, yield it, stop it on the way out.
 
@@ -423,7 +450,9 @@ async def launched(
         started = time.perf_counter()
         proc.start()
         try:
-            cold_start = await _wait_ready(proc, base_url + adapter.info.health_path, ready_timeout, started)
+            cold_start = await _wait_ready(
+                proc, base_url + adapter.info.health_path, ready_timeout, started, on_wait
+            )
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
                 model, version = await _describe(session, adapter, base_url, name)
             if not proc.alive():  # what answered was not our engine

@@ -28,7 +28,16 @@ import yaml
 
 from harness.errors import BenchError, CompareError, ConfigError, SchemaError
 from matrix.capacity import Capacity, Traffic, capacity, parse_slo, replicas_for
-from matrix.cost import EnergyPrice, PriceTable, cost_of, energy_cost, energy_price, parse_prices
+from matrix.cost import (
+    EnergyPrice,
+    HostShape,
+    PriceTable,
+    choose_instance,
+    cost_of,
+    energy_cost,
+    energy_price,
+    parse_prices,
+)
 from matrix.criteria import CRITERIA, raw_values
 from matrix.inputs import EngineInfo, Point, classify_workload
 from matrix.knowledge import Knowledge, merge_knowledge, parse_knowledge
@@ -42,11 +51,14 @@ __all__ = [
     "DecideConfig",
     "builtin_knowledge",
     "decide",
+    "decision_reasons",
+    "host_notes",
     "join_knowledge",
     "load_knowledge",
     "load_run",
     "read_data_file",
     "render",
+    "render_brief",
     "write_json",
 ]
 
@@ -281,8 +293,93 @@ def load_run(run_dir: Path) -> tuple[list[Point], list[EngineInfo], dict[str, An
         "platform": platform,
         "slo": slo,
         "status": manifest.get("status"),
+        "host": _host_facts(manifest),
+        "engine_facts": _engine_facts(manifest),
     }
     return points, engines, slo, description
+
+
+def _host_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What of the host a result depends on: architecture, cores, CPU model and instruction-set features, GPUs."""
+    host = manifest.get("host") or {}
+    gpus = host.get("gpus") or manifest.get("gpus") or []
+    return {
+        "machine": host.get("machine"),
+        "cores": host.get("cores"),
+        "cpu_model": host.get("cpu_model"),
+        "cpu_features": list(host.get("cpu_features") or [])
+        if host.get("cpu_features") is not None
+        else None,
+        "gpus": [str(g.get("name", g)) if isinstance(g, Mapping) else str(g) for g in gpus if g],
+    }
+
+
+def _engine_facts(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per engine of the run: the dtype it was launched with and why, and the log lines known to cost speed."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in manifest.get("engines") or []:
+        if not isinstance(e, Mapping) or not e.get("name"):
+            continue
+        out[str(e["name"])] = {
+            "dtype_choice": e.get("dtype_choice"),
+            "log_warnings": list(e.get("log_warnings") or []),
+        }
+    return out
+
+
+# instruction-set features whose absence makes CPU engines slower (adapters.hostcpu: oneDNN's bf16 kernels)
+_FAST_CPU_FEATURES = ("avx512f", "avx512_bf16", "amx_bf16")
+
+
+def host_notes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """ "This result depends on ..." sentences from the runs' host and engine facts (decision `notes`)."""
+    notes: list[str] = []
+    for run in runs:
+        host = run.get("host") or {}
+        where = f"{run.get('workload')} run {run.get('run_id')}" if len(runs) > 1 else "this run"
+        cpu = " ".join(
+            str(x)
+            for x in (
+                host.get("cpu_model"),
+                f"({host['cores']} cores, {host.get('machine') or 'architecture unknown'})"
+                if host.get("cores")
+                else None,
+            )
+            if x
+        )
+        features = host.get("cpu_features")
+        gpus = host.get("gpus") or []
+        if run.get("platform") == "cpu" or not gpus:
+            if features is not None:
+                missing = [f for f in _FAST_CPU_FEATURES if f not in features]
+                text = (
+                    f"this result depends on the host CPU: {where} ran on {cpu or 'an unrecorded CPU'} with "
+                )
+                text += ", ".join(features) if features else "no recorded vector extensions"
+                if missing:
+                    text += (
+                        f" and without {', '.join(missing)}; CPU engines use different kernels on CPUs that have "
+                        "them, so the ranking may differ there"
+                    )
+                notes.append(text)
+            elif cpu:
+                notes.append(
+                    f"this result depends on the host CPU: {where} ran on {cpu} (its instruction-set features "
+                    "were not recorded)"
+                )
+        if gpus:
+            notes.append(f"this result depends on the GPU: {where} ran on {', '.join(gpus)}")
+        for engine, facts in sorted((run.get("engine_facts") or {}).items()):
+            dtype = facts.get("dtype_choice") or {}
+            if isinstance(dtype, Mapping) and dtype.get("dtype"):
+                notes.append(
+                    f"{engine} ran in {dtype['dtype']}"
+                    + (f" ({dtype['reason']})" if dtype.get("reason") else "")
+                )
+            for w in facts.get("log_warnings") or []:
+                count = f" ({w.get('count')} times)" if (w.get("count") or 1) > 1 else ""
+                notes.append(f"{engine} logged {w.get('line')!r}{count}: {w.get('cost')}")
+    return notes
 
 
 def _jsonable(obj: Any) -> Any:
@@ -343,6 +440,7 @@ def _capacity_rows(
     slos: Mapping[str, Mapping[str, float]],
     prices: PriceTable,
     config: DecideConfig,
+    hosts: Mapping[str, HostShape] | None = None,
 ) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[Point]] = defaultdict(list)
     for p in points:
@@ -361,10 +459,13 @@ def _capacity_rows(
             row["note"] = "no SLO in this run: capacity is the heaviest valid point"
         if cap.requests_per_s:
             platform = infos[engine][0].platform if infos.get(engine) else "cpu"
-            inst = prices.for_platform(platform, config.instance)
+            peaks = [p.memory_peak_bytes for p in pts if p.valid and p.memory_peak_bytes is not None]
+            choice = choose_instance(
+                prices, platform, (hosts or {}).get(engine), max(peaks) if peaks else None, config.instance
+            )
             reps = replicas_for(cap, config.target) if config.target else None
             n = reps.replicas if reps and reps.replicas else 1
-            row["cost"] = _jsonable(cost_of(cap, n, inst, prices.hours_per_month))
+            row["cost"] = _jsonable(cost_of(cap, n, choice.instance, prices.hours_per_month, choice.why))
             energy = _energy_cost(cap, pts, n, config, prices.hours_per_month)
             if energy is not None:
                 row["energy_cost"] = energy
@@ -405,6 +506,7 @@ def decide(config: DecideConfig) -> dict[str, Any]:
     infos: dict[str, list[EngineInfo]] = defaultdict(list)
     slos: dict[str, dict[str, float]] = {}
     runs: list[dict[str, Any]] = []
+    hosts: dict[str, HostShape] = {}
     fingerprints: dict[str, tuple[str, str]] = {}
     for run_dir in config.run_dirs:
         pts, engines, slo, desc = load_run(Path(run_dir))
@@ -421,6 +523,14 @@ def decide(config: DecideConfig) -> dict[str, Any]:
             infos[e.name].append(e)
         if slo:
             slos.setdefault(desc["workload"], parse_slo(slo, f"SLO of {run_dir}"))
+        host = desc["host"]
+        for engine in desc["engines"]:
+            hosts.setdefault(
+                engine,
+                HostShape(
+                    str(host.get("machine") or ""), host.get("cores"), str(host.get("cpu_model") or "")
+                ),
+            )
         runs.append(desc)
     for engine in sorted({p.engine for p in points}):
         bad = [p for p in points if p.engine == engine and not p.valid]
@@ -447,7 +557,11 @@ def decide(config: DecideConfig) -> dict[str, Any]:
                 f"{r.engine}: upstream status is {facts.status}" + (f" ({eco.why})" if eco else "")
             )
     sens = sensitivity(ranking, weights, config.tie_margin)
-    plan = make_plan(use_cases, points, infos, knowledge, prices, config.instance) if use_cases else None
+    plan_instance = config.instance
+    if plan_instance is None and use_cases and all(r["platform"] == "cpu" for r in runs) and hosts:
+        # the plan prices CPU engines on the instance that matches the host, as the capacity rows do
+        plan_instance = choose_instance(prices, "cpu", next(iter(hosts.values()))).instance.name
+    plan = make_plan(use_cases, points, infos, knowledge, prices, plan_instance) if use_cases else None
     if plan is not None:
         for a in plan.assignments:
             if a.status == "unservable":
@@ -487,6 +601,7 @@ def decide(config: DecideConfig) -> dict[str, Any]:
         "prices": {n: _jsonable(i) for n, i in prices.instances.items()},
         "plan": _jsonable(plan) if plan is not None else None,
         "warnings": warnings,
+        "notes": host_notes(runs),
     }
     if config.json_out is not None:
         write_json(decision, config.json_out)
@@ -513,6 +628,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def render(decision: Mapping[str, Any], console: Any) -> None:
     """Rich tables: scores, sensitivity, capacity and cost, plan, warnings."""
+    from rich.markup import escape
     from rich.table import Table
 
     profile = decision["profile"].get("name") or decision["profile"].get("weights_file")
@@ -558,7 +674,9 @@ def render(decision: Mapping[str, Any], console: Any) -> None:
                 f"[yellow]near tie:[/] {engine} is {gap:.3f} behind {sens['winner']} (margin {sens['margin']})"
             )
     ct = Table(title="Capacity under the run's SLO (one replica) and cost")
-    for col in ("engine", "workload", "sustained", "req/s", "how", "replicas", "$/month", "$/1M out tok"):
+    for col in (
+        "engine", "workload", "sustained", "req/s", "how", "replicas", "instance", "$/month", "$/1M out tok",
+    ):  # fmt: skip
         ct.add_column(col)
     for row in decision["capacity"]:
         cap, cost, reps = row["capacity"], row["cost"], row["replicas"]
@@ -572,6 +690,7 @@ def render(decision: Mapping[str, Any], console: Any) -> None:
             _fmt(cap["requests_per_s"]),
             how,
             _fmt(reps and reps["replicas"]) + (" (extrapolated)" if row["extrapolated"] else ""),
+            _fmt(cost and cost["instance"]),
             _fmt(cost and cost["usd_per_month"], 4),
             _fmt(cost and cost["usd_per_1m_output_tokens"]),
         )
@@ -599,5 +718,123 @@ def render(decision: Mapping[str, Any], console: Any) -> None:
         console.print(plan["note"])
     for w in decision["warnings"]:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for note in decision.get("notes") or []:
+        console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
     if decision["winner"]:
         console.print(f"[bold]winner:[/] {decision['winner']}")
+
+
+def decision_reasons(decision: Mapping[str, Any], limit: int = 3) -> list[dict[str, Any]]:
+    """The criteria that decided the ranking: where the winner's weighted score leads the runner-up's the most
+    (with both raw values); with one engine ranked, its heaviest-weighted scored criteria."""
+    ranked = [s for s in decision.get("scores") or [] if s.get("total") is not None]
+    if not ranked:
+        return []
+    weights = decision.get("weights") or {}
+    top = ranked[0]
+    second = ranked[1] if len(ranked) > 1 else None
+    units = {c["name"]: c.get("unit", "") for c in decision.get("criteria") or []}
+    rows = []
+    for name, cell in (top.get("criteria") or {}).items():
+        w = float(weights.get(name, 0.0) or 0.0)
+        if w <= 0 or cell.get("score") is None:
+            continue
+        other = (second.get("criteria") or {}).get(name) if second else None
+        if second is not None and (other is None or other.get("score") is None):
+            continue
+        lead = w * (cell["score"] - (other["score"] if other else 0))
+        rows.append(
+            {
+                "criterion": name,
+                "weight": w,
+                "unit": units.get(name) or cell.get("unit") or "",
+                "winner": top["engine"],
+                "winner_raw": cell.get("raw"),
+                "winner_score": cell["score"],
+                "other": second["engine"] if second else None,
+                "other_raw": other.get("raw") if other else None,
+                "other_score": other.get("score") if other else None,
+                "lead": lead,
+            }
+        )
+    rows.sort(key=lambda r: -r["lead"])
+    if second is not None:
+        rows = [r for r in rows if r["lead"] > 0] or rows
+    return rows[:limit]
+
+
+def _raw(value: Any, unit: str) -> str:
+    if value is None:
+        return "—"
+    text = _fmt(float(value), 3) if isinstance(value, int | float) else str(value)
+    return f"{text} {unit}".strip() if unit and unit not in ("score", "1-5") else text
+
+
+def render_brief(decision: Mapping[str, Any], console: Any, report: Path | None = None) -> None:
+    """The answer in a few lines: the recommendation and the criteria that decided it (with numbers), capacity and
+    cost per engine with the instance that prices it, what the result depends on, and where the report is."""
+    from rich.markup import escape
+
+    profile = decision["profile"].get("name") or decision["profile"].get("weights_file")
+    winner = decision.get("winner")
+    scores = {s["engine"]: s.get("total") for s in decision.get("scores") or []}
+    console.rule("[bold]Recommendation", style="dim")
+    if winner:
+        ranked = [e for e in decision.get("ranking") or [] if scores.get(e) is not None]
+        others = ", ".join(f"{escape(e)} {scores[e]:.2f}" for e in ranked if e != winner)
+        console.print(
+            f"[bold green]Run {escape(winner)}[/] for this workload on this machine "
+            f"(weighted score {scores[winner]:.2f} of 5, profile {escape(str(profile))}"
+            + (f"; {others}" if others else "")
+            + ").",
+            highlight=False,
+        )
+        reasons = decision_reasons(decision)
+        if reasons:
+            console.print("Why:", highlight=False)
+        for r in reasons:
+            line = f"  • {r['criterion']} (weight {r['weight']:.2f}): {escape(r['winner'])} {_raw(r['winner_raw'], r['unit'])}"
+            if r["other"]:
+                line += f" vs {escape(r['other'])} {_raw(r['other_raw'], r['unit'])}"
+            line += f" — score {r['winner_score']}" + (f" vs {r['other_score']}" if r["other"] else "")
+            console.print(line, highlight=False)
+        for engine, gap in (decision.get("sensitivity") or {}).get("near_ties") or []:
+            console.print(
+                f"  [yellow]near tie:[/] {escape(engine)} is only {gap:.2f} behind: the choice is close",
+                highlight=False,
+            )
+    else:
+        console.print(
+            "[red]No recommendation:[/] no engine has a VALID measurement to rank (see the warnings below).",
+            highlight=False,
+        )
+    if decision.get("capacity"):
+        console.print("Capacity of one replica under the run's SLO, and its cost:", highlight=False)
+    for row in decision.get("capacity") or []:
+        cap, cost = row["capacity"], row.get("cost")
+        sustained = (
+            f"{cap['load_kind']}={_fmt(cap['sustained_load'])}"
+            if cap.get("sustained_load") is not None
+            else None
+        )
+        line = f"  {escape(str(cap['engine']))}: "
+        if sustained is None:
+            line += "no load point within the SLO"
+        else:
+            line += f"{_fmt(cap.get('requests_per_s'))} req/s, {_fmt(cap.get('output_tokens_per_s'))} output tok/s"
+            line += f" at {sustained}" + (" (lower bound)" if cap.get("lower_bound") else "")
+        if cost:
+            line += (
+                f"; on {escape(str(cost['instance']))} (${cost['usd_per_hour']:.4g}/h): "
+                f"${_fmt(cost['usd_per_month'], 4)}/month, "
+                f"${_fmt(cost.get('usd_per_1m_output_tokens'))} per 1M output tokens"
+            )
+        console.print(line, highlight=False)
+        if cost and cost.get("why"):
+            console.print(f"    [dim]instance: {escape(cost['why'])}[/]", highlight=False)
+    for w in decision.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    for note in decision.get("notes") or []:
+        console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
+    if report is not None:
+        console.print(f"decision report: {report}", highlight=False, soft_wrap=True)

@@ -21,12 +21,14 @@ from typing import Any, Literal
 
 from adapters import registry
 from adapters.base import Adapter, EngineConfig
+from adapters.logwarnings import scan_log_file
 from adapters.process import Endpoint, attached, launched
 from harness import loop as event_loop
 from harness.client import Connection, Target
 from harness.distributed import DistributedConfig, distributed_runner
 from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable, SchemaError
 from harness.limits import ensure_open_files
+from harness.progress import EngineWaiting, PointProgress, ProgressEvent
 from harness.quality import ask_quality_prompts, variant_choices
 from harness.records import RequestRecord
 from harness.rundir import ClockAnchor, Manifest, RunDir
@@ -50,7 +52,8 @@ __all__ = [
     "resume_config",
 ]
 
-Progress = Callable[[str], None]
+# plain message lines, and live progress as data (harness.progress: a point's requests, an engine's wait to be ready)
+Progress = Callable[[ProgressEvent], None]
 EXIT_OK, EXIT_ENGINE_FAILED, EXIT_NOTHING_RAN = 0, 3, 4
 # a point stopped because its error budget was spent, or not one of its measured requests succeeded: the numbers
 # are not a measurement of the engine, and a script must not take them for one (PITFALLS 8: exit 0 in a 500 storm)
@@ -290,6 +293,7 @@ async def _engine(
         cfg.ready_timeout_s,
         name=choice.name,
         nice=cfg.engine_nice,
+        on_wait=lambda waited, line: progress(EngineWaiting(choice.name, waited, cfg.ready_timeout_s, line)),
     ) as ep:
         yield adapter, ep, extra
 
@@ -360,7 +364,21 @@ async def _run_engine(
     except (EngineError, EndpointError, ConfigError) as e:
         outcome.status, outcome.reason = "failed", str(e)
         run.append_event({"kind": "engine_failed", "engine": choice.name, "reason": str(e)})
+    if choice.url is None:
+        _record_log_warnings(run, choice, progress)
     return outcome
+
+
+def _record_log_warnings(run: RunDir, choice: EngineChoice, progress: Progress) -> None:
+    """The engine log's lines known to cost speed (adapters.logwarnings), into its manifest entry once it stopped."""
+    found = scan_log_file(run.path / "engines" / f"{choice.name}.log", choice.adapter)
+    manifest = run.load_manifest()
+    if not found or not any(e.get("name") == choice.name for e in manifest.engines):
+        return
+    for w in found:
+        progress(f"{choice.name}: its log says {w['line']!r}: {w['cost']}")
+    engines = [{**e, "log_warnings": found} if e.get("name") == choice.name else e for e in manifest.engines]
+    run.write_manifest(manifest.model_copy(update={"engines": engines}))
 
 
 async def _run_point(
@@ -395,6 +413,7 @@ async def _run_point(
         }
     )
     done = 0
+    tally = {"ok": 0, "failed": 0, "cancelled": 0}
     key = (target.engine, point.id, str(repeat))
     skip, stop = _resume_filter(cfg, key)
     prior_turns = (cfg.prior.replies.get(key), cfg.prior.failed.get(key)) if cfg.prior else (None, None)
@@ -415,10 +434,23 @@ async def _run_point(
             rec.tags["segment"] = str(cfg.prior.segment)
         run.append_record(rec)
         done += 1
-        if done % 10 == 0:
-            progress(f"{target.engine} {point.id}: {done} requests finished")
+        tally["ok" if rec.ok else "cancelled" if rec.status == "cancelled" else "failed"] += 1
+        progress(point_progress())
+
+    def point_progress(finished: bool = False) -> PointProgress:
+        return PointProgress(
+            target.engine,
+            point.id,
+            done,
+            wanted if stop.duration_s is None else None,
+            time.perf_counter() - started,
+            stop.duration_s,
+            finished=finished,
+            **tally,
+        )
 
     progress(f"{target.engine} {point.id}: running")
+    started = time.perf_counter()
     sampler = await telemetry.start_point(point.id, repeat if rep else None) if telemetry else None
     watch = asyncio.get_running_loop().create_task(_watch_engine(ep))
     abort = asyncio.Event()
@@ -467,6 +499,7 @@ async def _run_point(
             **rep,
         }
     )
+    progress(point_progress(finished=True))
     progress(f"{target.engine} {point.id}: done, {done} requests ({outcome.stop_reason})")
     return outcome
 

@@ -15,7 +15,18 @@ from typing import Any
 from harness.errors import ConfigError, SchemaError
 from matrix.capacity import Capacity
 
-__all__ = ["PRICES_SCHEMA_VERSION", "Cost", "Instance", "PriceTable", "cost_of", "parse_prices"]
+__all__ = [
+    "PRICES_SCHEMA_VERSION",
+    "Cost",
+    "HostShape",
+    "Instance",
+    "InstanceChoice",
+    "PriceTable",
+    "choose_instance",
+    "cost_of",
+    "normalize_arch",
+    "parse_prices",
+]
 
 __all__ += ["EnergyCost", "EnergyPrice", "energy_cost", "energy_price"]
 
@@ -33,6 +44,10 @@ class Instance:
     accelerators: int = 0
     pricing: str = "on-demand"
     note: str = ""
+    arch: str = ""  # "x86_64" | "arm64" (normalize_arch); "" = not stated
+    vcpus: int = 0  # 0 = not stated
+    memory_gib: float = 0.0
+    cpu_vendor: str = ""  # "amd" | "intel" | "aws" ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +100,92 @@ def parse_prices(data: Any, origin: str = "builtin") -> PriceTable:
             accelerators=int(entry.get("accelerators", 0) or 0),
             pricing=str(entry.get("pricing", "on-demand")),
             note=str(entry.get("note", "")),
+            arch=normalize_arch(str(entry.get("arch", ""))),
+            vcpus=_count(entry.get("vcpus"), f"price table {origin}: instance {name} vcpus"),
+            memory_gib=float(
+                _count(entry.get("memory_gib"), f"price table {origin}: instance {name} memory_gib")
+            ),
+            cpu_vendor=str(entry.get("cpu_vendor", "")).lower(),
         )
     defaults = {str(k).lower(): str(v) for k, v in (data.get("defaults") or {}).items()}
     for platform, name in defaults.items():
         if name not in instances:
             raise ConfigError(f"price table {origin}: default for {platform} names unknown instance {name!r}")
     return PriceTable(instances, defaults, float(data.get("hours_per_month", 730.0)), origin)
+
+
+def _count(value: Any, what: str) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{what} must be a number ≥ 0")
+    return int(value)
+
+
+_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "x64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def normalize_arch(machine: str) -> str:
+    """`platform.machine()` spellings onto one: x86_64 or arm64 ("" stays "", others are kept lower-case)."""
+    m = machine.strip().lower()
+    return _ARCH.get(m, m)
+
+
+@dataclass(frozen=True, slots=True)
+class HostShape:
+    """What of the measuring host sets the instance that prices it (from the manifest's `host` block)."""
+
+    machine: str = ""  # platform.machine()
+    cores: int | None = None  # logical CPUs, as vCPUs count them
+    cpu_model: str = ""
+
+    @property
+    def vendor(self) -> str:
+        model = self.cpu_model.lower()
+        return next((v for v in ("amd", "intel") if v in model), "")
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceChoice:
+    instance: Instance
+    why: str  # e.g. "x86_64 like the host, 2 vCPUs for its 2 cores, 8 GiB for a 5.1 GiB peak"
+
+
+def choose_instance(
+    prices: PriceTable,
+    platform: str,
+    host: HostShape | None,
+    memory_peak_bytes: float | None = None,
+    override: str | None = None,
+) -> InstanceChoice:
+    """The instance that prices a capacity measured on `host` (see the module docstring)."""
+    if override:
+        return InstanceChoice(prices.for_platform(platform, override), "chosen with --instance")
+    arch = normalize_arch(host.machine) if host else ""
+    if platform != "cpu" or not arch:
+        return InstanceChoice(prices.for_platform(platform), f"the price table's default for {platform}")
+    need_gib = (memory_peak_bytes or 0.0) / 2**30
+    cores = (host.cores if host else None) or 1
+    fits = [
+        i
+        for i in prices.instances.values()
+        if i.platform == "cpu" and i.arch == arch and i.vcpus >= cores and i.memory_gib >= need_gib
+    ]
+    if not fits:
+        default = prices.for_platform(platform)
+        return InstanceChoice(
+            default,
+            f"no {arch} instance in {prices.origin} with ≥ {cores} vCPUs and ≥ {need_gib:.1f} GiB: the table's "
+            f"default ({default.arch or 'architecture not stated'}); pass --instance or add one",
+        )
+    vendor = host.vendor if host else ""
+    best = min(fits, key=lambda i: (i.vcpus, bool(vendor) and i.cpu_vendor != vendor, i.usd_per_hour))
+    why = f"{arch} like the host, {best.vcpus} vCPUs for its {cores} cores"
+    if need_gib:
+        why += f", {best.memory_gib:g} GiB for a {need_gib:.1f} GiB memory peak"
+    if vendor and best.cpu_vendor == vendor:
+        why += f", {vendor.upper() if vendor == 'amd' else vendor.title()} like the host"
+    return InstanceChoice(best, why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +199,7 @@ class Cost:
     usd_per_1m_tokens: float | None
     price_source: str
     price_date: str
+    why: str = ""  # why this instance (InstanceChoice.why)
 
 
 def _per_million(usd_per_hour: float, tokens_per_s: float | None) -> float | None:
@@ -112,7 +208,9 @@ def _per_million(usd_per_hour: float, tokens_per_s: float | None) -> float | Non
     return usd_per_hour / (tokens_per_s * 3600.0) * 1e6
 
 
-def cost_of(cap: Capacity, replicas: int, instance: Instance, hours_per_month: float = 730.0) -> Cost:
+def cost_of(
+    cap: Capacity, replicas: int, instance: Instance, hours_per_month: float = 730.0, why: str = ""
+) -> Cost:
     both = None
     if cap.input_tokens_per_s is not None or cap.output_tokens_per_s is not None:
         both = (cap.input_tokens_per_s or 0.0) + (cap.output_tokens_per_s or 0.0)
@@ -126,6 +224,7 @@ def cost_of(cap: Capacity, replicas: int, instance: Instance, hours_per_month: f
         usd_per_1m_tokens=_per_million(instance.usd_per_hour, both),
         price_source=instance.source,
         price_date=instance.date,
+        why=why,
     )
 
 

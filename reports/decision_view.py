@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["capacity_rows", "fmt", "matrix_view", "plan_view", "recommendation", "sensitivity_rows"]
+from harness.decide import decision_reasons
+
+__all__ = [
+    "capacity_rows",
+    "fmt",
+    "matrix_view",
+    "plan_view",
+    "reasons_view",
+    "recommendation",
+    "sensitivity_rows",
+]
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -202,8 +212,30 @@ def capacity_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "how": how,
                 "note": cap.get("note") or row.get("note") or "",
                 "instance": cost.get("instance"),
+                "instance_why": cost.get("why") or "",
+                "usd_hour": fmt(cost.get("usd_per_hour"), 4),
                 "usd_month": fmt(cost.get("usd_per_month"), 4),
                 "usd_1m_out": fmt(cost.get("usd_per_1m_output_tokens")),
+            }
+        )
+    return rows
+
+
+def reasons_view(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The criteria that decided the ranking (`harness.decide.decision_reasons`), as strings for the page."""
+    rows = []
+    for r in decision_reasons(decision):
+        unit = r["unit"] if r["unit"] not in ("", "score", "1-5") else ""
+        rows.append(
+            {
+                "criterion": r["criterion"],
+                "weight": fmt(r["weight"], 2),
+                "winner": r["winner"],
+                "winner_raw": f"{fmt(r['winner_raw'])} {unit}".strip(),
+                "winner_score": r["winner_score"],
+                "other": r["other"],
+                "other_raw": f"{fmt(r['other_raw'])} {unit}".strip(),
+                "other_score": r["other_score"],
             }
         )
     return rows

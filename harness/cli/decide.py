@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from harness.cli._app import app
 
-__all__ = ["decide"]
+__all__ = ["decide", "decide_after_run"]
 
 _PROFILES = "latency-critical-chatbot, batch-throughput, cost-first, heterogeneous-hardware, edge-offline"
 
@@ -68,3 +68,24 @@ def decide(
     render(decision, Console(width=200))
     if json_out is not None:
         Console(stderr=True).print(f"wrote {json_out}")
+
+
+def decide_after_run(run_dir: Path, profile: str | None, console: Any) -> Path | None:
+    """`bench run --decide`: the decision of the run just made (the same `harness.decide.decide` as `bench decide`),
+    its HTML report (the same `reports.html.write_report` as `bench report`) and decision JSON written into the run
+    directory, and the answer printed: recommendation with the criteria that decided it, capacity and cost per
+    engine, what the result depends on, the report's path. Returns the report's path (None when it failed: the
+    reason is printed, the run's own exit code stands)."""
+    from harness.decide import DecideConfig, render_brief
+    from harness.decide import decide as run_decide
+    from harness.errors import BenchError
+    from reports.html import ReportConfig, write_report
+
+    try:
+        decision = run_decide(DecideConfig(run_dirs=(run_dir,), profile=profile, json_out=run_dir / "decision.json"))
+        report = write_report(ReportConfig(run_dirs=(run_dir,), out=run_dir / "report.html", profile=profile))
+    except BenchError as e:
+        console.print(f"[red]no decision:[/] {e}", highlight=False)
+        return None
+    render_brief(decision, console, report=report)
+    return report

@@ -189,6 +189,17 @@ def run(
     master_bind: Annotated[
         str, typer.Option(help="With --distributed: HOST[:PORT] to listen on (0.0.0.0: other machines).")
     ] = "127.0.0.1:5557",
+    decide: Annotated[
+        bool,
+        typer.Option(
+            "--decide",
+            help="After measuring: print the recommendation with its reasons, capacity and cost per engine, and "
+            "write the HTML decision report (report.html) and decision.json into the run directory.",
+        ),
+    ] = False,
+    profile: Annotated[
+        str | None, typer.Option(help="With --decide: the weight profile (see `bench decide --help`).")
+    ] = None,
 ) -> None:
     """Launch or attach to each engine, replay the workload at each load point, and write a run directory."""
     from harness.orchestrate import resume_config
@@ -213,7 +224,7 @@ def run(
         from harness.distributed import distributed_config
 
         cfg = dataclasses.replace(cfg, distributed=distributed_config(workers, local_workers, master_bind))
-    _execute_and_print(cfg)
+    _execute_and_print(cfg, decide=decide, profile=profile)
 
 
 def _new_config(
@@ -290,19 +301,24 @@ def _new_config(
     )
 
 
-def _execute_and_print(cfg: RunConfig) -> None:
+def _execute_and_print(cfg: RunConfig, *, decide: bool = False, profile: str | None = None) -> None:
     from rich.console import Console
 
     from harness.breakdown import describe
+    from harness.cli.live import LiveProgress
     from harness.orchestrate import execute
-    from harness.summary import render_table
+    from harness.rundir import RunDir
     from harness.telemetry import energy_line
+    from reports.run_table import run_table
 
     console = Console(stderr=True, log_path=False)
-    result = execute(cfg, lambda msg: console.log(msg, highlight=False, markup=False))
+    with LiveProgress(console) as progress:
+        result = execute(cfg, progress)
     out_console = Console(width=max(Console().width, 140)) if not Console().is_terminal else Console()
     if result.summary is not None and result.summary.points:
-        out_console.print(render_table(result.summary))
+        rd = RunDir(result.run_dir)
+        manifest = rd.load_manifest().model_dump(mode="json") if rd.has_manifest() else None
+        out_console.print(run_table(result.summary, manifest))
         for p in result.summary.points:
             for line in describe(p.engine, p.point, p.breakdowns, p.prefix_reuse):
                 out_console.print(line, highlight=False, markup=False)
@@ -329,5 +345,9 @@ def _execute_and_print(cfg: RunConfig) -> None:
             highlight=False,
         )
     out_console.print(f"run directory: {result.run_dir}", highlight=False)
+    if decide and result.summary is not None and result.summary.points:
+        from harness.cli.decide import decide_after_run
+
+        decide_after_run(result.run_dir, profile, out_console)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
