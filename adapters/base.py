@@ -23,6 +23,7 @@ __all__ = [
     "CANONICAL_METRICS",
     "HARDWARE",
     "Adapter",
+    "CacheReset",
     "EngineConfig",
     "EngineInfo",
     "FunctionAdapter",
@@ -127,6 +128,25 @@ class MetricMap:
 
 
 @dataclass(frozen=True)
+class CacheReset:
+    """How to empty the engine's prefix cache over HTTP (`harness.cache.reset_prefix_cache` calls it between load
+    points and engines). `path` may hold `{slot}`: then it is called once per slot, their count read from the JSON
+    field `slots_field` of `slots_path`. `needs`: what the server must be started with for the route to answer;
+    `leaves`: what a reset does not empty."""
+
+    method: str
+    path: str
+    needs: str = ""
+    leaves: str = ""
+    slots_path: str | None = None
+    slots_field: str | None = None
+
+    @property
+    def route(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     name: str
     display_name: str
@@ -148,6 +168,8 @@ class EngineInfo:
     # the request/response shapes of `tokenize_path`: "vllm" ({model, prompt} -> {tokens}) or "llamacpp"
     # ({content} -> {tokens}, plus /apply-template); None when the engine has no tokenize endpoint
     tokenize_dialect: str | None = None
+    # how to empty its prefix cache between load points; None where it offers no way (the manifest says so)
+    cache_reset: CacheReset | None = None
 
 
 @runtime_checkable

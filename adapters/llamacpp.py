@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from adapters.base import (
+    CacheReset,
     EngineConfig,
     EngineInfo,
     FunctionAdapter,
@@ -81,6 +82,17 @@ INFO = EngineInfo(
     # drops the connection). Seen here: 32 of 64 pooled requests failed on reuse, 0 of 64 with fresh connections.
     reuse_connections=False,
     tokenize_dialect="llamacpp",
+    # build 11434 tools/server/server.cpp `POST /slots/:id_slot`, server-context.cpp handle_slots_erase: refused
+    # (501) unless started with --slot-save-path; the slot count is /props `total_slots`. The host-memory prompt
+    # cache (--cache-ram, default 8192 MiB) has no route to empty it
+    cache_reset=CacheReset(
+        "POST",
+        "/slots/{slot}?action=erase",
+        needs="llama-server started with --slot-save-path DIR",
+        leaves="the host-memory prompt cache (--cache-ram; start with --cache-ram 0 for a complete reset)",
+        slots_path="/props",
+        slots_field="total_slots",
+    ),
 )
 
 METRICS = MetricMap(

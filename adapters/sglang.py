@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from adapters.base import (
+    CacheReset,
     EngineConfig,
     EngineInfo,
     FunctionAdapter,
@@ -44,6 +45,9 @@ INFO = EngineInfo(
     maintenance=_FACTS.maintenance,
     sources=_FACTS.sources,
     container_image=IMAGE,
+    # sgl-project/sglang python/sglang/srt/entrypoints/http_server.py `@app.api_route("/flush_cache", methods=["GET",
+    # "POST"])`: 200 when flushed, 400 while requests run or wait (read 2026-12-07)
+    cache_reset=CacheReset("POST", "/flush_cache"),
 )
 
 # Names from the example dump in docs.sglang.io/references/production_metrics.html (read 2026-11-24).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import (
+    CacheReset,
     EngineConfig,
     EngineInfo,
     FunctionAdapter,
@@ -54,6 +55,8 @@ CPU_ENV = {
     "VLLM_TARGET_DEVICE": "cpu",
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_CPU_KVCACHE_SPACE": "2",
+    # registers POST /reset_prefix_cache (and vLLM's other dev routes), which EngineBench calls between load points
+    "VLLM_SERVER_DEV_MODE": "1",
 }
 
 # hardware, maintenance status, sources: one record (adapters.knowledge), shared with `bench decide`
@@ -75,6 +78,12 @@ INFO = EngineInfo(
     maintenance=_FACTS.maintenance,
     sources=_FACTS.sources,
     container_image=GPU_IMAGE,
+    # vllm 0.32.0 vllm/entrypoints/serve/dev/cache/api_router.py: POST, answers {"success": bool} (false while
+    # running requests hold blocks); registered only when VLLM_SERVER_DEV_MODE is set
+    # (vllm/entrypoints/launchers/api_server/routers.py)
+    cache_reset=CacheReset(
+        "POST", "/reset_prefix_cache", needs="VLLM_SERVER_DEV_MODE=1 in the vLLM server's environment"
+    ),
 )
 
 METRICS = MetricMap(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from adapters.base import Adapter, EngineConfig
 from adapters.logwarnings import scan_log_file
 from adapters.process import Endpoint, attached, launched
 from harness import loop as event_loop
+from harness.cache import block_tokens_from, reset_prefix_cache
 from harness.client import Connection, Target
 from harness.distributed import DistributedConfig, distributed_runner
 from harness.errors import ConfigError, EndpointError, EngineError, EngineUnavailable, SchemaError
@@ -35,6 +37,7 @@ from harness.rundir import ClockAnchor, Manifest, RunDir
 from harness.runner import PointOutcome, StopRule, run_point
 from harness.slo import Slo
 from harness.summary import Summary, rebuild_summary
+from harness.supply import PromptSupply
 from harness.telemetry import EngineTelemetry
 from workloads.arrival import LoadPoint
 from workloads.registry import Workload, load_workload
@@ -99,6 +102,11 @@ class RunConfig:
     distributed: DistributedConfig | None = None
     # --engine-nice N: engines this run launches start N levels below the client's CPU priority (0: the same)
     engine_nice: int = 0
+    # the words of the prompts (docs/workloads.md "Fresh prompts"): None, a new key per run (fresh for the engine);
+    # `replay_of` names the run whose key this one replays (--replay-prompts RUN_DIR), and then a warm cache is
+    # expected and not emptied
+    prompt_key: str | None = None
+    replay_of: str | None = None
 
 
 @dataclass
@@ -215,26 +223,11 @@ def tokenizer_for(adapter: Adapter, endpoint: Endpoint) -> Tokenizer:
     return SimpleTokenizer()  # its name says it is no model's tokenizer; point_start events record it
 
 
-class _Specs:
-    """The point's request specs, generated before the point starts (prompt building talks to the tokenizer and
-    must not steal time from the run). Should a duration-bound point use them all, more are generated in growing
-    blocks (generation is prefix-stable) rather than repeating a prompt, which would hit the prefix cache."""
-
-    def __init__(self, workload: Workload, seed: int, tokenizer: Tokenizer, first: int) -> None:
-        self.workload, self.seed, self.tokenizer = workload, seed, tokenizer
-        self.ready = workload.generate(max(1, first), seed, tokenizer=tokenizer)
-        self.topped_up = 0
-
-    def __iter__(self) -> Iterator[RequestSpec]:
-        specs = self.ready
-        made = 0
-        while len(specs) > made:
-            yield from specs[made:]
-            made = len(specs)
-            if self.workload.kind == "trace":  # a trace has no more rows than its file selected
-                return
-            specs = self.workload.generate(made * 2, self.seed, tokenizer=self.tokenizer)
-            self.topped_up += len(specs) - made
+def _prompt_salt(cfg: RunConfig, point: LoadPoint, repeat: int) -> str:
+    """The words of a point's prompts: the run's key, the point and the repeat (each repeat and each point sends
+    prompts of its own, so none finds what an earlier one left in the cache); every engine of the run gets the
+    same. A run from before prompt keys (resumed) has the empty key: the seed's own words, as it sent."""
+    return f"{cfg.prompt_key}/{point.id}/r{repeat}" if cfg.prompt_key else ""
 
 
 def _points(workload: Workload, cfg: RunConfig) -> tuple[LoadPoint, ...]:
@@ -311,6 +304,7 @@ async def _run_engine(
     try:
         async with _engine(choice, run, cfg, progress) as (adapter, ep, extra):
             entry = {**ep.manifest_entry(choice.adapter), **extra}
+            entry.update(await _cache_facts(adapter, ep, cfg))
             run.append_event({"kind": "engine_ready", "engine": choice.name, **entry})
             _add_engine_to_manifest(run, entry)
             cold = f" (cold start {ep.cold_start_s:.1f} s)" if ep.cold_start_s is not None else ""
@@ -396,10 +390,13 @@ async def _run_point(
 ) -> PointOutcome:
     wanted = _wanted(cfg.stop, point)
     progress(f"{target.engine} {point.id}: preparing {wanted} requests with tokenizer {tokenizer.name}")
-    # each repeat sends fresh prompts from the same distribution (seed + repeat - 1): a repeat of the very same
-    # prompts would be served from the prefix cache the previous repeat warmed (pitfall: sglang#8285)
-    specs = _Specs(workload, cfg.seed + repeat - 1, tokenizer, wanted)
+    # every repeat: the same seed, so the same distribution and fingerprint; prompts of its own (`_prompt_salt`),
+    # built ahead of need and off the event loop (harness.supply)
+    salt = _prompt_salt(cfg, point, repeat)
+    specs = PromptSupply(lambda: workload.requests(cfg.seed, tokenizer, salt), wanted)
+    await asyncio.to_thread(specs.prepare)
     fingerprint = workload.fingerprint_for(cfg.seed)
+    await _reset_cache(target, ep, point, cfg, run, progress, _repeat_fields(cfg, repeat))
     rep = _repeat_fields(cfg, repeat)
     run.append_event(
         {
@@ -459,6 +456,7 @@ async def _run_point(
         if cfg.distributed is None
         else distributed_runner(cfg.distributed, run.append_event, target.engine)
     )
+    specs.start()
     task = asyncio.ensure_future(
         point_runner(
             target,
@@ -484,6 +482,7 @@ async def _run_point(
             if not t.done():
                 t.cancel()
         await asyncio.gather(watch, task, return_exceptions=True)
+        specs.stop()
         if sampler is not None:
             await sampler.stop()
     run.append_event(
@@ -494,8 +493,8 @@ async def _run_point(
             **{k: v for k, v in outcome.to_dict().items() if k not in ("kind", "point")},
             "max_send_lag_s": outcome.max_send_lag,
             "engine_rss_bytes": ep.rss_bytes(),
-            # requests built while the point ran (its pre-built ones ran out): that work competed with the client
-            "specs_built_during_point": specs.topped_up,
+            # prompts built before the point and, by the supply's worker, while it ran; sends that waited for one
+            **specs.stats(),
             **rep,
         }
     )
@@ -505,9 +504,10 @@ async def _run_point(
 
 
 # -- `--repeat N` (used by `bench gate`) -----------------------------------------------------------------------
-# Each load point runs N times back to back under the same point id, every repeat with the same prompts, so the
-# summary pools them (more samples per point) and `bench gate` splits them again by `tags["repeat"]` (per-repeat
-# throughput). Request ids of repeat r >= 2 get the suffix "#r<r>" (chat turns keep pointing at their own repeat's
+# Each load point runs N times back to back under the same point id, every repeat with the same seed (the same
+# lengths, sessions and arrivals: one workload fingerprint) and prompts of its own (`_prompt_salt`: the prefix cache
+# the previous repeat warmed finds nothing, sglang#8285), so the summary pools them (more samples per point) and
+# `bench gate` splits them again by `tags["repeat"]` (per-repeat throughput). Request ids of repeat r >= 2 get the suffix "#r<r>" (chat turns keep pointing at their own repeat's
 # previous turn), so ids stay unique within the run. With N = 1 nothing changes: no tag, no event field, same ids.
 
 
@@ -515,7 +515,7 @@ def _repeat_fields(cfg: RunConfig, repeat: int) -> dict[str, int]:
     return {"repeat": repeat, "repeats": cfg.repeat} if cfg.repeat > 1 else {}
 
 
-def _repeat_specs(specs: _Specs, repeat: int) -> Iterable[RequestSpec]:
+def _repeat_specs(specs: Iterable[RequestSpec], repeat: int) -> Iterable[RequestSpec]:
     if repeat == 1:
         return specs
 
@@ -525,6 +525,94 @@ def _repeat_specs(specs: _Specs, repeat: int) -> Iterable[RequestSpec]:
             yield dataclasses.replace(s, request_id=f"{s.request_id}#r{repeat}", history_from=hist)
 
     return renamed()
+
+
+# -- fresh prompts, replayed prompts, and the engine's prefix cache (docs/workloads.md, docs/metrics.md) ---------
+
+
+def _with_prompt_key(cfg: RunConfig, workload: Workload) -> RunConfig:
+    """A new run's prompt key: fresh, or (--replay-prompts RUN_DIR) that run's, which must have run this workload
+    with this seed (its fingerprint) for its prompts to be the same."""
+    if cfg.replay_of is None:
+        return cfg if cfg.prompt_key else dataclasses.replace(cfg, prompt_key=secrets.token_hex(8))
+    path = Path(cfg.replay_of)
+    if not (path / "manifest.json").is_file():
+        raise ConfigError(
+            f"--replay-prompts {path}: no manifest.json there; give a run directory written by `bench run`"
+        )
+    earlier = RunDir.open(path).load_manifest().workload
+    key = (earlier.get("prompts") or {}).get("key")
+    if not key:
+        raise ConfigError(
+            f"--replay-prompts {path}: that run records no prompt key (an older EngineBench wrote it); its prompts "
+            "cannot be rebuilt"
+        )
+    mine = workload.fingerprint_for(cfg.seed)
+    if earlier.get("fingerprint") != mine:
+        raise ConfigError(
+            f"--replay-prompts {path}: that run sent workload {earlier.get('name')} with seed {earlier.get('seed')} "
+            f"(another fingerprint); give the same --workload, --set and --seed to replay its prompts"
+        )
+    return dataclasses.replace(cfg, prompt_key=str(key), replay_of=str(path.resolve()))
+
+
+async def _cache_facts(adapter: Adapter, ep: Endpoint, cfg: RunConfig) -> dict[str, Any]:
+    """For the engine's manifest entry: how its prefix cache is emptied between points (or that it cannot be), and
+    its cache block size where its metrics state one (vLLM `cache_config_info`)."""
+    import aiohttp
+
+    reset = adapter.info.cache_reset
+    facts: dict[str, Any] = {
+        "cache_reset": None if reset is None else reset.route,
+        "cache_reset_needs": None if reset is None else (reset.needs or None),
+    }
+    if reset is None:
+        facts["cache_reset_none"] = (
+            f"{adapter.info.display_name} offers no route to empty its prefix cache: fresh prompts keep points "
+            "apart, and the cache share per point shows what it served"
+        )
+    block = None
+    if adapter.info.metrics_path:
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=headers) as session,
+                session.get(ep.base_url + adapter.info.metrics_path) as r,
+            ):
+                block = block_tokens_from(await r.text()) if r.status == 200 else None
+    facts["cache_block_tokens"] = block
+    return facts
+
+
+async def _reset_cache(
+    target: Target,
+    ep: Endpoint,
+    point: LoadPoint,
+    cfg: RunConfig,
+    run: RunDir,
+    progress: Progress,
+    rep: Mapping[str, int],
+) -> None:
+    """Empty the engine's prefix cache before a point (so before each engine's first too), as a `cache_reset`
+    event; not when the run replays an earlier one's prompts (a warm cache is what it asks for)."""
+    import aiohttp
+
+    event: dict[str, Any] = {"kind": "cache_reset", "engine": target.engine, "point": point.id, **rep}
+    info = getattr(target.adapter, "info", None)
+    if cfg.replay_of is not None:
+        run.append_event(
+            {**event, "ok": False, "skipped": True, "reason": "replayed prompts: the cache is kept"}
+        )
+        return
+    if info is None:
+        return
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=30), headers=dict(target.headers)
+    ) as session:
+        out = await reset_prefix_cache(session, ep.base_url, info)
+    run.append_event({**event, **out})
+    if not out.get("ok") and info.cache_reset is not None:  # none offered: the manifest's entry says so once
+        progress(f"{target.engine} {point.id}: prefix cache not emptied: {out.get('reason')}")
 
 
 def _engine_exiting(ep: Endpoint, reap_wait_s: float = 0.2) -> bool:
@@ -593,6 +681,8 @@ def _start(run: RunDir, cfg: RunConfig, workload: Workload, anchor: ClockAnchor)
             "fingerprint": workload.fingerprint_for(cfg.seed),
             "seed": cfg.seed,
             "params": workload.params.model_dump(mode="json"),
+            # the prompts' key: `--replay-prompts` of this run directory sends the same prompts again
+            "prompts": {"key": cfg.prompt_key, "replayed_from": cfg.replay_of},
         },
         load=_load_block(cfg),
         slo=cfg.slo.to_dict(),
@@ -618,6 +708,8 @@ async def execute_async(cfg: RunConfig, progress: Progress) -> RunResult:
     if cfg.overrides:
         workload = workload.with_overrides(cfg.overrides)
     _raise_file_limit(cfg, progress)
+    if not cfg.resume:
+        cfg = _with_prompt_key(cfg, workload)
     run = RunDir.create(cfg.out, resume=cfg.resume)
     if cfg.resume and run.has_manifest():
         cfg, anchor = _begin_resume(run, cfg, progress)
@@ -875,6 +967,8 @@ def _config_block(cfg: RunConfig) -> dict[str, Any]:
         "ready_timeout_s": cfg.ready_timeout_s,
         "repeat": cfg.repeat,
         "engine_nice": cfg.engine_nice,
+        "prompt_key": cfg.prompt_key,
+        "replay_of": cfg.replay_of,
     }
 
 
@@ -930,6 +1024,8 @@ def resume_config(
             repeat=int(block["repeat"]),
             resend_failed=resend_failed,
             engine_nice=int(block.get("engine_nice", 0)),
+            prompt_key=str(block.get("prompt_key") or ""),
+            replay_of=block.get("replay_of"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SchemaError(

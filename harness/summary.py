@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness import metrics
 from harness.breakdown import Breakdown, PrefixReuse, breakdowns, prefix_reuse
+from harness.cache import CacheShare, cache_share
 from harness.metrics import LatencyStats, stats_ms
 from harness.quality import quality_summary
 from harness.records import RequestRecord, latest_attempts
@@ -65,6 +66,8 @@ class PointMeta(BaseModel):
     workload_fingerprint: str | None = None
     workload_kind: str | None = None
     load: LoadInfo
+    # the run replays an earlier run's prompts (`bench run --replay-prompts`): a warm cache is expected
+    prompts_replayed: bool = False
 
 
 class RequestCounts(BaseModel):
@@ -125,6 +128,8 @@ class PointSummary(BaseModel):
     # what the workload exists to show: TTFT by chat turn, by input length, shared prefix vs control
     breakdowns: list[Breakdown] = Field(default_factory=list)
     prefix_reuse: PrefixReuse | None = None
+    # share of prompt tokens the engine's prefix cache served, against the workload's design (harness.cache)
+    cache: CacheShare | None = None
 
 
 class Summary(BaseModel):
@@ -230,6 +235,7 @@ def summarize_point(
         if r.expected_output_tokens
     ]
     found = breakdowns(recs, meta.workload_kind)
+    cache = _cache(recs, meta, events, telemetry)
     checks = PointChecks(
         measured=completed,
         duration_s=duration,
@@ -248,7 +254,10 @@ def summarize_point(
         output_length_mismatch=_mean([abs(a - e) / e for a, e in pinned]),
         output_length_mismatched=sum(1 for a, e in pinned if a != e),
         engine_disagreements=_disagreements(telemetry),
-        engine_notes=_engine_notes(telemetry),
+        engine_notes=_engine_notes(telemetry) + _cache_notes(cache),
+        cache_share=cache.measured,
+        cache_expected_share=cache.expected,
+        cache_replayed=cache.replayed,
     )
     return PointSummary(
         engine=meta.engine,
@@ -289,7 +298,45 @@ def summarize_point(
         telemetry=telemetry,
         breakdowns=found,
         prefix_reuse=prefix_reuse(found),
+        cache=cache,
     )
+
+
+def _cache(
+    recs: list[RequestRecord],
+    meta: PointMeta,
+    events: Iterable[Mapping[str, Any]],
+    telemetry: TelemetrySummary | None,
+) -> CacheShare:
+    """The point's cache share; the block size from its engine's `engine_ready` event, the reset from its
+    `cache_reset` event (the last one before the point)."""
+    block, reset = None, None
+    for ev in events:
+        if ev.get("engine") != meta.engine:
+            continue
+        if ev.get("kind") == "engine_ready" and ev.get("cache_block_tokens"):
+            block = int(ev["cache_block_tokens"])
+        elif ev.get("kind") == "cache_reset" and ev.get("point") == meta.point:
+            reset = (
+                f"emptied before the point ({ev.get('route')})"
+                if ev.get("ok")
+                else f"not emptied: {ev.get('reason')}"
+            )
+    counters = telemetry.engine_counters if telemetry else None
+    return cache_share(recs, counters, block_tokens=block, replayed=meta.prompts_replayed, reset=reset)
+
+
+def _cache_notes(cache: CacheShare) -> list[str]:
+    notes = []
+    if cache.replayed and cache.measured is not None:
+        expected = "" if cache.expected is None else f"; fresh prompts would take {cache.expected:.0%}"
+        notes.append(
+            f"replayed prompts: {cache.measured:.0%} of prompt tokens came from the engine's cache (a warm cache "
+            f"is expected{expected})"
+        )
+    if cache.reconciled == "disagree":
+        notes.append(f"cached prompt tokens: {cache.reconcile_note}")
+    return notes
 
 
 def _disagreements(telemetry: TelemetrySummary | None) -> list[str]:
@@ -341,12 +388,14 @@ def point_meta(
     if info.get("closed_loop") is None:
         info["closed_loop"] = info["kind"] == "concurrency" or info.get("arrival") == "closed"
     kind = manifest.workload.get("kind") if manifest else None
+    prompts = (manifest.workload.get("prompts") if manifest else None) or {}
     return PointMeta(
         engine=engine,
         point=point,
         workload_fingerprint=fingerprint,
         workload_kind=kind,
         load=LoadInfo(**info),
+        prompts_replayed=bool(prompts.get("replayed_from")),
     )
 
 
@@ -431,6 +480,13 @@ def _f(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def _cache_cell(cache: CacheShare | None) -> str:
+    if cache is None or cache.measured is None:
+        return "–"
+    expected = "" if cache.expected is None else f" ({cache.expected:.0%})"
+    return f"{cache.measured:.0%}{expected}"
+
+
 def render_table(summary: Summary) -> Table:
     """One row per load point: requests, latency percentiles (ms), throughput, goodput and verdict."""
     from rich.table import Table
@@ -438,7 +494,16 @@ def render_table(summary: Summary) -> Table:
     table = Table(title=f"run {summary.run_id}", header_style="bold", pad_edge=False)
     table.add_column("engine", overflow="fold")
     table.add_column("point", overflow="fold")
-    headers = ("ok/\nfailed", "TTFT\np50", "TTFT\np95", "TTFT\np99", "ITL\np50", "TPOT\np50", "E2E\np95")
+    headers = (
+        "ok/\nfailed",
+        "TTFT\np50",
+        "TTFT\np95",
+        "TTFT\np99",
+        "cache\nshare",
+        "ITL\np50",
+        "TPOT\np50",
+        "E2E\np95",
+    )
     for name in (*headers, "out\ntok/s", "good-\nput/s"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
@@ -452,6 +517,7 @@ def render_table(summary: Summary) -> Table:
             _f(p.ttft_ms.p50),
             _f(p.ttft_ms.p95),
             _f(p.ttft_ms.p99),
+            _cache_cell(p.cache),
             _f(p.itl_ms.p50),
             _f(p.tpot_ms.p50),
             _f(p.e2e_ms.p95),
@@ -459,5 +525,8 @@ def render_table(summary: Summary) -> Table:
             good,
             verdict,
         )
-    table.caption = "latencies in ms over successful measured requests; goodput in good requests/s"
+    table.caption = (
+        "latencies in ms over successful measured requests; goodput in good requests/s; cache share: prompt tokens "
+        "the engine's prefix cache served (expected in brackets)"
+    )
     return table

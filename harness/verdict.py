@@ -8,6 +8,7 @@ refuses INVALID points.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,7 @@ ReasonCode = Literal[
     "token_count_mismatch",
     "output_length_mismatch",
     "engine_disagrees",
+    "warm_cache",
 ]
 
 
@@ -55,6 +57,10 @@ class VerdictPolicy(BaseModel):
     max_error_rate: float = 0.01
     max_token_count_mismatch: float = 0.02
     max_output_length_mismatch: float = 0.02
+    # the engine's prefix cache served this many points (of the prompt tokens) more than the workload meant it to:
+    # a cache warmed by an earlier run or point (pitfalls 9 and 12). 5 points: fresh prompts share at most the
+    # template's tokens, and a token-granular cache also finds a word or two by chance
+    max_cache_excess: float = 0.05
 
 
 def load_policy(path: Path) -> VerdictPolicy:
@@ -107,6 +113,11 @@ class PointChecks(BaseModel):
     # findings that do not make the point invalid by themselves: TTFT above the engine's histogram by the server's
     # time outside it, or by the client's own delays (harness.reconcile's outside_engine / client_delayed)
     engine_notes: list[str] = []
+    # share of the prompt tokens the engine's prefix cache served, and the share the workload meant it to serve
+    # (harness.cache); `cache_replayed`: the prompts replay an earlier run's, so a warm cache is expected
+    cache_share: float | None = None
+    cache_expected_share: float | None = None
+    cache_replayed: bool = False
 
 
 class VerdictReason(BaseModel):
@@ -131,6 +142,27 @@ _STALLED = (
     "the client was busy or waited for a CPU (beside the engine on a small machine): give it a core of its own "
     "(taskset), lower the load or spread it (--distributed), or run on a quieter machine"
 )
+
+
+_WARM = (
+    "send fresh prompts (a new `bench run` does, unless it replays an earlier run's with --replay-prompts), reset "
+    "the engine's prefix cache (vLLM: run it with VLLM_SERVER_DEV_MODE=1 and EngineBench calls /reset_prefix_cache; "
+    "llama.cpp: --slot-save-path DIR for slot erase, and --cache-ram 0), or restart the engine"
+)
+
+
+def _judge_cache(c: PointChecks, p: VerdictPolicy, fail: Callable[[ReasonCode, str, str], None]) -> None:
+    """A fresh run whose prompts the cache served well beyond the workload's design is a warm cache; replayed
+    prompts are expected warm (the note in `judge` says how warm)."""
+    if c.cache_share is None or c.cache_expected_share is None or c.cache_replayed:
+        return
+    if c.cache_share > c.cache_expected_share + p.max_cache_excess:
+        fail(
+            "warm_cache",
+            f"warm cache: {c.cache_share:.0%} of prompt tokens came from the engine's cache; the workload "
+            f"expects {c.cache_expected_share:.0%}",
+            _WARM,
+        )
 
 
 def _starved(c: PointChecks, p: VerdictPolicy) -> str | None:
@@ -237,6 +269,7 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             "find out which side is right before trusting either: look for dropped or cut streams, a proxy "
             "between client and engine, or requests the engine counted that the client did not send",
         )
+    _judge_cache(c, p, fail)
     recommendation = "; ".join(dict.fromkeys(r.recommendation for r in reasons))
     return Verdict(
         status="INVALID" if reasons else "VALID",

@@ -41,7 +41,7 @@ _SECRET_OPTIONS = ("--api-key", "--token", "--password")
 _RUN_SHAPING = (
     "engines", "endpoint", "workload", "concurrency", "rate", "arrival", "burstiness", "requests", "duration",
     "warmup", "cooldown", "error_budget", "seed", "slo", "out", "set_", "stream", "stall_timeout",
-    "request_timeout", "ready_timeout", "repeat", "engine_nice", "engine_set",
+    "request_timeout", "ready_timeout", "repeat", "engine_nice", "engine_set", "replay_prompts",
 )  # fmt: skip
 
 
@@ -170,6 +170,13 @@ def run(
     repeat: Annotated[
         int, typer.Option(help="Run each load point this many times back to back (for `bench gate`).")
     ] = 1,
+    replay_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Send exactly the prompts of this earlier run directory (same --workload, --set and --seed) "
+            "instead of fresh ones; the engine's cache is then expected warm and not emptied."
+        ),
+    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue an interrupted run in this directory with its own settings."),
@@ -218,6 +225,10 @@ def run(
             cooldown, error_budget, seed, slo, out, set_, stream, stall_timeout, request_timeout, ready_timeout,
             api_key_env, api_key_file, repeat, engine_nice, engine_set or [],
         )  # fmt: skip
+    if replay_prompts is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, replay_of=str(replay_prompts))
     if distributed:
         import dataclasses
 
