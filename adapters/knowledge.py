@@ -235,8 +235,9 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
         status="active",
         status_fact=Fact(
-            "commits through 2026-08-21 (InternLM/lmdeploy snapshot); v0.12.3 on PyPI (2026/04)",
-            "https://github.com/InternLM/lmdeploy",
+            "commits through 2026-08-21 (InternLM/lmdeploy snapshot); lmdeploy 0.18.0 on PyPI (2026-09-28)",
+            "https://pypi.org/project/lmdeploy/0.18.0/",
+            "2026-12-07",
         ),
         maintenance="active (InternLM/lmdeploy snapshot, newest commit 2026-08-21)",
         facts=(
@@ -323,8 +324,10 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
         status="active",
         status_fact=Fact(
-            "active releases (v0.40.x); commits through 2026-08-21 (ollama/ollama snapshot)",
+            "active releases (newest tag v0.32.15, v0.33.0 in release candidates); commits through 2026-08-21 "
+            "(ollama/ollama snapshot fb307609)",
             "https://github.com/ollama/ollama",
+            "2026-12-07",
         ),
         maintenance="active (ollama/ollama snapshot, newest commit 2026-08-21)",
         on_device=True,
@@ -405,6 +408,39 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
             ),
         ),
     ),
+    "triton-trtllm": EngineFacts(
+        name="triton-trtllm",
+        aliases=("triton-tensorrtllm", "tensorrtllm_backend"),
+        hardware=("nvidia",),
+        hardware_facts=(
+            Fact(
+                "backend-platform matrix: the TensorRT-LLM back end runs on NVIDIA GPUs only",
+                "https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/backend/docs/"
+                "backend_platform_support_matrix.html",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "monthly NGC releases; newest commit 2026-08-19 (triton-inference-server/server snapshot)",
+            "https://github.com/triton-inference-server/server",
+        ),
+        maintenance="active (triton-inference-server/server snapshot, newest commit 2026-08-19); OpenAI frontend "
+        "is beta",
+        facts=(
+            Fact(
+                "the OpenAI frontend's TensorRT-LLM request builder (_create_trtllm_generate_request) forwards "
+                "max_tokens, stop, top_p, penalties, seed, temperature and drops ignore_eos / min_tokens "
+                "(commit e1db8a603d863b1317ee859bdeea2be19959462e)",
+                "https://github.com/triton-inference-server/server/blob/main/python/openai/openai_frontend/engine/"
+                "utils/triton.py",
+                "2026-12-07",
+            ),
+            Fact(
+                "frontend serves GET /metrics and GET /health/ready; Triton metrics nv_inference_*",
+                "https://github.com/triton-inference-server/server/blob/main/docs/user_guide/metrics.md",
+            ),
+        ),
+    ),
     "rayserve": EngineFacts(
         name="rayserve",
         aliases=("ray-serve-llm", "ray", "ray-serve"),
@@ -422,10 +458,12 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
         ),
         status="active",
         status_fact=Fact(
-            "ray.serve.llm is an alpha-stability public API in active development",
-            "https://docs.ray.io/en/master/serve/llm/",
+            'ray.serve.llm\'s public API (LLMConfig, build_openai_app, ...) is @PublicAPI(stability="stable") in ray '
+            "2.60.0 (python/ray/serve/llm/__init__.py), released 2026-11-04",
+            "https://pypi.org/project/ray/2.60.0/",
+            "2026-12-07",
         ),
-        maintenance="active (ray.serve.llm is alpha-stability public API; docs.ray.io read 2026-11-24)",
+        maintenance="active (ray.serve.llm stable public API in ray 2.60.0, 2026-11-04)",
         facts=(
             Fact(
                 "launch: LLMConfig(model_loading_config=..., engine_kwargs=<vLLM args>); "
@@ -520,7 +558,7 @@ def local_gpu_status(
         where = "run it on a GPU host" if needs_gpu else "install it, or run it elsewhere,"
         return False, (
             f"{name}: not runnable here ({'; '.join(missing)}); {where} and attach with "
-            f"--endpoint {name}=http://HOST:PORT (or set ENGINEBENCH_ENDPOINT_{name.upper()})"
+            f"--endpoint {name}=http://HOST:PORT (or set ENGINEBENCH_ENDPOINT_{name.upper().replace('-', '_')})"
         )
     return True, f"{name}: {', '.join(found)} found" + (", GPU present" if needs_gpu else "")
 

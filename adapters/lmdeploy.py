@@ -46,7 +46,9 @@ INFO = EngineInfo(
     honours_ignore_eos=True,
     honours_min_tokens=True,
     usage_in_stream=True,
-    tokens_per_chunk="one",
+    # lmdeploy 0.18.0 serve/core/async_engine.py `generate`: each output carries every token the engine produced
+    # since the last read (`token_ids[ids_offset:]`), several under load
+    tokens_per_chunk="variable",
     tokenize_path="/v1/encode",
     health_path="/health",
     version_path=None,

@@ -1,9 +1,15 @@
 """DeepSpeed-MII: launch (`python -m mii.entrypoints.openai_api_server`), talk (OpenAI API). No official image.
 
-Inactive (last release 0.3.3, 2025-03-25; last commit 2025-06-30). Quirks from mii/entrypoints/openai_api_server.py:
-`ignore_eos` is hard-coded False (PITFALLS 10) but `min_tokens` is honoured, so lengths are pinned with
-`min_tokens = max_tokens`; `do_sample=True` is hard-coded (temperature 0 is passed through as given); stream chunks
-carry no usage; a role-only first chunk; no metrics endpoint; `/health` only.
+Inactive (last release 0.3.3, 2025-03-25; last commit 2025-06-30). Quirks read in the deepspeed-mii 0.3.3 wheel:
+- mii/entrypoints/openai_api_server.py hard-codes `ignore_eos: False` and `do_sample: True` (PITFALLS 10: outputs
+  are sampled, never greedy) and passes `temperature` on when the request has one;
+- mii/config.py `GenerateParamsConfig.temperature` is `Field(None, gt=0)`: `temperature: 0` fails every request,
+  so no temperature is sent (the request model's default, 0.7, applies);
+- mii/batching/data_classes.py `Request.is_done` compares `seq_length` (prompt + output tokens) with
+  `min_new_tokens`, so `min_tokens = max_tokens` pins nothing once the prompt is `max_tokens` long. `min_tokens` is
+  sent as `max_tokens` plus a bound on the prompt's tokens (its UTF-8 bytes + `_TEMPLATE_TOKENS`): EOS is then
+  ignored until `max_new_tokens` ends the request (`stop_generation`, finish reason "length");
+- stream chunks carry no usage; a role-only first chunk; no metrics endpoint; `/health` only.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from adapters.knowledge import ENGINE_FACTS, local_gpu_status
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
 
-__all__ = ["ADAPTER", "INFO", "METRICS", "build", "container_argv", "launch_argv"]
+__all__ = ["ADAPTER", "INFO", "METRICS", "build", "container_argv", "launch_argv", "prompt_token_bound"]
 
 _FACTS = ENGINE_FACTS["mii"]
 
@@ -80,8 +86,25 @@ def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
     return []
 
 
+# tokens a chat template may add around the messages (role markers, BOS, generation prompt); generous on purpose:
+# a `min_tokens` above prompt + output only keeps EOS off until `max_new_tokens` stops the request
+_TEMPLATE_TOKENS = 1024
+
+
+def prompt_token_bound(spec: RequestSpec) -> int:
+    """An upper bound on the prompt's tokens as MII counts them (`seq_length` before output): each token of a
+    byte-level or byte-fallback tokenizer covers at least one UTF-8 byte, and the template adds at most
+    `_TEMPLATE_TOKENS`."""
+    if spec.api == "chat":
+        text = "".join(str(m.get("content", "")) + str(m.get("role", "")) for m in spec.messages)
+    else:
+        text = spec.prompt
+    return len(text.encode()) + _TEMPLATE_TOKENS
+
+
 def build(spec: RequestSpec, model: str, stream: bool) -> HttpCall:
-    return build_openai(spec, model, stream, pin_fields={"min_tokens": spec.max_tokens})
+    pin = {"min_tokens": spec.max_tokens + prompt_token_bound(spec)}
+    return build_openai(spec, model, stream, pin_fields=pin, temperature=None)
 
 
 def version_from(payload: Mapping[str, Any]) -> str | None:

@@ -5,12 +5,17 @@ OLLAMA_NUM_PARALLEL (concurrent requests), OLLAMA_CONTEXT_LENGTH, OLLAMA_KV_CACH
 quantization is part of the model tag (e.g. `llama3.2:1b-instruct-q4_K_M`). Quirks: no `ignore_eos`, no
 `min_tokens`; usage in the last chunk with `stream_options.include_usage`; no Prometheus endpoint; layers are
 split across GPUs automatically (no tensor parallelism); prefix (KV) reuse per slot cannot be turned off.
+
+`ollama serve` starts with no model: once it is ready the launcher pulls the configured model (`POST /api/pull`,
+`"stream": false`) and loads it (`POST /api/generate` with no prompt answers `done_reason: "load"` once it is in
+memory; server/routes.go GenerateHandler, ollama fb307609, 2026-08-21), so no measured request pays the load; requests
+name that model, never merely the first id of `/v1/models` (`prepare_calls`, `served_model`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters.base import (
@@ -26,7 +31,19 @@ from adapters.knowledge import ENGINE_FACTS, local_gpu_status
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
 
-__all__ = ["ADAPTER", "IMAGE", "INFO", "METRICS", "build", "container_argv", "launch_argv", "launch_env"]
+__all__ = [
+    "ADAPTER",
+    "IMAGE",
+    "INFO",
+    "METRICS",
+    "OllamaAdapter",
+    "build",
+    "container_argv",
+    "launch_argv",
+    "launch_env",
+    "prepare_calls",
+    "served_model",
+]
 
 IMAGE = "ollama/ollama:latest"
 _FACTS = ENGINE_FACTS["ollama"]
@@ -130,7 +147,29 @@ def local_status() -> tuple[bool, str]:
     return local_gpu_status("ollama", binaries=("ollama",), needs_gpu=False)
 
 
-ADAPTER = FunctionAdapter(
+def served_model(cfg: EngineConfig) -> str:
+    """The tag requests name: Ollama lists a tag without `:` as `<name>:latest` (types/model/name.go)."""
+    return cfg.model if ":" in cfg.model else f"{cfg.model}:latest"
+
+
+def prepare_calls(cfg: EngineConfig) -> list[HttpCall]:
+    """Pull the configured model, then load it (keep_alive -1: it stays loaded for the whole run)."""
+    model = served_model(cfg)
+    return [
+        HttpCall("POST", "/api/pull", {"model": model, "stream": False}, False),
+        HttpCall("POST", "/api/generate", {"model": model, "keep_alive": -1}, False),
+    ]
+
+
+@dataclass(frozen=True)
+class OllamaAdapter(FunctionAdapter):
+    """A FunctionAdapter that also `Prepares` (adapters.base): Ollama serves no model until one is pulled and loaded."""
+
+    prepare_calls: Callable[[EngineConfig], list[HttpCall]] = prepare_calls
+    served_model: Callable[[EngineConfig], str] = served_model
+
+
+ADAPTER = OllamaAdapter(
     info=INFO,
     metrics=METRICS,
     launch_argv=launch_argv,

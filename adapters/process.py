@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 import psutil
 
-from adapters.base import Adapter, EngineConfig
+from adapters.base import Adapter, EngineConfig, Prepares
 from harness.errors import ConfigError, EndpointError, EngineError
 
 __all__ = [
@@ -304,11 +304,56 @@ def _public_config(cfg: EngineConfig) -> dict[str, Any]:
 
 def served_model_from(payload: Mapping[str, Any]) -> str | None:
     """The first model id of an OpenAI `/v1/models` answer."""
+    ids = model_ids(payload)
+    return ids[0] if ids else None
+
+
+def model_ids(payload: Mapping[str, Any]) -> list[str]:
+    """Every model id of an OpenAI `/v1/models` answer, in its order."""
     data = payload.get("data")
-    if isinstance(data, list) and data and isinstance(data[0], Mapping):
-        model_id = data[0].get("id")
-        return str(model_id) if model_id is not None else None
-    return None
+    if not isinstance(data, list):
+        return []
+    return [str(card["id"]) for card in data if isinstance(card, Mapping) and card.get("id") is not None]
+
+
+def pick_model(ids: Sequence[str], want: str | None, name: str) -> str:
+    """The model a launched engine's requests name: `want` (the configured one) when it serves it; the only one it
+    serves when nothing is configured. Several models and none configured, or the configured one missing, is an
+    EngineError naming what it serves (a Triton repository, an Ollama with other models pulled)."""
+    if want is not None:
+        if want in ids:
+            return want
+        raise EngineError(
+            f"{name} does not serve the configured model {want!r}; /v1/models lists {', '.join(ids) or 'none'}: "
+            "set served_model_name (or the model) to one of them"
+        )
+    if len(ids) > 1:
+        raise EngineError(
+            f"{name} serves several models ({', '.join(ids)}) and none is configured; set served_model_name to the "
+            "one to benchmark"
+        )
+    return ids[0]
+
+
+async def _prepare(adapter: Adapter, cfg: EngineConfig, base_url: str, timeout: float) -> None:
+    """The adapter's `prepare_calls` (adapters.base.Prepares), in order, before anything is measured."""
+    if not isinstance(adapter, Prepares):
+        return
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        for call in adapter.prepare_calls(cfg):
+            try:
+                async with session.request(call.method, base_url + call.path, json=call.body) as r:
+                    body = await r.read()
+                    status = r.status
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise EngineError(
+                    f"{adapter.info.name}: {call.method} {call.path} before the run failed ({type(e).__name__}: {e})"
+                ) from e
+            if status != 200:
+                raise EngineError(
+                    f"{adapter.info.name}: {call.method} {call.path} before the run gave HTTP {status}: "
+                    f"{body[:300].decode('utf-8', 'replace')}; check the model name"
+                )
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -321,9 +366,14 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]
 
 
 async def _describe(
-    session: aiohttp.ClientSession, adapter: Adapter, base_url: str, name: str
+    session: aiohttp.ClientSession,
+    adapter: Adapter,
+    base_url: str,
+    name: str,
+    cfg: EngineConfig | None = None,
 ) -> tuple[str, str | None]:
-    """(served model, version) of a ready engine; raises EndpointError if it is not OpenAI-compatible."""
+    """(served model, version) of a ready engine; raises EndpointError if it is not OpenAI-compatible. With the
+    `cfg` it was launched with, the model is the configured one (`pick_model`), not merely the first listed."""
     try:
         status, models = await _get_json(session, f"{base_url}/v1/models")
     except (aiohttp.ClientError, TimeoutError) as e:
@@ -336,6 +386,9 @@ async def _describe(
             f"{name} at {base_url} is not OpenAI-compatible: GET /v1/models gave HTTP {status} without a model "
             "list; point --endpoint at the server root (without /v1)"
         )
+    if cfg is not None and isinstance(models, Mapping):
+        want = adapter.served_model(cfg) if isinstance(adapter, Prepares) else cfg.served_model_name
+        model = pick_model(model_ids(models), want, name)
     version = None
     if adapter.info.version_path:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -453,8 +506,9 @@ async def launched(
             cold_start = await _wait_ready(
                 proc, base_url + adapter.info.health_path, ready_timeout, started, on_wait
             )
+            await _prepare(adapter, run_cfg, base_url, ready_timeout)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
-                model, version = await _describe(session, adapter, base_url, name)
+                model, version = await _describe(session, adapter, base_url, name, run_cfg)
             if not proc.alive():  # what answered was not our engine
                 raise EngineError(
                     f"{proc.death_reason()}; another process answered on its port {run_cfg.port}"

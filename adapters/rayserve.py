@@ -4,7 +4,7 @@ The documented launch is Python, not a CLI flag list (docs.ray.io/en/latest/serv
 2026-11-24): an `LLMConfig` whose `engine_kwargs` are vLLM engine arguments, wrapped by `build_openai_app` and
 started with `serve.run(app, blocking=True)`. `launch_argv` runs exactly that with `python3 -c`, the settings
 embedded as JSON. Quirks: the vLLM engine honours `ignore_eos` / `min_tokens` and sends usage in the last chunk;
-`/v1/models` answers once the app is up (Serve's own `/-/healthz` is on the same HTTP proxy); engine and Serve
+stream chunks are not batched by Ray (`stream_batching_interval_ms` 0); `/v1/models` answers once the app is up (Serve's own `/-/healthz` is on the same HTTP proxy); engine and Serve
 metrics go to Ray's Prometheus exporter on the metrics-export port, not the HTTP port, hence `metrics_path=None`
 (set `ENGINEBENCH_METRICS_RAYSERVE=http://host:port/metrics` for the live test).
 """
@@ -40,7 +40,10 @@ INFO = EngineInfo(
     honours_ignore_eos=True,
     honours_min_tokens=True,
     usage_in_stream=True,
-    tokens_per_chunk="one",
+    # a running Serve app (--endpoint) batches stream chunks for `stream_batching_interval_ms` (default 50 ms, ray
+    # 2.60.0 llm/_internal/serve/constants.py MODEL_RESPONSE_BATCH_TIMEOUT_MS), so one event carries several tokens;
+    # the app EngineBench launches sets it to 0 (see `llm_config`)
+    tokens_per_chunk="variable",
     tokenize_path=None,
     health_path="/v1/models",
     version_path=None,
@@ -50,25 +53,25 @@ INFO = EngineInfo(
     container_image=IMAGE,
 )
 
-# Ray re-exports the vLLM engine's metrics with a `ray_` prefix; both spellings seen in exporters are listed. A Ray
-# Serve LLM test that scrapes Ray's exporter (imports ray.llm._internal; search-index file id 71560970493, read
-# 2026-11-24) expects `ray_vllm_time_to_first_token_seconds`: `:` becomes `_`. No real dump was found.
+# Ray re-exports the vLLM engine's metrics through Ray's exporter (LLMConfig.log_engine_metrics, default True, ray
+# 2.60.0 llm/_internal/serve/core/configs/llm_config.py): vllm/v1/metrics/ray_wrappers.py turns every character
+# outside [a-zA-Z0-9_] into "_" (`_get_sanitized_opentelemetry_name`) and Ray's exporter adds "ray_"; ray 2.60.0's own
+# dashboard (dashboard/modules/metrics/dashboards/serve_llm_dashboard_panels.py) queries these names. `vllm:`
+# spellings never reach Ray's exporter.
 METRICS = MetricMap(
     names={
-        "ray_vllm:num_requests_running": "requests_running",
         "ray_vllm_num_requests_running": "requests_running",
-        "ray_vllm:num_requests_waiting": "requests_waiting",
         "ray_vllm_num_requests_waiting": "requests_waiting",
-        "ray_vllm:kv_cache_usage_perc": "kv_cache_usage",
         "ray_vllm_kv_cache_usage_perc": "kv_cache_usage",
-        "ray_vllm:prompt_tokens_total": "prompt_tokens_total",
+        "ray_vllm_prefix_cache_queries_total": "prefix_cache_queries_total",
+        "ray_vllm_prefix_cache_hits_total": "prefix_cache_hits_total",
         "ray_vllm_prompt_tokens_total": "prompt_tokens_total",
-        "ray_vllm:generation_tokens_total": "generation_tokens_total",
         "ray_vllm_generation_tokens_total": "generation_tokens_total",
-        "ray_vllm:time_to_first_token_seconds": "ttft_seconds",
+        "ray_vllm_request_success_total": "requests_finished_total",
         "ray_vllm_time_to_first_token_seconds": "ttft_seconds",
-        "ray_vllm:e2e_request_latency_seconds": "e2e_seconds",
+        "ray_vllm_inter_token_latency_seconds": "itl_seconds",
         "ray_vllm_e2e_request_latency_seconds": "e2e_seconds",
+        "ray_vllm_request_queue_time_seconds": "queue_seconds",
     }
 )
 
@@ -106,9 +109,12 @@ def llm_config(cfg: EngineConfig) -> dict[str, Any]:
     kwargs.update({k: v for k, v in pairs.items() if v is not None})
     kwargs.update(json.loads(cfg.env.get("RAYSERVE_ENGINE_KWARGS", "{}")))
     model_id = cfg.served_model_name or cfg.model
+    # stream_batching_interval_ms 0: llm_server.py `_get_batch_interval_ms` -> utils/batcher.py `Batcher.stream`
+    # yields each engine chunk on its own (ray 2.60.0); the default 50 ms window would make ITL Ray's batching window
     return {
         "model_loading_config": {"model_id": model_id, "model_source": cfg.model},
         "engine_kwargs": kwargs,
+        "experimental_configs": {"stream_batching_interval_ms": 0},
     }
 
 

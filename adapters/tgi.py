@@ -58,7 +58,10 @@ QUANTIZE = (
     "bitsandbytes-fp4",
     "fp8",
 )
-KV_DTYPES = ("fp8", "fp8_e4m3fn", "fp8_e5m2")
+# launcher/src/main.rs (TGI db931fcf, 2026-01-08): `enum KVCacheDtype` (clap names fp8_e4m3fn, fp8_e5m2; no
+# plain "fp8") and `enum Dtype` (float16, bfloat16)
+KV_DTYPES = ("fp8_e4m3fn", "fp8_e5m2")
+DTYPES = ("float16", "bfloat16")
 
 INFO = EngineInfo(
     name="tgi",
@@ -104,16 +107,23 @@ def _flags(cfg: EngineConfig, host: str, model: str, port: int) -> list[str]:
     )
     require(
         cfg.kv_cache_dtype is None or cfg.kv_cache_dtype in KV_DTYPES,
-        f"tgi: kv_cache_dtype={cfg.kv_cache_dtype} is not supported (fp8, fp8_e4m3fn, fp8_e5m2)",
+        f"tgi: kv_cache_dtype={cfg.kv_cache_dtype} is not supported (--kv-cache-dtype takes {', '.join(KV_DTYPES)})",
+    )
+    require(
+        cfg.dtype is None or cfg.dtype in DTYPES,
+        f"tgi: dtype={cfg.dtype} is not supported (--dtype takes {', '.join(DTYPES)})",
     )
     require(cfg.threads is None, "tgi: threads is not a launcher setting; remove --threads")
-    # flags: docs/source/reference/launcher.md (TGI snapshot 2026-01-08, read 2026-11-24)
+    # flags: launcher/src/main.rs `struct Args` (TGI db931fcf, 2026-01-08). `--num-shard` always: without it
+    # `find_num_shards` shards across every visible GPU (num_cuda_devices()). The batch cap is `--max-batch-size`;
+    # `--max-concurrent-requests` (default 128) answers HTTP 429 above its limit instead of queueing, so it is
+    # left at its default.
     flags = ["--model-id", model, "--hostname", host, "--port", str(port)]
-    flags += optional_flag("--num-shard", cfg.tensor_parallel if cfg.tensor_parallel != 1 else None)
+    flags += ["--num-shard", str(cfg.tensor_parallel)]
     flags += optional_flag("--quantize", cfg.quantization)
     flags += optional_flag("--dtype", cfg.dtype)
     flags += optional_flag("--kv-cache-dtype", cfg.kv_cache_dtype)
-    flags += optional_flag("--max-concurrent-requests", cfg.max_num_seqs)
+    flags += optional_flag("--max-batch-size", cfg.max_num_seqs)
     flags += optional_flag("--max-total-tokens", cfg.max_context)
     if cfg.max_context is not None:
         flags += ["--max-input-tokens", str(cfg.max_context - 1)]

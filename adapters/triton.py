@@ -3,9 +3,15 @@
 Engine settings live in the model repository, not on the command line: for the vLLM backend a `model.json` beside
 `config.pbtxt` holds vLLM engine arguments (`vllm_model_json` builds it); the TensorRT-LLM backend reads
 `config.pbtxt`. `EngineConfig.model` is the model repository; the tokenizer is `env["TRITON_TOKENIZER"]`.
-Quirks: the frontend forwards `ignore_eos` / `min_tokens`; the vLLM backend honours them, the TensorRT-LLM backend
-lacks `ignore_eos` (PITFALLS 10); usage in the last chunk with `stream_options.include_usage`; readiness is
-`/health/ready`; `/metrics` carries Triton's `nv_inference_*` plus, with the vLLM backend, `vllm:*` series.
+Quirks (triton-inference-server/server python/openai, commit e1db8a60, 2026-08-19): `engine/utils/triton.py`
+`_create_vllm_generate_request` forwards every sampling field, `ignore_eos` / `min_tokens` included, to the vLLM
+backend, while `_create_trtllm_generate_request` builds its inputs field by field and drops both: this adapter is the
+vLLM backend (the frontend's `--backend vllm` is passed), and `triton-trtllm` (adapters/triton_trtllm.py) the
+TensorRT-LLM backend, which cannot pin output lengths. Usage in the last chunk with `stream_options.include_usage`;
+readiness is `/health/ready`; `/metrics` carries Triton's `nv_inference_*`, and the vLLM backend adds its `vllm:*`
+series only with `REPORT_CUSTOM_METRICS` set in the model's config.pbtxt (vllm_backend src/model.py, commit
+8de0c148): the names of its src/utils/metrics.py, no running / waiting / KV-cache gauges. With several models in the
+repository the frontend serves them all: set `served_model_name` to the one to benchmark.
 """
 
 from __future__ import annotations
@@ -49,15 +55,16 @@ INFO = EngineInfo(
     container_image=IMAGE,
 )
 
-# Triton core metrics (docs/user_guide/metrics.md) and the vLLM backend's vllm:* series.
+# Triton core metrics (docs/user_guide/metrics.md) and the vLLM backend's vllm:* series (vllm_backend
+# src/utils/metrics.py, commit 8de0c148, 2026-01-09; only with REPORT_CUSTOM_METRICS). Its
+# `vllm:time_per_output_token_seconds` is observed once per decoding step of each request (per token).
+CORE_METRICS = {
+    "nv_inference_pending_request_count": "requests_waiting",
+    "nv_inference_request_success": "requests_finished_total",
+}
 METRICS = MetricMap(
     names={
-        "nv_inference_pending_request_count": "requests_waiting",
-        "nv_inference_request_success": "requests_finished_total",
-        "vllm:num_requests_running": "requests_running",
-        "vllm:num_requests_waiting": "requests_waiting",
-        "vllm:kv_cache_usage_perc": "kv_cache_usage",
-        "vllm:gpu_cache_usage_perc": "kv_cache_usage",
+        **CORE_METRICS,
         "vllm:prompt_tokens_total": "prompt_tokens_total",
         "vllm:generation_tokens_total": "generation_tokens_total",
         "vllm:time_to_first_token_seconds": "ttft_seconds",
@@ -90,24 +97,39 @@ def vllm_model_json(cfg: EngineConfig, hf_model: str) -> dict[str, Any]:
     return out
 
 
-def _flags(cfg: EngineConfig, host: str, repository: str) -> list[str]:
+def _flags(cfg: EngineConfig, host: str, repository: str, backend: str = "vllm") -> list[str]:
+    name = "triton" if backend == "vllm" else "triton-trtllm"
     for field, key in _IN_REPOSITORY.items():
         value = getattr(cfg, field)
         default = 1 if field == "tensor_parallel" else None
+        where = (
+            f'"{key}": {value!r} in {repository}/<model>/1/model.json (adapters.triton.vllm_model_json)'
+            if backend == "vllm"
+            else f"the TensorRT-LLM engine build and {repository}/<model>/config.pbtxt"
+        )
         require(
             value == default,
-            f"triton: {field}={value} is set in the model repository, not on the command line; put "
-            f'"{key}": {value!r} in {repository}/<model>/1/model.json (adapters.triton.vllm_model_json) and remove it',
+            f"{name}: {field}={value} is set in the model repository, not on the command line; put {where} and "
+            "remove it",
         )
-    require(cfg.threads is None, "triton: threads is not a frontend setting; remove --threads")
+    require(cfg.threads is None, f"{name}: threads is not a frontend setting; remove --threads")
     tokenizer = cfg.env.get("TRITON_TOKENIZER")
     require(
         tokenizer is not None,
-        "triton: the OpenAI frontend needs a tokenizer; set env TRITON_TOKENIZER=<hf id or path>",
+        f"{name}: the OpenAI frontend needs a tokenizer; set env TRITON_TOKENIZER=<hf id or path>",
     )
     # `python3 openai_frontend/main.py --model-repository R --tokenizer T` (python/openai/README.md, snapshot
     # 2026-08-19, read 2026-11-24); --host / --openai-port from main.py's argparse
-    flags = ["--model-repository", repository, "--tokenizer", str(tokenizer), "--host", host]
+    flags = [
+        "--model-repository",
+        repository,
+        "--tokenizer",
+        str(tokenizer),
+        "--backend",
+        backend,
+        "--host",
+        host,
+    ]
     return [*flags, "--openai-port", str(cfg.port), *cfg.extra_args]
 
 

@@ -5,9 +5,12 @@ TensorRT-LLM backend lacks `ignore_eos` (PITFALLS 10). Stream chunks can carry s
 TRT-LLM in the project's brief and PITFALLS 3; not re-verified in its source here), so per-chunk token counts are
 not trusted and usage decides. Prefix caching (`kv_cache_config.enable_block_reuse`), `dtype` and the KV-cache dtype
 live in the `--config` YAML, not on the command line. `/metrics` is JSON iteration statistics
-(docs/source/commands/trtllm-serve.rst); the Prometheus text of MetricsCollector (`trtllm_*` names, as documented by
-NVIDIA Dynamo for TRT-LLM 1.1) is expected at `/prometheus/metrics`, a path not confirmed from TRT-LLM's own docs
-(the live test takes ENGINEBENCH_METRICS_TRTLLM to override it).
+(docs/source/commands/trtllm-serve.rst); the Prometheus text of `tensorrt_llm/metrics/collector.py` MetricsCollector
+(`trtllm_*` names, 2026 source) is served at `/prometheus/metrics`, and only with `return_perf_metrics: true` in the
+`--config` YAML; its running / waiting / KV-cache gauges are filled from iteration statistics, which need
+`enable_iter_perf_stats: true`. So a launch always takes a `--config` file that sets both (the refusal prints the
+YAML). A `kv_cache_config` in that file replaces the one `--kv_cache_free_gpu_memory_fraction` builds, so the
+fraction is refused there and must go into the file as `kv_cache_config.free_gpu_memory_fraction`.
 """
 
 from __future__ import annotations
@@ -55,26 +58,31 @@ INFO = EngineInfo(
     container_image=IMAGE,
 )
 
-# MetricsCollector names as documented for TRT-LLM 1.1 (trtllm_ prefix; Dynamo's docs show `trtllm:` too).
+# `tensorrt_llm/metrics/collector.py` MetricsCollector (NVIDIA/TensorRT-LLM, 2026 source: metric_prefix "trtllm_";
+# its docstring lists every series). `trtllm_time_per_output_token_seconds` is one observation per request (its
+# mean time per output token), not per token, so it is not an ITL histogram and is not mapped.
 METRICS = MetricMap(
     names={
+        "trtllm_num_requests_running": "requests_running",
+        "trtllm_num_requests_waiting": "requests_waiting",
+        "trtllm_kv_cache_utilization": "kv_cache_usage",
+        "trtllm_prompt_tokens_total": "prompt_tokens_total",
+        "trtllm_generation_tokens_total": "generation_tokens_total",
+        "trtllm_prompt_cached_tokens_total": "prompt_tokens_cached_total",
         "trtllm_request_success_total": "requests_finished_total",
         "trtllm_time_to_first_token_seconds": "ttft_seconds",
-        "trtllm_time_per_output_token_seconds": "itl_seconds",
         "trtllm_e2e_request_latency_seconds": "e2e_seconds",
         "trtllm_request_queue_time_seconds": "queue_seconds",
-        "trtllm:request_success_total": "requests_finished_total",
-        "trtllm:time_to_first_token_seconds": "ttft_seconds",
-        "trtllm:time_per_output_token_seconds": "itl_seconds",
-        "trtllm:e2e_request_latency_seconds": "e2e_seconds",
-        "trtllm:request_queue_time_seconds": "queue_seconds",
     }
 )
+
+# what the Prometheus endpoint needs in the --config YAML (LLM API argument names)
+METRICS_YAML: Mapping[str, Any] = {"return_perf_metrics": True, "enable_iter_perf_stats": True}
 
 
 def yaml_needed(cfg: EngineConfig) -> dict[str, Any]:
     """The `--config` YAML keys the settings without a command-line flag need (LLM API argument names)."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = dict(METRICS_YAML)
     kv: dict[str, Any] = {}
     if cfg.prefix_caching is not None:
         kv["enable_block_reuse"] = cfg.prefix_caching
@@ -87,18 +95,76 @@ def yaml_needed(cfg: EngineConfig) -> dict[str, Any]:
     return out
 
 
+def _config_path(cfg: EngineConfig) -> str | None:
+    args = list(cfg.extra_args)
+    for i, arg in enumerate(args):
+        for flag in _CONFIG_FLAGS:
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _read_config(path: str) -> Mapping[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        require(
+            False, f"trtllm: cannot read the --config YAML {path} ({type(e).__name__}: {e}); fix the path"
+        )
+        return {}
+    require(
+        isinstance(loaded, Mapping), f"trtllm: the --config YAML {path} is not a mapping of LLM API arguments"
+    )
+    return loaded if isinstance(loaded, Mapping) else {}
+
+
+def _missing(needs: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of `needs` that `have` lacks or sets otherwise (nested one level, as kv_cache_config is)."""
+    out: dict[str, Any] = {}
+    for key, value in needs.items():
+        got = have.get(key)
+        if isinstance(value, Mapping):
+            sub = _missing(value, got if isinstance(got, Mapping) else {})
+            if sub:
+                out[key] = sub
+        elif got != value:
+            out[key] = value
+    return out
+
+
+def _check_config(cfg: EngineConfig) -> None:
+    """Every setting without a flag, and the metrics switches, must be in the --config YAML, which is read here."""
+    needs = yaml_needed(cfg)
+    path = _config_path(cfg)
+    have = _read_config(path) if path is not None else {}
+    missing = _missing(needs, have)
+    if missing:
+        snippet = yaml.safe_dump(missing, default_flow_style=True, sort_keys=False).strip()
+        where = (
+            f"add `{snippet}` to {path}"
+            if path
+            else f"put `{snippet}` in a YAML file and add `--config FILE`"
+        )
+        require(
+            False,
+            f"trtllm: its settings and Prometheus metrics (/prometheus/metrics) need LLM API options that have no "
+            f"trtllm-serve flag; {where} to the extra engine arguments",
+        )
+    require(
+        cfg.gpu_memory_fraction is None or "kv_cache_config" not in have,
+        f"trtllm: gpu_memory_fraction={cfg.gpu_memory_fraction} would be replaced by the kv_cache_config of {path}; "
+        f"set `free_gpu_memory_fraction: {cfg.gpu_memory_fraction}` inside its kv_cache_config and remove "
+        "--gpu-memory-fraction",
+    )
+
+
 def _flags(cfg: EngineConfig, host: str) -> list[str]:
     require(cfg.tensor_parallel >= 1, f"trtllm: tensor_parallel must be >= 1, not {cfg.tensor_parallel}")
     require(cfg.threads is None, "trtllm: threads is not a server setting; remove --threads")
-    needs = yaml_needed(cfg)
-    if needs and not any(f in cfg.extra_args for f in _CONFIG_FLAGS):
-        settings = [k for k in ("prefix_caching", "kv_cache_dtype", "dtype") if getattr(cfg, k) is not None]
-        snippet = yaml.safe_dump(needs, default_flow_style=True, sort_keys=False).strip()
-        require(
-            False,
-            f"trtllm: {', '.join(settings)} has no trtllm-serve flag; put `{snippet}` in a YAML file and add "
-            "`--config FILE` to the extra engine arguments",
-        )
+    _check_config(cfg)
     # flags: tensorrt_llm/commands/serve.py (click options; read 2026-11-24)
     flags = ["--host", host, "--port", str(cfg.port), "--backend", cfg.env.get("TRTLLM_BACKEND", "pytorch")]
     flags += optional_flag("--max_batch_size", cfg.max_num_seqs)

@@ -157,6 +157,11 @@ def test_llamacpp_kv_dtype_prefix_cache_and_extra() -> None:
         (EngineConfig(model=GGUF, dtype="float16"), "runs the GGUF's own precision"),
         (EngineConfig(model=GGUF, quantization="Q8_0"), "does not match the GGUF"),
         (EngineConfig(model=GGUF, gpu_memory_fraction=0.5), "no gpu_memory_fraction"),
+        # common/arg.cpp kv_cache_types (build 11434): "fp8" is no ggml type name, llama-server would exit at start
+        (
+            EngineConfig(model=GGUF, kv_cache_dtype="fp8"),
+            r"kv_cache_dtype=fp8 is not a cache type -ctk/-ctv take",
+        ),
     ],
 )
 def test_llamacpp_refuses(cfg: EngineConfig, message: str) -> None:

@@ -6,12 +6,25 @@ tests/fixtures/metrics/; sources in tests/fixtures/streams/README.md), and the k
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
-from adapters import lmdeploy, mii, mlc, ollama, rayserve, registry, sglang, tgi, triton, trtllm
+from adapters import (
+    lmdeploy,
+    mii,
+    mlc,
+    ollama,
+    rayserve,
+    registry,
+    sglang,
+    tgi,
+    triton,
+    triton_trtllm,
+    trtllm,
+)
 from adapters.base import Adapter, EngineConfig, StreamDelta
 from adapters.knowledge import ENGINE_FACTS, knowledge_document
 from adapters.prometheus import Histogram, scrape
@@ -20,7 +33,18 @@ from harness.sse import SSEParser
 from workloads.spec import RequestSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GPU_ENGINES = ("sglang", "lmdeploy", "trtllm", "tgi", "ollama", "mlc", "triton", "rayserve", "mii")
+GPU_ENGINES = (
+    "sglang",
+    "lmdeploy",
+    "trtllm",
+    "tgi",
+    "ollama",
+    "mlc",
+    "triton",
+    "triton-trtllm",
+    "rayserve",
+    "mii",
+)
 EVERY = EngineConfig(
     model="/models/m",
     served_model_name="m",
@@ -88,7 +112,10 @@ def test_local_status_says_why_and_how_to_attach(name: str) -> None:
     ok, why = registry.get(name).local_status()
     assert not ok
     assert why.startswith(f"{name}: not runnable here (")
-    assert f"--endpoint {name}=http://HOST:PORT" in why and f"ENGINEBENCH_ENDPOINT_{name.upper()}" in why
+    assert (
+        f"--endpoint {name}=http://HOST:PORT" in why
+        and f"ENGINEBENCH_ENDPOINT_{name.upper().replace('-', '_')}" in why
+    )
 
 
 # ---------------------------------------------------------------- command lines: every setting
@@ -99,7 +126,7 @@ def test_sglang_every_setting() -> None:
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
     assert pairs(argv) == {
         "--model-path": "/models/m", "--host": "127.0.0.1", "--port": "9001", "--enable-metrics": "",
-        "--served-model-name": "m", "--dtype": "bfloat16", "--quantization": "awq",
+        "--enable-cache-report": "", "--served-model-name": "m", "--dtype": "bfloat16", "--quantization": "awq",
         "--kv-cache-dtype": "fp8_e5m2", "--context-length": "8192", "--max-running-requests": "64",
         "--mem-fraction-static": "0.85", "--tp-size": "2", "--disable-radix-cache": "", "--x": "1",
     }  # fmt: skip
@@ -108,7 +135,7 @@ def test_sglang_every_setting() -> None:
 def test_sglang_defaults_leave_engine_defaults_alone() -> None:
     argv = sglang.launch_argv(EngineConfig(model="m"))
     assert argv == ["python3", "-m", "sglang.launch_server", "--model-path", "m", "--host", "127.0.0.1",
-                    "--port", "8000", "--enable-metrics"]  # fmt: skip
+                    "--port", "8000", "--enable-metrics", "--enable-cache-report"]  # fmt: skip
     assert "--disable-radix-cache" not in sglang.launch_argv(EngineConfig(model="m", prefix_caching=True))
 
 
@@ -133,20 +160,58 @@ def test_lmdeploy_every_setting() -> None:
     )
 
 
-def test_trtllm_every_flag_setting_and_yaml_settings() -> None:
+def _yaml(tmp_path: Path, text: str, name: str = "extra.yml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+METRICS_YAML = "return_perf_metrics: true\nenable_iter_perf_stats: true\n"
+
+
+def test_trtllm_every_flag_setting_and_yaml_settings(tmp_path: Path) -> None:
+    config = _yaml(tmp_path, METRICS_YAML)
     cfg = EngineConfig(model="/models/m", max_context=8192, max_num_seqs=64, tensor_parallel=2,
-                       gpu_memory_fraction=0.85, quantization="fp8", port=9001)  # fmt: skip
+                       gpu_memory_fraction=0.85, quantization="fp8", port=9001,
+                       extra_args=("--config", config))  # fmt: skip
     argv = trtllm.launch_argv(cfg)
     assert argv[:2] == ["trtllm-serve", "/models/m"]
     assert pairs(argv) == {
         "--host": "127.0.0.1", "--port": "9001", "--backend": "pytorch", "--max_batch_size": "64",
         "--max_seq_len": "8192", "--kv_cache_free_gpu_memory_fraction": "0.85", "--tp_size": "2",
+        "--config": config,
     }  # fmt: skip
     assert trtllm.yaml_needed(EVERY) == {
+        "return_perf_metrics": True, "enable_iter_perf_stats": True,
         "kv_cache_config": {"enable_block_reuse": False, "dtype": "fp8_e5m2"}, "dtype": "bfloat16",
     }  # fmt: skip
-    with_yaml = EngineConfig(model="m", prefix_caching=False, extra_args=("--config", "extra.yml"))
-    assert trtllm.launch_argv(with_yaml)[-2:] == ["--config", "extra.yml"]
+    reuse = _yaml(tmp_path, METRICS_YAML + "kv_cache_config:\n  enable_block_reuse: false\n", "reuse.yml")
+    with_yaml = EngineConfig(model="m", prefix_caching=False, extra_args=("--config", reuse))
+    assert trtllm.launch_argv(with_yaml)[-2:] == ["--config", reuse]
+
+
+def test_trtllm_needs_the_metrics_switches_in_its_yaml(tmp_path: Path) -> None:
+    """/prometheus/metrics answers only with return_perf_metrics, its gauges need enable_iter_perf_stats: a launch
+    without them is refused with the YAML to add; a YAML that sets one gets the other named."""
+    with pytest.raises(
+        ConfigError, match=r"put `\{return_perf_metrics: true, enable_iter_perf_stats: true\}`"
+    ):
+        trtllm.launch_argv(EngineConfig(model="m"))
+    half = _yaml(tmp_path, "return_perf_metrics: true\n")
+    with pytest.raises(ConfigError, match=r"add `\{enable_iter_perf_stats: true\}` to "):
+        trtllm.launch_argv(EngineConfig(model="m", extra_args=("--config", half)))
+
+
+def test_trtllm_refuses_a_memory_fraction_its_yaml_would_replace(tmp_path: Path) -> None:
+    """A kv_cache_config in the YAML replaces the KvCacheConfig --kv_cache_free_gpu_memory_fraction builds."""
+    config = _yaml(tmp_path, METRICS_YAML + "kv_cache_config:\n  enable_block_reuse: true\n")
+    cfg = EngineConfig(model="m", gpu_memory_fraction=0.8, extra_args=("--config", config))
+    with pytest.raises(ConfigError, match=r"set `free_gpu_memory_fraction: 0\.8` inside its kv_cache_config"):
+        trtllm.launch_argv(cfg)
+    without = _yaml(tmp_path, METRICS_YAML, "plain.yml")
+    assert "--kv_cache_free_gpu_memory_fraction" in trtllm.launch_argv(
+        EngineConfig(model="m", gpu_memory_fraction=0.8, extra_args=("--config", without))
+    )
 
 
 def test_tgi_every_setting_and_prefix_caching_env() -> None:
@@ -157,12 +222,20 @@ def test_tgi_every_setting_and_prefix_caching_env() -> None:
     assert argv[0] == "text-generation-launcher"
     assert pairs(argv) == {
         "--model-id": "/models/m", "--hostname": "127.0.0.1", "--port": "9001", "--num-shard": "2",
-        "--quantize": "awq", "--kv-cache-dtype": "fp8_e5m2", "--max-concurrent-requests": "64",
+        "--quantize": "awq", "--kv-cache-dtype": "fp8_e5m2", "--max-batch-size": "64",
         "--max-total-tokens": "8192", "--max-input-tokens": "8191", "--cuda-memory-fraction": "0.85",
     }  # fmt: skip
     assert tgi.launch_env(cfg)["PREFIX_CACHING"] == "0"
     assert "PREFIX_CACHING" not in tgi.launch_env(EngineConfig(model="m"))
     assert pairs(tgi.launch_argv(EngineConfig(model="m", dtype="bfloat16")))["--dtype"] == "bfloat16"
+
+
+def test_tgi_one_shard_is_said_and_the_batch_cap_queues() -> None:
+    """launcher/src/main.rs find_num_shards: no --num-shard shards across every visible GPU; the batch cap is
+    --max-batch-size, while --max-concurrent-requests (HTTP 429 above it) keeps its default."""
+    argv = tgi.launch_argv(EngineConfig(model="m", max_num_seqs=8))
+    assert pairs(argv)["--num-shard"] == "1" and pairs(argv)["--max-batch-size"] == "8"
+    assert "--max-concurrent-requests" not in argv
 
 
 def test_ollama_settings_are_environment() -> None:
@@ -195,8 +268,8 @@ def test_triton_settings_go_to_the_model_repository() -> None:
     argv = triton.launch_argv(cfg)
     assert argv[:2] == ["python3", triton.FRONTEND]
     assert pairs(argv) == {
-        "--model-repository": "/repo", "--tokenizer": "meta-llama/Llama-3.1-8B-Instruct", "--host": "127.0.0.1",
-        "--openai-port": "9001",
+        "--model-repository": "/repo", "--tokenizer": "meta-llama/Llama-3.1-8B-Instruct", "--backend": "vllm",
+        "--host": "127.0.0.1", "--openai-port": "9001",
     }  # fmt: skip
     assert triton.launch_env(cfg) == {}
     assert triton.vllm_model_json(EVERY, "meta-llama/Llama-3.1-8B-Instruct") == {
@@ -223,6 +296,8 @@ def test_rayserve_llm_config_carries_every_setting() -> None:
             "enable_prefix_caching": False, "max_model_len": 8192, "gpu_memory_utilization": 0.85,
             "dtype": "bfloat16",
         },
+        # Ray's 50 ms stream batching window off: each engine chunk is sent on its own
+        "experimental_configs": {"stream_batching_interval_ms": 0},
     }  # fmt: skip
     compile(argv[2], "<rayserve launcher>", "exec")  # the embedded launcher is valid Python
 
@@ -251,11 +326,14 @@ REFUSALS = [
     (lmdeploy.launch_argv, EngineConfig(model="m", kv_cache_dtype="fp4"), "lmdeploy: kv_cache_dtype=fp4"),
     (lmdeploy.launch_argv, EngineConfig(model="m", quantization="bitsandbytes"), "--model-format"),
     (trtllm.launch_argv, EngineConfig(model="m", prefix_caching=False),
-     "trtllm: prefix_caching has no trtllm-serve flag; put `{kv_cache_config: {enable_block_reuse: false}}` in a YAML"),
-    (trtllm.launch_argv, EngineConfig(model="m", dtype="float16"), "trtllm: dtype has no trtllm-serve flag; put `{dtype: float16}`"),
+     "enable_iter_perf_stats: true, kv_cache_config: {enable_block_reuse: false}}` in a YAML"),
+    (trtllm.launch_argv, EngineConfig(model="m", dtype="float16"), "enable_iter_perf_stats: true, dtype: float16}`"),
     (tgi.launch_argv, EngineConfig(model="m", quantization="q4_0"), "tgi: quantization=q4_0 is not supported"),
     (tgi.launch_argv, EngineConfig(model="m", quantization="awq", dtype="float16"), "--dtype excludes --quantize"),
     (tgi.launch_argv, EngineConfig(model="m", kv_cache_dtype="int8"), "tgi: kv_cache_dtype=int8"),
+    (tgi.launch_argv, EngineConfig(model="m", kv_cache_dtype="fp8"),
+     "tgi: kv_cache_dtype=fp8 is not supported (--kv-cache-dtype takes fp8_e4m3fn, fp8_e5m2)"),
+    (tgi.launch_argv, EngineConfig(model="m", dtype="float32"), "tgi: dtype=float32 is not supported (--dtype takes"),
     (mlc.launch_argv, EngineConfig(model="Llama-3-8B-q4f16_1-MLC", quantization="q0f16"), "compiled into the MLC"),
     (mlc.launch_argv, EngineConfig(model="m", kv_cache_dtype="fp8"), "mlc: kv_cache_dtype"),
     (mlc.launch_argv, EngineConfig(model="m", dtype="float16"), "mlc: dtype"),
@@ -264,6 +342,8 @@ REFUSALS = [
     (triton.launch_argv, EngineConfig(model="/repo", max_context=4096, env={"TRITON_TOKENIZER": "t"}),
      '"max_model_len": 4096'),
     (triton.launch_argv, EngineConfig(model="/repo"), "triton: the OpenAI frontend needs a tokenizer"),
+    (triton_trtllm.launch_argv, EngineConfig(model="/repo", max_context=4096, env={"TRITON_TOKENIZER": "t"}),
+     "triton-trtllm: max_context=4096 is set in the model repository"),
     (rayserve.launch_argv, EngineConfig(model="m", extra_args=("--x",)), "rayserve: extra_args"),
     (mii.launch_argv, EngineConfig(model="m", prefix_caching=True), "mii: prefix_caching=True is not supported"),
     (mii.launch_argv, EngineConfig(model="m", quantization="awq"), "mii: quantization=awq"),
@@ -301,6 +381,7 @@ def test_containers_publish_the_port_and_mount_a_local_model(tmp_path: Path) -> 
         "--model-id": "/data",
         "--hostname": "0.0.0.0",
         "--port": "80",
+        "--num-shard": "1",
     }
 
     lm = lmdeploy.container_argv(
@@ -310,7 +391,8 @@ def test_containers_publish_the_port_and_mount_a_local_model(tmp_path: Path) -> 
         "lmdeploy", "serve", "api_server", "internlm/internlm2_5-7b-chat"]  # fmt: skip
     assert pairs(lm)["--backend"] == "pytorch"
 
-    tr = trtllm.container_argv(cfg)
+    config = _yaml(tmp_path, METRICS_YAML)
+    tr = trtllm.container_argv(EngineConfig(model=str(model), port=9001, extra_args=("--config", config)))
     assert "memlock=-1" in tr and "stack=67108864" in tr and tr[tr.index(trtllm.IMAGE) + 1] == "trtllm-serve"
 
     ol = ollama.container_argv(EngineConfig(model="llama3", port=9001, max_num_seqs=4))
@@ -343,7 +425,8 @@ def spec(pin: bool = True, api: str = "chat") -> RequestSpec:
         (triton.ADAPTER, {"ignore_eos": True}),
         (rayserve.ADAPTER, {"ignore_eos": True}),
         (mlc.ADAPTER, {"debug_config": {"ignore_eos": True}}),
-        (mii.ADAPTER, {"min_tokens": 32}),
+        (mii.ADAPTER, {"min_tokens": 32 + mii.prompt_token_bound(spec())}),
+        (triton_trtllm.ADAPTER, {}),
         (tgi.ADAPTER, {}),
         (ollama.ADAPTER, {}),
     ],
@@ -381,7 +464,7 @@ def test_tokenizer_calls_and_versions() -> None:
     assert tgi.tokens_from([{"id": 7, "text": "a", "start": 0, "stop": 1}]) == [7]
     with pytest.raises(EngineError, match="no tokenize endpoint"):
         ollama.tokenize_call("ab", "m")
-    # /info (TGI openapi Info.version), /api/version (Ollama), /version (trtllm-serve), /get_server_info (SGLang)
+    # /info (TGI openapi Info.version), /api/version (Ollama), /version (trtllm-serve), /server_info (SGLang)
     assert tgi.version_from({"model_id": "x", "version": "3.3.5"}) == "3.3.5"
     assert ollama.version_from({"version": "0.12.3"}) == "0.12.3"
     assert trtllm.version_from({"version": "1.2.0"}) == "1.2.0"
@@ -490,13 +573,8 @@ def test_trtllm_metrics_from_the_documented_dump() -> None:
     ttft = got["ttft_seconds"]
     assert isinstance(ttft, Histogram) and (ttft.count, ttft.sum) == (150.0, 8.75)
     assert ttft.buckets == ((0.01, 0.0), (0.05, 12.0))
-    assert set(got) == {
-        "requests_finished_total",
-        "ttft_seconds",
-        "e2e_seconds",
-        "itl_seconds",
-        "queue_seconds",
-    }
+    # trtllm_time_per_output_token_seconds (one per-request mean per request) is not an ITL histogram
+    assert set(got) == {"requests_finished_total", "ttft_seconds", "e2e_seconds", "queue_seconds"}
 
 
 def test_triton_metrics_from_the_documented_dump() -> None:
@@ -530,9 +608,151 @@ def test_knowledge_document_reads_as_matrix_knowledge() -> None:
     for name, entry in doc["engines"].items():
         assert entry["facts"], name
         for fact in entry["facts"]:
-            assert fact["source"] and fact["date"] == "2026-11-24", (name, fact)
+            assert fact["source"] and fact["date"] in ("2026-11-24", "2026-12-07"), (name, fact)
     for name in GPU_ENGINES:  # EngineInfo carries the same maintenance line and sources
         info = registry.get(name).info
         assert (
             info.maintenance == ENGINE_FACTS[name].maintenance and info.sources == ENGINE_FACTS[name].sources
         )
+
+
+# ---------------------------------------------------------------- issue 20: defects found against the engines' source
+
+FAKE_OLLAMA = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+port, calls = int(sys.argv[1]), sys.argv[2]
+models = ["other:latest"]  # another model already pulled: it is listed first
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def answer(self, obj, status=200):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/":
+            return self.answer("Ollama is running")
+        if self.path == "/v1/models":
+            return self.answer({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+        self.answer({"error": "not found"}, 404)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(calls, "a") as f:
+            f.write(json.dumps([self.path, req]) + "\\n")
+        if self.path == "/api/pull":
+            if req["model"] == "missing:latest":
+                return self.answer({"error": "pull model manifest: file does not exist"}, 500)
+            models.append(req["model"])
+            return self.answer({"status": "success"})
+        if self.path == "/api/generate" and req["model"] in models and "prompt" not in req:
+            return self.answer({"model": req["model"], "done": True, "done_reason": "load"})
+        self.answer({"error": "model not found"}, 404)
+
+
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def _fake_ollama(tmp_path: Path) -> tuple[Adapter, Path]:
+    from dataclasses import replace
+
+    script, calls = tmp_path / "fake_ollama.py", tmp_path / "calls.jsonl"
+    script.write_text(FAKE_OLLAMA)
+
+    def argv(cfg: EngineConfig) -> list[str]:
+        return [sys.executable, str(script), str(cfg.port), str(calls)]
+
+    return replace(ollama.ADAPTER, launch_argv=argv, launch_env=lambda cfg: {}), calls
+
+
+async def test_ollama_pulls_and_loads_the_configured_model_before_the_run(tmp_path: Path) -> None:
+    """`ollama serve` starts empty: the configured model is pulled and loaded before anything is measured, and the
+    requests name it even though /v1/models lists another model first."""
+    from adapters.process import launched
+
+    adapter, calls = _fake_ollama(tmp_path)
+    cfg = EngineConfig(model="llama3.2:1b", port=0)
+    async with launched(adapter, cfg, tmp_path / "ollama.log", ready_timeout=30) as ep:
+        assert ep.model == "llama3.2:1b"
+        sent = [orjson.loads(line) for line in calls.read_text().splitlines()]
+    assert sent == [
+        ["/api/pull", {"model": "llama3.2:1b", "stream": False}],
+        ["/api/generate", {"model": "llama3.2:1b", "keep_alive": -1}],
+    ]
+    # a tag without ":" is what Ollama lists as "<name>:latest"
+    assert ollama.served_model(EngineConfig(model="llama3")) == "llama3:latest"
+
+
+async def test_ollama_pull_failure_stops_the_launch_with_the_engine_answer(tmp_path: Path) -> None:
+    from adapters.process import launched
+
+    adapter, _ = _fake_ollama(tmp_path)
+    with pytest.raises(
+        EngineError, match=r"POST /api/pull before the run gave HTTP 500: .*file does not exist"
+    ):
+        async with launched(
+            adapter, EngineConfig(model="missing", port=0), tmp_path / "o.log", ready_timeout=30
+        ):
+            pass
+
+
+def test_a_launched_engine_serves_the_configured_model_not_the_first_listed() -> None:
+    from adapters.process import pick_model
+
+    assert pick_model(["a", "b"], "b", "triton") == "b"
+    assert pick_model(["only"], None, "triton") == "only"
+    with pytest.raises(EngineError, match=r"triton serves several models \(a, b\) and none is configured"):
+        pick_model(["a", "b"], None, "triton")
+    with pytest.raises(EngineError, match=r"does not serve the configured model 'c'; /v1/models lists a, b"):
+        pick_model(["a", "b"], "c", "triton")
+
+
+def test_mii_sends_no_temperature_and_a_min_tokens_above_prompt_plus_output() -> None:
+    """MII rejects temperature 0 (GenerateParamsConfig.temperature gt=0) and compares min_new_tokens with prompt +
+    output tokens (Request.is_done): min_tokens must exceed the prompt's tokens plus max_tokens."""
+    long_prompt = "word " * 400  # 2,000 bytes: far more tokens than max_tokens
+    body = mii.build(RequestSpec("r", "completions", 32, prompt=long_prompt), "m", True).body or {}
+    assert "temperature" not in body
+    assert body["min_tokens"] >= 32 + len(long_prompt.encode()) and body["max_tokens"] == 32
+    assert "min_tokens" not in (mii.build(RequestSpec("r", "completions", 32, prompt="x", pin_output=False), "m",
+                                          True).body or {})  # fmt: skip
+
+
+def test_rayserve_metrics_are_the_sanitized_ray_names() -> None:
+    """Ray's exporter turns `vllm:x` into `ray_vllm_x`; no `:` spelling can appear."""
+    assert rayserve.METRICS.names and all(n.startswith("ray_vllm_") for n in rayserve.METRICS.names)
+    assert rayserve.INFO.tokens_per_chunk == "variable"  # an attached app batches chunks for 50 ms by default
+
+
+def test_triton_metric_map_names_only_what_its_backends_export() -> None:
+    """The vLLM backend exports no running / waiting / KV gauges (vllm_backend src/utils/metrics.py); the TRT-LLM
+    flavour maps Triton's core counters only, and is launched with --backend tensorrtllm."""
+    assert "requests_running" not in triton.METRICS.names.values()
+    assert "kv_cache_usage" not in triton.METRICS.names.values()
+    assert set(triton_trtllm.METRICS.names) == {
+        "nv_inference_pending_request_count",
+        "nv_inference_request_success",
+    }
+    argv = triton_trtllm.launch_argv(EngineConfig(model="/repo", env={"TRITON_TOKENIZER": "t"}))
+    assert pairs(argv)["--backend"] == "tensorrtllm"
+    assert not triton_trtllm.INFO.honours_ignore_eos and not triton_trtllm.INFO.honours_min_tokens
+
+
+def test_sglang_reads_its_version_from_server_info() -> None:
+    assert sglang.INFO.version_path == "/server_info"  # /get_server_info is a deprecated alias
+
+
+def test_lmdeploy_chunks_can_carry_several_tokens() -> None:
+    assert (
+        lmdeploy.INFO.tokens_per_chunk == "variable"
+    )  # every token since the last read (async_engine.generate)

@@ -29,7 +29,7 @@ from workloads.spec import RequestSpec
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(1800)]
 
-ENGINES = ("sglang", "lmdeploy", "trtllm", "tgi", "ollama", "mlc", "triton", "rayserve", "mii")
+ENGINES = ("sglang", "lmdeploy", "trtllm", "tgi", "ollama", "mlc", "triton", "triton-trtllm", "rayserve", "mii")
 MAX_TOKENS = 16
 SPEC = RequestSpec(
     "live-0", "chat", MAX_TOKENS, messages=({"role": "user", "content": "Count from one to twenty."},)
@@ -37,7 +37,7 @@ SPEC = RequestSpec(
 
 
 def _env(prefix: str, name: str) -> str | None:
-    return os.environ.get(f"ENGINEBENCH_{prefix}_{name.upper()}") or None
+    return os.environ.get(f"ENGINEBENCH_{prefix}_{name.upper().replace('-', '_')}") or None
 
 
 @contextlib.asynccontextmanager

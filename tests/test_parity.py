@@ -97,7 +97,21 @@ def test_engine_default_prefix_caching_is_used_when_not_requested() -> None:
     lm = EngineSide("lmdeploy", EngineConfig(model="m"))  # --enable-prefix-caching is off by default
     (w,) = parity_check([ref, lm])
     assert w.kind == "prefix_caching" and "sglang has it on, lmdeploy has it off" in w.message
-    assert parity_check([EngineSide("vllm", EngineConfig(model="m")), lm]) == []  # vllm default: not stated
+    # vLLM's default is on (vllm/engine/arg_utils.py): LMDeploy against vLLM, both at their defaults, differ
+    (w,) = parity_check([EngineSide("vllm", EngineConfig(model="m")), lm])
+    assert w.kind == "prefix_caching" and "vllm has it on, lmdeploy has it off" in w.message
+
+
+@pytest.mark.parametrize("name", ["vllm", "llamacpp", "trtllm", "tgi", "triton", "rayserve"])
+def test_every_engine_with_a_known_prefix_cache_default_is_compared(name: str) -> None:
+    """Each of these caches prefixes unless told not to (sources in adapters/parity.py): at their defaults they
+    differ from LMDeploy, and agree with it once told --no-prefix-caching."""
+    lm = EngineSide("lmdeploy", EngineConfig(model="m"))
+    assert [w.kind for w in parity_check([EngineSide(name, EngineConfig(model="m")), lm])] == [
+        "prefix_caching"
+    ]
+    off = EngineSide(name, EngineConfig(model="m", prefix_caching=False))
+    assert parity_check([off, lm]) == []
 
 
 def test_chat_templates_compare_modulo_whitespace() -> None:
