@@ -30,6 +30,7 @@ __all__ = [
     "Hardware",
     "HttpCall",
     "MetricMap",
+    "Prepares",
     "StreamDelta",
     "Tokenizes",
     "Usage",
@@ -219,6 +220,16 @@ class Tokenizes(Protocol):
     def tokenize_call(self, text: str, model: str, add_special: bool = False) -> HttpCall: ...
 
     def tokens_from(self, payload: Mapping[str, Any]) -> list[int]: ...
+
+
+@runtime_checkable
+class Prepares(Protocol):
+    """Optional extension: HTTP calls made once the engine is ready and before anything is measured (Ollama pulls and
+    loads the configured model), and the model id requests must name."""
+
+    def prepare_calls(self, cfg: EngineConfig) -> list[HttpCall]: ...
+
+    def served_model(self, cfg: EngineConfig) -> str: ...
 
 
 @dataclass(frozen=True)

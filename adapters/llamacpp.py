@@ -58,6 +58,8 @@ __all__ = [
 CPU_IMAGE = "ghcr.io/ggml-org/llama.cpp:server"
 CUDA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda"
 _GPU_FLAGS = ("-ngl", "--gpu-layers", "--n-gpu-layers")
+# -ctk / -ctv values: common/arg.cpp `kv_cache_types` (build 11434), matched by ggml_type_name
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 # hardware, maintenance status, sources: one record (adapters.knowledge), shared with `bench decide`
 _FACTS = ENGINE_FACTS["llamacpp"]
@@ -128,6 +130,11 @@ def _engine_flags(cfg: EngineConfig, model: str, host: str) -> list[str]:
     require(
         cfg.gpu_memory_fraction is None,
         "llama.cpp has no gpu_memory_fraction; offload layers with -ngl N in extra_args",
+    )
+    require(
+        cfg.kv_cache_dtype is None or cfg.kv_cache_dtype in KV_CACHE_TYPES,
+        f"llama.cpp: kv_cache_dtype={cfg.kv_cache_dtype} is not a cache type -ctk/-ctv take "
+        f"({', '.join(KV_CACHE_TYPES)})",
     )
     flags = ["-m", model, "--host", host, "--port", str(cfg.port)]
     flags += optional_flag("--alias", cfg.served_model_name)

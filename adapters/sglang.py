@@ -2,7 +2,10 @@
 
 Quirks: honours `ignore_eos` and `min_tokens` as extra body fields; usage in streams with
 `stream_options.include_usage`; one token per chunk by default (`--stream-interval 1`), several with speculative
-decoding or a larger stream interval; metrics only with `--enable-metrics` (always added here).
+decoding or a larger stream interval; metrics only with `--enable-metrics` and cached-token counts in usage
+(`prompt_tokens_details.cached_tokens`) only with `--enable-cache-report` (both always added here; sglang 0.5.23
+srt/arg_groups/fields/serving.py, srt/entrypoints/openai/usage_processor.py). The version is read from
+`/server_info` (`/get_server_info` is its deprecated alias, srt/entrypoints/http_server.py).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ INFO = EngineInfo(
     tokens_per_chunk="variable",  # one by default; several with speculative decoding or --stream-interval > 1
     tokenize_path="/tokenize",
     health_path="/health",
-    version_path="/get_server_info",
+    version_path="/server_info",
     metrics_path="/metrics",
     maintenance=_FACTS.maintenance,
     sources=_FACTS.sources,
@@ -80,6 +83,7 @@ def _flags(cfg: EngineConfig, host: str, model: str) -> list[str]:
     )
     # flags: docs.sglang.io/advanced_features/server_arguments.html, read 2026-11-24
     flags = ["--model-path", model, "--host", host, "--port", str(cfg.port), "--enable-metrics"]
+    flags.append("--enable-cache-report")
     flags += optional_flag("--served-model-name", cfg.served_model_name)
     flags += optional_flag("--dtype", cfg.dtype)
     flags += optional_flag("--quantization", cfg.quantization)
