@@ -42,6 +42,7 @@ def test_vllm_minimal_argv_and_cpu_env() -> None:
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_SERVER_DEV_MODE": "1",  # registers POST /reset_prefix_cache (issue 21)
     }
 
 
