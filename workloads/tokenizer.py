@@ -7,8 +7,12 @@ Three implementations of one `Tokenizer` protocol:
   prompts, never during one; it is the only place under `workloads/` that talks to a socket, and only when the
   composition root hands one in.
 - `LocalTokenizer`: the model's tokenizer (+ chat template) read from disk with the `tokenizers` library: a Hugging
-  Face folder's `tokenizer.json`, or the tokenizer a GGUF file embeds. Never downloads anything.
+  Face folder, its `tokenizer.json` file, or the tokenizer a GGUF file embeds. Never downloads anything.
 - `SimpleTokenizer`: a deterministic, model-free tokenizer FOR TESTS ONLY. Its counts mean nothing for any model.
+
+`ChosenTokenizer` says whether the one a run builds prompts with is the served model's own (exact lengths) or a
+stand-in (approximate lengths: the server's usage then gives the actual ones). `NoTokenizeRoute` is the engine
+answering that it has no tokenize endpoint (a proxy, a hosted API), which a run takes as "use a stand-in".
 
 `count_prompt` is what the engine prefills for a completions prompt (special tokens such as BOS included);
 `count_chat` is what it prefills for a chat request after its chat template (pitfall: templates add tokens the client
@@ -22,14 +26,17 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from harness.errors import ConfigError, EndpointError
 
 __all__ = [
+    "ChosenTokenizer",
     "EngineTokenizer",
     "LocalTokenizer",
+    "NoTokenizeRoute",
     "SimpleTokenizer",
     "Tokenizer",
     "render_chat_template",
@@ -139,9 +146,11 @@ def _token_text(value: Any) -> str | None:
 class LocalTokenizer:
     """The model's own tokenizer read from disk with the `tokenizers` library; never touches the network.
 
-    `path` is either a Hugging Face folder (`tokenizer.json`, `tokenizer_config.json`, optionally
-    `chat_template.jinja`) or a GGUF file, whose embedded tokenizer (gpt2-style BPE: `tokenizer.ggml.tokens`,
-    `merges`, `pre`) and chat template are rebuilt with the pre-tokenizer llama.cpp uses for that `pre` type.
+    `path` is a Hugging Face folder (`tokenizer.json`, `tokenizer_config.json`, optionally
+    `chat_template.jinja`), a `tokenizer.json` file (its folder's `tokenizer_config.json` and
+    `chat_template.jinja` are read when present), or a GGUF file, whose embedded tokenizer (gpt2-style BPE:
+    `tokenizer.ggml.tokens`, `merges`, `pre`) and chat template are rebuilt with the pre-tokenizer llama.cpp uses
+    for that `pre` type.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -155,20 +164,33 @@ class LocalTokenizer:
         self._add_bos: str | None = None  # a GGUF that asks for BOS: prepended by count_prompt
         if self.path.is_file() and self.path.suffix == ".gguf":
             self._from_gguf()
+        elif self.path.is_file() and self.path.suffix == ".json":
+            self._from_folder(self.path.parent, self.path)
         elif (self.path / "tokenizer.json").is_file():
-            self._from_folder()
+            self._from_folder(self.path, self.path / "tokenizer.json")
         else:
             raise ConfigError(
-                f"no tokenizer at {self.path}: point at the model's Hugging Face folder (with tokenizer.json) "
-                "or its .gguf file"
+                f"no tokenizer at {self.path}: point at the model's Hugging Face folder (with tokenizer.json), "
+                "its tokenizer.json or its .gguf file"
             )
-        self.name = f"local:{self.path.name}"
+        self.name = (
+            f"local:{self.path.parent.name}/{self.path.name}"
+            if self.path.suffix == ".json"
+            else f"local:{self.path.name}"
+        )
 
-    def _from_folder(self) -> None:
+    def _from_folder(self, folder: Path, tokenizer_json: Path) -> None:
         from tokenizers import Tokenizer as HfTokenizer
 
-        self._tok = HfTokenizer.from_file(str(self.path / "tokenizer.json"))
-        config_path = self.path / "tokenizer_config.json"
+        try:
+            self._tok = HfTokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # the library raises a bare Exception for a file it cannot parse
+            raise ConfigError(
+                f"{tokenizer_json} is not a tokenizer the `tokenizers` library reads ({e}); give the model's "
+                "tokenizer.json (as saved by transformers or tokenizers) or its .gguf file"
+            ) from None
+        self._dir = folder
+        config_path = folder / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self._special = {
             key: text
@@ -230,7 +252,7 @@ class LocalTokenizer:
         self._template = template if isinstance(template, str) else None
 
     def _find_template(self, config: Mapping[str, Any]) -> str | None:
-        jinja = self.path / "chat_template.jinja"
+        jinja = self._dir / "chat_template.jinja"
         if jinja.is_file():
             return jinja.read_text()
         template = config.get("chat_template")
@@ -246,7 +268,9 @@ class LocalTokenizer:
         return str(self._tok.decode(list(ids), skip_special_tokens=False))
 
     def count_prompt(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=True).ids)
+        # a GGUF's rebuilt tokenizer has no post-processor: llama.cpp adds its BOS itself when the file asks
+        bos = 0 if self._add_bos is None else 1
+        return len(self._tok.encode(text, add_special_tokens=True).ids) + bos
 
     def chat_prompt(self, messages: Messages) -> str:
         if self._template is None:
@@ -254,13 +278,25 @@ class LocalTokenizer:
         return render_chat_template(self._template, messages, self._special)
 
     def count_chat(self, messages: Messages) -> int:
-        # transformers' apply_chat_template tokenizes the rendered text without adding special tokens again
-        return len(self._tok.encode(self.chat_prompt(messages), add_special_tokens=False).ids)
+        # transformers' apply_chat_template tokenizes the rendered text without adding special tokens again.
+        # llama.cpp (a GGUF that asks for BOS) strips a leading BOS from the rendered text and tokenizes it with
+        # BOS added (llama.cpp b11434 common/chat.cpp, `if (inputs.add_bos && string_starts_with(result, bos))`)
+        rendered = self.chat_prompt(messages)
+        if self._add_bos is None:
+            return len(self._tok.encode(rendered, add_special_tokens=False).ids)
+        rendered = rendered.removeprefix(self._add_bos)
+        return len(self._tok.encode(rendered, add_special_tokens=False).ids) + 1
 
 
 # --------------------------------------------------------------------------------------------- engine endpoint
 
 Dialect = Literal["vllm", "llamacpp"]
+# statuses that mean "no such route here" (not found, method not allowed, not implemented), not a failing engine
+_NO_ROUTE = frozenset({404, 405, 501})
+
+
+class NoTokenizeRoute(EndpointError):
+    """The server answered that it has no tokenize endpoint (a proxy or hosted API in front of the engine)."""
 
 
 class EngineTokenizer:
@@ -292,9 +328,8 @@ class EngineTokenizer:
                 answer = json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode(errors="replace")
-            raise EndpointError(
-                f"POST {url} failed: HTTP {e.code} {detail}; does this engine offer {path}?"
-            ) from e
+            error = NoTokenizeRoute if e.code in _NO_ROUTE else EndpointError
+            raise error(f"POST {url} failed: HTTP {e.code} {detail}; does this engine offer {path}?") from e
         except (urllib.error.URLError, OSError) as e:
             raise EndpointError(f"POST {url} failed: {e}; is the engine running?") from e
         if not isinstance(answer, dict):
@@ -344,6 +379,20 @@ class EngineTokenizer:
         return len(self._tokens(self._post("/tokenize", body2), "/tokenize"))
 
 
+@dataclass(frozen=True)
+class ChosenTokenizer:
+    """The tokenizer a run builds an engine's prompts with, and whether its counts are the served model's.
+
+    `exact` is True for the engine's own tokenize endpoint, the model files it was launched from, or a tokenizer
+    the user named (`--tokenizer`); False for a stand-in, whose prompt lengths are approximate (the server's usage
+    then says what they were). `why` is one line for the run's events and notes.
+    """
+
+    tokenizer: Tokenizer
+    exact: bool
+    why: str
+
+
 def tokenizer_from(spec: str) -> Tokenizer:
     """A tokenizer from a command-line value: `simple` (tests only), a Hugging Face folder,
     `llamacpp:URL`, or `vllm:URL:MODEL` (the engine's tokenize endpoint)."""
@@ -362,6 +411,6 @@ def tokenizer_from(spec: str) -> Tokenizer:
     if Path(spec).expanduser().exists():
         return LocalTokenizer(spec)
     raise ConfigError(
-        f"tokenizer {spec!r}: expected `simple`, a model folder with tokenizer.json, a .gguf file, llamacpp:URL "
-        "or vllm:URL:MODEL"
+        f"tokenizer {spec!r}: expected `simple`, a model folder with tokenizer.json, a tokenizer.json, a .gguf "
+        "file, llamacpp:URL or vllm:URL:MODEL"
     )

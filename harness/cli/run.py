@@ -42,6 +42,7 @@ _RUN_SHAPING = (
     "engines", "endpoint", "workload", "concurrency", "rate", "arrival", "burstiness", "requests", "duration",
     "warmup", "cooldown", "error_budget", "seed", "slo", "out", "set_", "stream", "stall_timeout",
     "request_timeout", "ready_timeout", "repeat", "engine_nice", "engine_set", "replay_prompts",
+    "tokenizer",
 )  # fmt: skip
 
 
@@ -167,6 +168,13 @@ def run(
         typer.Option(help="Environment variable holding the endpoint's API key (never written out)."),
     ] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the endpoint's API key.")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="The served model's tokenizer for exact prompt lengths on any engine: its Hugging Face folder, "
+            "tokenizer.json or .gguf (default: the engine's /tokenize, else a stand-in and approximate lengths)."
+        ),
+    ] = None,
     repeat: Annotated[
         int, typer.Option(help="Run each load point this many times back to back (for `bench gate`).")
     ] = 1,
@@ -229,6 +237,10 @@ def run(
         import dataclasses
 
         cfg = dataclasses.replace(cfg, replay_of=str(replay_prompts))
+    if tokenizer is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, tokenizer=str(tokenizer))
     if distributed:
         import dataclasses
 
