@@ -89,7 +89,9 @@ __all__ = [
 
 StopReason = Literal["requests", "duration", "error_budget", "specs_exhausted", "aborted"]
 CPU_INTERVAL_S = 0.5
-CPU_SATURATED = 0.85  # mean utilisation of one core above which the client, not the server, may set the pace
+# mean utilisation of one core above which the client, not the server, may set the pace: `bench calibrate` finds its
+# ceiling by it; a run's verdict uses VerdictPolicy.max_client_cpu_util (the summary derives `saturated` from that)
+CPU_SATURATED = 0.85
 _SCHEDULE_BLOCK = 4096
 GC_VALVE = 200_000  # containers a point keeps alive beyond those it freed, at which the paused collector runs
 

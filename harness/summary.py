@@ -170,6 +170,17 @@ def _input_tokens(rec: RequestRecord) -> tuple[int | None, str]:
     return None, "none"
 
 
+def _client_cpu(raw: Mapping[str, Any] | None, policy: VerdictPolicy) -> ClientCpu | None:
+    """The client's CPU over the point, saturated by the policy's bound on its mean use (the runner's own flag, from
+    runs before this rule, is kept only where the mean is unknown)."""
+    if not raw:
+        return None
+    cpu = ClientCpu.model_validate(raw)
+    if cpu.mean_util is None:
+        return cpu
+    return cpu.model_copy(update={"saturated": cpu.mean_util > policy.max_client_cpu_util})
+
+
 def summarize_point(
     records: Iterable[RequestRecord],
     meta: PointMeta,
@@ -222,7 +233,7 @@ def summarize_point(
             and ev.get("point") == meta.point
         ):
             end_event = ev
-    cpu = ClientCpu.model_validate(end_event["client_cpu"]) if end_event.get("client_cpu") else None
+    cpu = _client_cpu(end_event.get("client_cpu"), policy or VerdictPolicy())
 
     server = [
         (r.output_tokens, r.client_output_tokens or sum(r.chunk_tokens))

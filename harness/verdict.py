@@ -136,13 +136,13 @@ class PointChecks(BaseModel):
     # findings that do not make the point invalid by themselves: TTFT above the engine's histogram by the server's
     # time outside it, or by the client's own delays (harness.reconcile's outside_engine / client_delayed)
     engine_notes: list[str] = []
-    # set where the prompts were built with a stand-in tokenizer (a note, not a reason: the server's counts are used)
-    approximate_inputs: ApproximateInputs | None = None
     # share of the prompt tokens the engine's prefix cache served, and the share the workload meant it to serve
     # (harness.cache); `cache_replayed`: the prompts replay an earlier run's, so a warm cache is expected
     cache_share: float | None = None
     cache_expected_share: float | None = None
     cache_replayed: bool = False
+    # set where the prompts were built with a stand-in tokenizer (a note, not a reason: the server's counts are used)
+    approximate_inputs: ApproximateInputs | None = None
 
 
 class VerdictReason(BaseModel):
@@ -259,9 +259,11 @@ def judge(c: PointChecks, p: VerdictPolicy | None = None) -> Verdict:
             "the client read their ends late, so the engine ran with less than the stated concurrency",
             starved or _STALLED,
         )
-    saturated = c.client_cpu_saturated
-    if saturated is None and c.client_cpu_util is not None:
-        saturated = c.client_cpu_util > p.max_client_cpu_util
+    # one rule, the policy's: the runner's stored flag counts only for a point whose mean use is unknown
+    if c.client_cpu_util is not None:
+        saturated: bool | None = c.client_cpu_util > p.max_client_cpu_util
+    else:
+        saturated = c.client_cpu_saturated
     if saturated:
         util = "" if c.client_cpu_util is None else f" (mean {c.client_cpu_util:.0%} of a core)"
         fail("client_cpu_saturated", f"client CPU saturated{util}", _CLIENT)

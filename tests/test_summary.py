@@ -212,6 +212,24 @@ def test_client_cpu_saturated() -> None:
     assert codes(recs, [{**ev, "client_cpu": {"mean_util": 0.5, "max_util": 0.8}}]) == []
 
 
+def test_client_cpu_saturation_follows_the_policy_not_the_runners_flag() -> None:
+    """87 % of a core, stored by the runner as saturated (its 0.85 bound): VALID under the default policy (0.90),
+    and INVALID only when the policy's bound is below it; the summary's flag says the same as the verdict."""
+    recs = [ok_record(i) for i in range(40)]
+    ev = {"kind": "point_end", "engine": "fake", "point": "rate=2"}
+    stored = [{**ev, "client_cpu": {"mean_util": 0.87, "max_util": 1.0, "saturated": True}}]
+    p = summarize_point(recs, META, stored)
+    assert p.verdict.status == "VALID" and p.client_cpu is not None and p.client_cpu.saturated is False
+    lax = summarize_point(recs, META, stored, policy=VerdictPolicy(max_client_cpu_util=1.0))
+    assert lax.verdict.status == "VALID"
+    strict = summarize_point(recs, META, stored, policy=VerdictPolicy(max_client_cpu_util=0.8))
+    assert [r.code for r in strict.verdict.reasons] == ["client_cpu_saturated"]
+    assert strict.client_cpu is not None and strict.client_cpu.saturated is True
+    # a run written before the rule with no mean kept: its stored flag is all there is
+    old = [{**ev, "client_cpu": {"saturated": True}}]
+    assert [r.code for r in summarize_point(recs, META, old).verdict.reasons] == ["client_cpu_saturated"]
+
+
 def test_token_count_mismatch() -> None:
     recs = [ok_record(i, output_tokens=10) for i in range(40)]  # server 10, stream showed 5
     p = summarize_point(recs, META)
