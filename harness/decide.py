@@ -597,7 +597,7 @@ def decide(config: DecideConfig) -> dict[str, Any]:
         "ranking": [r.engine for r in ranking if r.total is not None],
         "winner": sens.winner,
         "sensitivity": _jsonable(sens),
-        "capacity": _capacity_rows(points, infos, slos, prices, config),
+        "capacity": _capacity_rows(points, infos, slos, prices, config, hosts),
         "prices": {n: _jsonable(i) for n, i in prices.instances.items()},
         "plan": _jsonable(plan) if plan is not None else None,
         "warnings": warnings,
@@ -766,7 +766,11 @@ def decision_reasons(decision: Mapping[str, Any], limit: int = 3) -> list[dict[s
 def _raw(value: Any, unit: str) -> str:
     if value is None:
         return "—"
-    text = _fmt(float(value), 3) if isinstance(value, int | float) else str(value)
+    if isinstance(value, int | float):
+        v = float(value)
+        text = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    else:
+        text = str(value)
     return f"{text} {unit}".strip() if unit and unit not in ("score", "1-5") else text
 
 

@@ -19,7 +19,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GpuProcess", "GpuReading", "GpuUnavailable", "Nvml", "open_nvml"]
+__all__ = ["GpuProcess", "GpuReading", "GpuUnavailable", "Nvml", "gpu_models", "open_nvml"]
 
 
 class GpuUnavailable(Exception):
@@ -147,6 +147,21 @@ class Nvml:
             self._open = False
             with contextlib.suppress(self._lib.NVMLError):
                 self._lib.nvmlShutdown()
+
+
+def gpu_models(lib: Any = None) -> list[dict[str, Any]]:
+    """The GPUs NVML sees, for the manifest's `host.gpus`: index, model name and memory; [] where there are none,
+    or no driver or pynvml (CPU hosts)."""
+    nvml, _ = open_nvml(lib)
+    if nvml is None:
+        return []
+    try:
+        return [
+            {"index": r.index, "name": r.name, "vendor": "nvidia", "memory_total_bytes": r.memory_total_bytes}
+            for r in nvml.read()
+        ]
+    finally:
+        nvml.close()
 
 
 def open_nvml(lib: Any = None) -> tuple[Nvml | None, str | None]:

@@ -97,6 +97,8 @@ class HostInfo(BaseModel):
     # the instruction-set features that change an engine's speed (adapters.hostcpu.ISA_FLAGS), e.g. avx2, avx512_bf16
     cpu_features: list[str] | None = None
     machine: str | None = None  # platform.machine(): x86_64, aarch64, ...
+    # the GPUs NVML sees (harness.gpu.gpu_models): index, model name, vendor, memory; [] on a host without any
+    gpus: list[dict[str, Any]] | None = None
 
 
 class Manifest(BaseModel):
@@ -132,9 +134,11 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def host_info() -> HostInfo:
+def host_info(gpu_lib: Any = None) -> HostInfo:
+    """This host as the manifest records it; `gpu_lib` is an NVML module to read the GPUs with (default pynvml)."""
     import psutil
 
+    from harness.gpu import gpu_models
     from harness.loop import loop_name
 
     return HostInfo(
@@ -147,6 +151,7 @@ def host_info() -> HostInfo:
         event_loop=loop_name(),
         cpu_features=isa_features(cpu_flags()),
         machine=platform.machine() or None,
+        gpus=gpu_models(gpu_lib),
     )
 
 

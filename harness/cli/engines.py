@@ -133,14 +133,11 @@ def run_install(config: InstallConfig) -> None:
     console = Console()
     todo = [c for c in components if not installer.status(c).installed]
     if todo:
-        with console.status(
-            f"installing {', '.join(todo)} (vLLM ~5 min, llama.cpp build ~10 min)"
-        ) as spinner:
+        from harness.cli.live import LiveProgress
 
-            def progress(message: str) -> None:
-                console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
-                spinner.update(escape(message))
-
+        console.print(f"installing {', '.join(todo)} (vLLM ~5 min, llama.cpp build ~10 min)", highlight=False)
+        # downloads, the llama.cpp build's N of M steps and pip's packages as live bars; plain lines off a terminal
+        with LiveProgress(console) as progress:
             try:
                 installer.install(todo, progress)
             except installer.InstallError as e:

@@ -75,10 +75,8 @@ class LiveProgress:
                 self._log(str(event))
 
     def _log(self, line: str) -> None:
-        if self._progress is not None:
-            self._progress.console.log(line, highlight=False, markup=False)
-        else:
-            self.console.log(line, highlight=False, markup=False)
+        console = self._progress.console if self._progress is not None else self.console
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(line)}", highlight=False, soft_wrap=True)
 
     def _bar(self, key: tuple[str, str], description: str, completed: float, total: float | None, info: str,
              finished: bool = False, plain: str = "") -> None:  # fmt: skip
@@ -94,7 +92,7 @@ class LiveProgress:
         last = self._printed.get(key)
         if finished or last is None or now - last >= self.plain_every_s:
             self._printed[key] = now
-            self.console.log(plain or f"{description} {info}", highlight=False, markup=False)
+            self._log(plain or f"{description} {info}")
 
     def _point(self, e: PointProgress) -> None:
         rate = e.done / e.elapsed_s if e.elapsed_s > 0 else None
