@@ -563,15 +563,22 @@ def _container_cleanup(runtime: str, argv: Sequence[str]) -> Callable[[], None] 
 
 @contextlib.asynccontextmanager
 async def attached(
-    adapter: Adapter, base_url: str, *, name: str | None = None, timeout: float = 10.0
+    adapter: Adapter,
+    base_url: str,
+    *,
+    name: str | None = None,
+    timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Endpoint]:
-    """An engine that runs elsewhere (`--endpoint NAME=URL`): checked for reachability and `/v1/models`."""
+    """An engine that runs elsewhere (`--endpoint NAME=URL`): checked for reachability and `/v1/models` (with
+    `headers`: a server behind an API key answers 401 without it)."""
     name = name or adapter.info.name
     base_url = base_url.rstrip("/")
     if base_url.endswith("/v1"):
         base_url = base_url[: -len("/v1")]
     if not base_url.startswith(("http://", "https://")):
         raise EndpointError(f"endpoint {name}={base_url} is not an http(s) URL; write it as http://HOST:PORT")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout, headers=dict(headers or {})) as session:
         model, version = await _describe(session, adapter, base_url, name)
     yield Endpoint(name=name, base_url=base_url, model=model, version=version, mode="attached")

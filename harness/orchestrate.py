@@ -216,7 +216,9 @@ def _with_settings(choices: tuple[EngineChoice, ...], engine_sets: Sequence[str]
 # ------------------------------------------------------------------------------------------------- tokenizers
 
 
-def tokenizer_for(adapter: Adapter, endpoint: Endpoint, given: str | None = None) -> ChosenTokenizer:
+def tokenizer_for(
+    adapter: Adapter, endpoint: Endpoint, given: str | None = None, headers: Mapping[str, str] | None = None
+) -> ChosenTokenizer:
     """The tokenizer an engine's prompts are built with: the one named with `--tokenizer`, else the served model's
     own (the engine's tokenize endpoint, or the model files it was launched from), else a stand-in whose lengths
     are approximate, said so in the `tokenizer` event and the verdict's notes (docs/workloads.md, "Tokenizers")."""
@@ -225,7 +227,7 @@ def tokenizer_for(adapter: Adapter, endpoint: Endpoint, given: str | None = None
     dialect, path = adapter.info.tokenize_dialect, adapter.info.tokenize_path
     missing = ""
     if dialect in ("vllm", "llamacpp") and path:
-        engine = EngineTokenizer(endpoint.base_url, dialect, model=endpoint.model)  # type: ignore[arg-type]
+        engine = EngineTokenizer(endpoint.base_url, dialect, model=endpoint.model, headers=headers)  # type: ignore[arg-type]
         try:
             if endpoint.mode == "attached":  # a proxy or hosted API in front of the engine may not offer it
                 engine.count_prompt("Hello")
@@ -318,7 +320,8 @@ async def _engine(
             known = f"it says it is {name}" if name != registry.GENERIC else "its make is unknown"
             progress(f"{choice.name}: {known}; talking to it with the {name} adapter")
         adapter = registry.get(name)
-        async with attached(adapter, choice.url, name=choice.name) as ep:
+        auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        async with attached(adapter, choice.url, name=choice.name, headers=auth) as ep:
             yield adapter, ep, {}
         return
     adapter = registry.require_runnable(choice.adapter)
@@ -363,7 +366,8 @@ async def _run_engine(
             _add_engine_to_manifest(run, entry)
             cold = f" (cold start {ep.cold_start_s:.1f} s)" if ep.cold_start_s is not None else ""
             progress(f"{choice.name}: ready at {ep.base_url}, model {ep.model}, version {ep.version}{cold}")
-            chosen = tokenizer_for(adapter, ep, cfg.tokenizer)
+            headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+            chosen = tokenizer_for(adapter, ep, cfg.tokenizer, headers)
             tokenizer = chosen.tokenizer
             run.append_event({"kind": "tokenizer", "engine": choice.name, "tokenizer": tokenizer.name,
                               "exact": chosen.exact, "why": chosen.why})  # fmt: skip
@@ -371,7 +375,6 @@ async def _run_engine(
                 progress(f"{choice.name}: input lengths approximate: {chosen.why} (exact: --tokenizer PATH)")
             # telemetry (docs/telemetry.md): GPU, process tree and /metrics sampled around every load point
             telemetry = EngineTelemetry.for_endpoint(run, choice.name, ep, adapter, anchor.perf)
-            headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
             connection: Connection = "keepalive" if adapter.info.reuse_connections else "fresh"
             target = Target(choice.name, ep.base_url, adapter, ep.model, headers, cfg.stream, connection)
             for point in _points(workload, cfg):

@@ -35,13 +35,17 @@ CHATML = (
 )
 
 
-def bench_run(url: str, out: Path, *extra: str, api: str = "completions") -> subprocess.CompletedProcess[str]:
+def bench_run(
+    url: str, out: Path, *extra: str, api: str = "completions", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     args = [
         "run", "--endpoint", url, "--workload", "synthetic", "--set", f"input_tokens={INPUT}", "--set", f"api={api}",
         "--set", "output_tokens=6", "--requests", "8", "--warmup", "1", "--concurrency", "2", "--out", str(out),
         *extra,
     ]  # fmt: skip
-    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    return subprocess.run(
+        [*BENCH, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def _summary_point(out: Path) -> dict[str, Any]:
@@ -102,6 +106,22 @@ def test_an_engine_behind_a_proxy_without_tokenize_falls_back(tmp_path: Path) ->
     assert all(b.get("ignore_eos") is True for b in srv.bodies)  # the vLLM adapter pins output lengths
     (event,) = _events(out, "tokenizer")
     assert event["exact"] is False and "/tokenize is not there" in event["why"] and "404" in event["why"]
+
+
+@pytest.mark.parametrize("owned_by", ["organization-owner", "vllm"])
+def test_a_server_behind_an_api_key_is_asked_with_it(tmp_path: Path, owned_by: str) -> None:
+    """A hosted API answers 401 without its key: the model listing, the make's question and the tokenize probe
+    carry the key too, not only the requests."""
+    with OpenAIServer(api_key="k-123", owned_by=owned_by, accept=frozenset({"ignore_eos"})) as srv:
+        r = bench_run(srv.url, tmp_path / "run", "--api-key-env", "EB_TEST_KEY", env={"EB_TEST_KEY": "k-123"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(srv.counted) == 9, srv.unauthorized
+    # (an engine's own routes, e.g. vLLM's /metrics or /version, may still be asked without it: not OpenAI's API)
+    assert not [p for p in srv.unauthorized if p.startswith("/v1/") or p == "/tokenize"], srv.unauthorized
+    manifest = orjson.loads((tmp_path / "run" / "manifest.json").read_bytes())
+    assert manifest["engines"][0]["adapter"] == ("vllm" if owned_by == "vllm" else registry.GENERIC)
+    assert "k-123" not in (tmp_path / "run" / "manifest.json").read_text()
+    assert not any("k-123" in p.read_text() for p in (tmp_path / "run").glob("*.jsonl"))
 
 
 @pytest.mark.parametrize(

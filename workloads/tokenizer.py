@@ -308,7 +308,12 @@ class EngineTokenizer:
     """
 
     def __init__(
-        self, base_url: str, dialect: Dialect, model: str | None = None, timeout: float = 60.0
+        self,
+        base_url: str,
+        dialect: Dialect,
+        model: str | None = None,
+        timeout: float = 60.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if dialect == "vllm" and not model:
             raise ConfigError("the vLLM tokenize endpoint needs the served model name: pass model=")
@@ -316,13 +321,13 @@ class EngineTokenizer:
         self.dialect = dialect
         self.model = model
         self.timeout = timeout
+        self.headers = dict(headers or {})  # e.g. the API key's Authorization (never part of `name`)
         self.name = f"engine:{dialect}:{self.base_url}"
 
     def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         url = self.base_url + path
-        req = urllib.request.Request(
-            url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-        )
+        headers = {"Content-Type": "application/json", **self.headers}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 answer = json.loads(resp.read())

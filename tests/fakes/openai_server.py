@@ -57,8 +57,12 @@ class OpenAIServer:
         count_chat: Callable[[Messages], int] = _quarter_chars_chat,
         itl_s: float = 0.001,
         accept: frozenset[str] = frozenset(),
+        api_key: str | None = None,
     ) -> None:
-        """`accept`: body fields taken besides OpenAI's (an engine's own, e.g. `ignore_eos` behind a proxy)."""
+        """`accept`: body fields taken besides OpenAI's (an engine's own, e.g. `ignore_eos` behind a proxy);
+        `api_key`: every route answers 401 without `Authorization: Bearer <api_key>`, as a hosted API does."""
+        self.api_key = api_key
+        self.unauthorized: list[str] = []  # paths asked without the key
         self.model, self.owned_by, self.itl_s = model, owned_by, itl_s
         self.fields = OPENAI_FIELDS | accept
         self.count_prompt, self.count_chat = count_prompt, count_chat
@@ -83,7 +87,7 @@ class OpenAIServer:
         self._loop.close()
 
     async def _start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._auth])
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_post("/v1/chat/completions", self._complete)
@@ -99,6 +103,15 @@ class OpenAIServer:
             await self._runner.cleanup()
 
     # ---- routes ----------------------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.unauthorized.append(request.path)
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+            return web.json_response({"error": error}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
     async def _models(self, request: web.Request) -> web.Response:
         card = {"id": self.model, "object": "model", "created": 0, "owned_by": self.owned_by}
         return web.json_response({"object": "list", "data": [card]})
