@@ -116,6 +116,8 @@ class RunConfig:
     # expected and not emptied
     prompt_key: str | None = None
     replay_of: str | None = None
+    # --no-cache-reset: leave the engine's prefix cache as it is before each point (the warm-cache rule still judges)
+    cache_reset: bool = True
 
 
 @dataclass
@@ -661,10 +663,9 @@ async def _reset_cache(
 
     event: dict[str, Any] = {"kind": "cache_reset", "engine": target.engine, "point": point.id, **rep}
     info = getattr(target.adapter, "info", None)
-    if cfg.replay_of is not None:
-        run.append_event(
-            {**event, "ok": False, "skipped": True, "reason": "replayed prompts: the cache is kept"}
-        )
+    if cfg.replay_of is not None or not cfg.cache_reset:
+        why = "replayed prompts: the cache is kept" if cfg.replay_of is not None else "--no-cache-reset"
+        run.append_event({**event, "ok": False, "skipped": True, "reason": why})
         return
     if info is None:
         return
@@ -1032,6 +1033,7 @@ def _config_block(cfg: RunConfig) -> dict[str, Any]:
         "tokenizer": cfg.tokenizer,
         "prompt_key": cfg.prompt_key,
         "replay_of": cfg.replay_of,
+        "cache_reset": cfg.cache_reset,
     }
 
 
@@ -1090,6 +1092,7 @@ def resume_config(
             tokenizer=block.get("tokenizer"),
             prompt_key=str(block.get("prompt_key") or ""),
             replay_of=block.get("replay_of"),
+            cache_reset=bool(block.get("cache_reset", True)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SchemaError(

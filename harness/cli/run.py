@@ -41,7 +41,7 @@ _SECRET_OPTIONS = ("--api-key", "--token", "--password")
 _RUN_SHAPING = (
     "engines", "endpoint", "workload", "concurrency", "rate", "arrival", "burstiness", "requests", "duration",
     "warmup", "cooldown", "error_budget", "seed", "slo", "out", "set_", "stream", "stall_timeout",
-    "request_timeout", "ready_timeout", "repeat", "engine_nice", "engine_set", "replay_prompts",
+    "request_timeout", "ready_timeout", "repeat", "engine_nice", "engine_set", "replay_prompts", "cache_reset",
     "tokenizer",
 )  # fmt: skip
 
@@ -215,6 +215,13 @@ def run(
     profile: Annotated[
         str | None, typer.Option(help="With --decide: the weight profile (see `bench decide --help`).")
     ] = None,
+    cache_reset: Annotated[
+        bool,
+        typer.Option(
+            help="Empty the engine's prefix cache before each load point where it offers a way (vLLM with "
+            "VLLM_SERVER_DEV_MODE=1, SGLang, llama.cpp with --slot-save-path); --no-cache-reset leaves it."
+        ),
+    ] = True,
 ) -> None:
     """Launch or attach to each engine, replay the workload at each load point, and write a run directory."""
     from harness.orchestrate import resume_config
@@ -237,6 +244,10 @@ def run(
         import dataclasses
 
         cfg = dataclasses.replace(cfg, replay_of=str(replay_prompts))
+    if not cache_reset:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, cache_reset=False)
     if tokenizer is not None:
         import dataclasses
 
