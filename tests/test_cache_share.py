@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -184,10 +184,16 @@ def test_reset_routes_and_what_a_refusal_says() -> None:
                 assert calls == [f"/slots/{i}?action=erase" for i in range(3)]
                 # a route the server does not have: what it said, and what it needs
                 out = await reset_prefix_cache(s, url, adapter("sglang").info)
-                assert not out["ok"] and out["status"] == 404 and "POST /flush_cache answered 404" in out["reason"]
+                assert (
+                    not out["ok"]
+                    and out["status"] == 404
+                    and "POST /flush_cache answered 404" in out["reason"]
+                )
                 bare = EngineInfo(**{**vars(vllm), "cache_reset": None})
                 assert "offers no route" in (await reset_prefix_cache(s, url, bare))["reason"]
-                gone = EngineInfo(**{**vars(vllm), "cache_reset": CacheReset("POST", "/nope", needs="a flag")})
+                gone = EngineInfo(
+                    **{**vars(vllm), "cache_reset": CacheReset("POST", "/nope", needs="a flag")}
+                )
                 out = await reset_prefix_cache(s, url, gone)
                 assert not out["ok"] and "it needs a flag" in out["reason"]
         finally:
@@ -215,7 +221,7 @@ class SlowTokenizer(SimpleTokenizer):
     def count_prompt(self, text: str) -> int:
         return len(self.encode(text))
 
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int:  # type: ignore[override]
+    def count_chat(self, messages: Sequence[Mapping[str, str]]) -> int:
         self.calls += 1
         time.sleep(self.delay_s)
         return super().count_chat(messages)
@@ -265,6 +271,8 @@ def test_a_duration_point_never_waits_for_a_prompt(tmp_path: Path) -> None:
     if p99 >= 1.0:
         wait = outcome.client_cpu.cpu_wait
         if wait is not None and wait > 0.10:
-            pytest.skip(f"the client waited for a CPU {wait:.0%} of the point (other processes); p99 {p99:.2f} ms")
+            pytest.skip(
+                f"the client waited for a CPU {wait:.0%} of the point (other processes); p99 {p99:.2f} ms"
+            )
     assert supply.waits == 0, f"{supply.waits} sends waited {supply.waited_s:.3f} s for a prompt"
     assert p99 < 1.0, f"send lag p99 {p99:.2f} ms"
