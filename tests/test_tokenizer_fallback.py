@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from adapters import registry
+from adapters import install, registry
 from harness.orchestrate import parse_engines
 from harness.rundir import RunDir
 from tests.fakes.openai_server import OPENAI_FIELDS, OpenAIServer
@@ -27,7 +31,8 @@ from workloads.text import VOCABULARY
 BENCH = [sys.executable, "-m", "harness.cli"]
 GGUF = Path("~/.cache/enginebench/model/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 HF_FOLDER = GGUF.with_name("SmolLM2-135M-Instruct-hf")
-LLAMA_TOKENIZE = Path("~/.cache/enginebench/llamacpp/11434/build/bin/llama-tokenize").expanduser()
+LLAMA_TOKENIZE = install.llama_bin("llama-tokenize")
+LLAMA_SERVER = install.llama_bin("llama-server")
 INPUT = 100  # prompt tokens each request of these runs asks for
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -261,3 +266,74 @@ def test_the_shipped_gguf_makes_lengths_exact(tmp_path: Path, truth: str) -> Non
     assert srv.counted == [INPUT] * 9 and _prompt_tokens(tmp_path / "run") == [INPUT] * 9
     (event,) = _events(tmp_path / "run", "tokenizer")
     assert event["exact"] is True and event["tokenizer"] == f"local:{GGUF.name}"
+
+
+# --------------------------------------------------------------------------------------------- a real engine
+
+
+@pytest.fixture(scope="module")
+def llama_url() -> Iterator[str]:
+    """llama-server with the shipped GGUF on an ephemeral port (2 threads, 2 slots), for this module."""
+    if not (LLAMA_SERVER.is_file() and GGUF.is_file()):
+        pytest.skip(f"needs {LLAMA_SERVER} and {GGUF} (bench engines install llamacpp)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        str(LLAMA_SERVER),
+        "-m",
+        str(GGUF),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        "2",
+        "-c",
+        "4096",
+    ]
+    proc = subprocess.Popen([*argv, "-np", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("llama-server did not become ready")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.live
+def test_llama_cpp_at_a_bare_url_is_known_by_its_own_answer(llama_url: str, tmp_path: Path) -> None:
+    """`--endpoint URL`: llama-server's /v1/models says owned_by llamacpp, so its adapter and /tokenize are used."""
+    r = bench_run(llama_url, tmp_path / "run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (
+        orjson.loads((tmp_path / "run" / "manifest.json").read_bytes())["engines"][0]["adapter"] == "llamacpp"
+    )
+    (event,) = _events(tmp_path / "run", "tokenizer")
+    assert event["exact"] is True and event["why"] == "the engine's /tokenize"
+    assert _prompt_tokens(tmp_path / "run") == [INPUT] * 9  # llama.cpp's own usage
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_the_gguf_tokenizer_gives_llama_cpp_exact_lengths(llama_url: str, tmp_path: Path, api: str) -> None:
+    """`--tokenizer GGUF` wins over the engine's /tokenize, and every prompt is exactly what llama.cpp's usage
+    counts, chat template included. (The engine is not taken as one of unknown make with `openai=URL` here:
+    llama-server closes a streamed response's connection while advertising keep-alive, which its own adapter
+    knows and the generic one cannot.)"""
+    r = bench_run(llama_url, tmp_path / "run", "--tokenizer", str(GGUF), api=api)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (event,) = _events(tmp_path / "run", "tokenizer")
+    assert event["exact"] is True and event["why"] == f"--tokenizer {GGUF}"
+    assert _prompt_tokens(tmp_path / "run") == [INPUT] * 9
