@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters import install
+from workloads.text import VOCABULARY
 
 __all__ = [
     "EXIT_FAILED",
@@ -55,6 +56,7 @@ __all__ = [
     "main",
     "make_random_model",
     "private_cache",
+    "run_and_judge",
 ]
 
 EXIT_FAILED = 1
@@ -222,24 +224,36 @@ def build_llama_server(
 
 _MAKE_MODEL = """
 import json, sys
+from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
 
 out = sys.argv[1]
 hidden, layers, heads, inter, seed = (int(a) for a in sys.argv[2:7])
-# a Llama-2-style tokenizer made here (BPE with byte fallback, spaces as U+2581): no download
+words = sys.argv[7].split()
+# a Llama-2-style tokenizer made here (BPE with byte fallback, spaces as U+2581): no download. Every word of the
+# prompt builder's vocabulary is one token with its leading space (merges along its prefixes), as in real models.
+sp = "\\u2581"
 letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
-pieces = ["\\u2581"] + letters + list("0123456789.,!?'-:;")
-merges = [("\\u2581", c) for c in letters]
-names = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + pieces + [a + b for a, b in merges]
+pieces = [sp] + letters + list("0123456789.,!?'-:;")
+merges = []
+for w in words:
+    for i in range(len(w)):
+        pair = (sp + w[:i], w[i])
+        if pair not in merges:
+            merges.append(pair)
+names = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + pieces
+names += list(dict.fromkeys(a + b for a, b in merges))
 vocab = {t: i for i, t in enumerate(names)}
 tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-tok.normalizer = normalizers.Sequence([normalizers.Prepend("\\u2581"), normalizers.Replace(" ", "\\u2581")])
-tok.decoder = decoders.Sequence(
-    [decoders.Replace("\\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-)
+# no space prefix: text is tokenized as given (llama.cpp reads add_prefix_space from tokenizer_config.json into the
+# GGUF; with it, " the" would be a lone space and "the", and the prompt builder's one-token words would be two)
+tok.normalizer = normalizers.Replace(" ", sp)
+tok.decoder = decoders.Sequence([decoders.Replace(sp, " "), decoders.ByteFallback(), decoders.Fuse()])
 LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+config = Path(out, "tokenizer_config.json")
+config.write_text(json.dumps({**json.loads(config.read_text()), "add_prefix_space": False}, indent=2))
 torch.manual_seed(seed)
 cfg = LlamaConfig(
     vocab_size=len(vocab), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -284,6 +298,7 @@ def make_random_model(python: Path, out: Path, size: ModelSize) -> dict[str, Any
             _MAKE_MODEL,
             out,
             *map(str, (size.hidden, size.layers, size.heads, size.intermediate, size.seed)),
+            " ".join(VOCABULARY),  # the prompt builder's words (workloads.text): one token each
         ],
         None,
         "making the random-weights model",
@@ -448,6 +463,47 @@ def _device_memory_used() -> int | None:
         nvml.close()
 
 
+def run_and_judge(
+    cache: Path,
+    bin_dir: Path,
+    model_bytes: int,
+    run_dir: Path,
+    duration: float | None,
+    say: Callable[[str], None],
+    *,
+    load_points: str = LOAD_POINTS,
+    requests: int | None = None,
+) -> tuple[list[Check], dict[str, Any]]:
+    """`bench run --engines llamacpp` on the private engine cache (every layer on the GPU), then `judge` it."""
+    baseline = _device_memory_used()
+    env = {**os.environ, "ENGINEBENCH_CACHE": str(cache), "LLAMA_ARG_N_GPU_LAYERS": "all"}
+    measure = ["--duration", str(duration)] if duration is not None else ["--requests", str(requests or 10)]
+    cmd = [sys.executable, "-m", "harness.cli", "run", "--engines", "llamacpp", "--workload", "synthetic",
+           "--concurrency", load_points, *measure, "--warmup", "2", "--out", str(run_dir)]  # fmt: skip
+    say(" ".join(cmd[2:]))
+    t0 = time.monotonic()
+    bench = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        tail = " | ".join(bench.stdout.strip().splitlines()[-5:])
+        raise StepError(f"bench run wrote no summary (exit {bench.returncode}): {tail}")
+    log = run_dir / "engines" / "llamacpp.log"
+    checks, figures = judge(
+        json.loads(summary_path.read_text()),
+        baseline_bytes=baseline,
+        model_bytes=model_bytes,
+        engine_log=log.read_text(errors="replace") if log.is_file() else "",
+        left_behind=_left_behind(bin_dir),
+        bench_exit=bench.returncode,
+    )
+    figures["run"] = {
+        "dir": str(run_dir),
+        "seconds": round(time.monotonic() - t0, 1),
+        "exit": bench.returncode,
+    }
+    return checks, figures
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -519,31 +575,8 @@ def main(argv: Sequence[str] = (), *, nvidia_smi: str | None = None) -> int:
         model_bytes = gguf.stat().st_size
         result["model"] |= {"bytes": model_bytes, "seconds": round(time.monotonic() - t0, 1)}
         cache = private_cache(work / "cache", bin_dir, gguf, substitute)
-        baseline = _device_memory_used()
-        run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        env = {**os.environ, "ENGINEBENCH_CACHE": str(cache), "LLAMA_ARG_N_GPU_LAYERS": "all"}
-        cmd = [sys.executable, "-m", "harness.cli", "run", "--engines", "llamacpp", "--workload", "synthetic",
-               "--concurrency", LOAD_POINTS, "--duration", str(args.duration), "--warmup", "2", "--out", str(run_dir)]  # fmt: skip
-        say(" ".join(cmd[2:]))
-        t0 = time.monotonic()
-        bench = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        result["run"] = {
-            "dir": str(run_dir),
-            "seconds": round(time.monotonic() - t0, 1),
-            "exit": bench.returncode,
-        }
-        summary_path = run_dir / "summary.json"
-        if not summary_path.is_file():
-            tail = " | ".join(bench.stdout.strip().splitlines()[-5:])
-            raise StepError(f"bench run wrote no summary (exit {bench.returncode}): {tail}")
-        log = run_dir / "engines" / "llamacpp.log"
-        checks, figures = judge(
-            json.loads(summary_path.read_text()),
-            baseline_bytes=baseline,
-            model_bytes=model_bytes,
-            engine_log=log.read_text(errors="replace") if log.is_file() else "",
-            left_behind=_left_behind(bin_dir),
-            bench_exit=bench.returncode,
+        checks, figures = run_and_judge(
+            cache, bin_dir, model_bytes, work / "runs" / time.strftime("%Y%m%d-%H%M%S"), args.duration, say
         )
         result |= figures
         result["checks"] = {c.name: c.ok for c in checks}

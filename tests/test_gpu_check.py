@@ -142,7 +142,7 @@ def test_a_tiny_random_llama_converts_to_gguf_and_llama_cpp_reads_it(tmp_path: P
     if not tokenize.exists():
         pytest.skip("llama-tokenize not built here")
     r = subprocess.run(
-        [str(tokenize), "-m", str(out), "-p", "Hi é"],
+        [str(tokenize), "-m", str(out), "-p", " the table é"],
         capture_output=True,
         text=True,
         errors="replace",
@@ -150,8 +150,9 @@ def test_a_tiny_random_llama_converts_to_gguf_and_llama_cpp_reads_it(tmp_path: P
     )
     assert r.returncode == 0, r.stderr[-2000:]
     pieces = [line.split("->", 1)[1].strip() for line in r.stdout.splitlines() if "->" in line]
-    # BOS, "▁H" a merge, "i" a letter, "▁" the space, and é (not in the vocabulary) falls back to its two UTF-8 bytes
-    assert pieces[:4] == ["'<s>'", "' H'", "'i'", "' '"] and len(pieces) == 6, pieces
+    # BOS, the prompt builder's words one token each with their space, and é (not in the vocabulary): the space,
+    # then its two UTF-8 bytes
+    assert pieces[:4] == ["'<s>'", "' the'", "' table'", "' '"] and len(pieces) == 6, pieces
 
 
 # ------------------------------------------------------------------------------------------------- the cache
@@ -225,3 +226,50 @@ def test_partial_offload_and_a_leftover_server_fail() -> None:
     checks, _ = judge(summary, baseline_bytes=0, model_bytes=1, engine_log="offloaded 10/17 layers to GPU",
                       left_behind=["pid 42 /w/bin/llama-server"], bench_exit=0)  # fmt: skip
     assert sorted(c.name for c in checks if not c.ok) == ["all_layers_on_gpu", "no_process_left"]
+
+
+# ------------------------------------------------------------------------------------------------- bench run, on CPU
+
+
+@pytest.mark.live
+@pytest.mark.skipif(TREE is None, reason="needs the llama.cpp source (bench engines install llamacpp)")
+def test_bench_runs_the_random_model_from_the_private_cache_and_the_gpu_checks_fail_on_cpu(
+    tmp_path: Path,
+) -> None:
+    """The whole pipeline after the build, with the CPU llama-server in place of the CUDA one: the random model
+    serves, bench measures it, /metrics is read and nothing is left running; the GPU checks fail, as they must
+    where there is no GPU."""
+    py = _model_python()
+    tools = [install.llama_bin(t) for t in install.LLAMA_TOOLS]
+    if py is None or not all(t.exists() for t in tools):
+        pytest.skip("needs the vLLM venv's torch/transformers and the CPU llama.cpp build")
+    assert TREE is not None
+    bin_dir = tmp_path / "bin"  # a copy of its own: "left behind" looks for this path only
+    bin_dir.mkdir()
+    for t in tools:
+        shutil.copy2(t, bin_dir / t.name)
+    made = make_random_model(py, tmp_path / "hf", ModelSize(hidden=64, layers=2, heads=4, intermediate=128))
+    gguf = tmp_path / "tiny.gguf"
+    gpu_build.convert_to_gguf(py, TREE, tmp_path / "hf", gguf)
+    cache = private_cache(
+        tmp_path / "cache", bin_dir, gguf, f"tiny random Llama, {made['params']} parameters"
+    )
+    said: list[str] = []
+    checks, figures = gpu_build.run_and_judge(
+        cache,
+        bin_dir,
+        gguf.stat().st_size,
+        tmp_path / "run",
+        None,
+        said.append,
+        load_points="1,2",
+        requests=3,
+    )
+    result = {c.name: c.ok for c in checks}
+    assert figures["run"]["exit"] == 0, figures
+    assert result["bench_run"] and result["requests_served"] and result["engine_metrics"], checks
+    assert result["no_process_left"], checks
+    assert (
+        not result["gpu_memory_rose"] and not result["power_and_energy"] and not result["all_layers_on_gpu"]
+    )
+    assert all(p["j_per_output_token"] is None for p in figures["points"].values())  # nothing invented
