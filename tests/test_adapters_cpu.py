@@ -278,6 +278,11 @@ def test_bench_engines_lists_every_adapter(tmp_path: Path, monkeypatch: pytest.M
     result = CliRunner().invoke(app, ["engines"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "vllm" in result.output and "llamacpp" in result.output and "passed" in result.output
+    # what each adapter was checked against (issue 20): the pinned package, or the source and commit
+    assert rows["sglang"]["checked_against"].startswith("sglang 0.5.23 (PyPI)")
+    assert "commit db931fcf" in rows["tgi"]["checked_against"]
+    assert all(r["checked_against"] != "nothing yet" for r in rows.values() if r["engine"] != "scripted")
+    assert "checked against" in result.output
 
 
 # -- Prometheus --------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def install(
 def engines_table() -> list[dict[str, Any]]:
     """One row per adapter (the data behind the table; tests call this)."""
     from adapters import registry
+    from adapters.contracts import CHECKED
 
     tested = registry.live_tests()
     rows: list[dict[str, Any]] = []
@@ -66,6 +67,9 @@ def engines_table() -> list[dict[str, Any]]:
                 "reason": avail.reason,
                 "live_tested": live,
                 "maintenance": adapter.info.maintenance,
+                # the engine code or recorded output its command lines, requests and metric names were checked
+                # against (tests/test_contracts.py)
+                "checked_against": CHECKED.get(name, "nothing yet"),
             }
         )
     for module, error in registry.broken().items():
@@ -80,6 +84,7 @@ def engines_table() -> list[dict[str, Any]]:
                 "reason": f"adapter module does not import: {error}",
                 "live_tested": None,
                 "maintenance": "",
+                "checked_against": "",
             }
         )
     return rows
@@ -91,7 +96,15 @@ def run_list() -> None:
     from rich.table import Table
 
     table = Table(title="Engines", title_justify="left")
-    for col in ("engine", "hardware", "installed here", "runnable here", "live-tested here", "maintenance"):
+    for col in (
+        "engine",
+        "hardware",
+        "installed here",
+        "runnable here",
+        "live-tested here",
+        "maintenance",
+        "checked against",
+    ):
         table.add_column(col, overflow="fold")
     yes, no = "[green]yes[/]", "[red]no[/]"
     for row in engines_table():
@@ -110,6 +123,7 @@ def run_list() -> None:
             yes if row["runnable"] else no,
             live_text,
             escape(row["maintenance"]),
+            f"[dim]{escape(row['checked_against'])}[/]",
         )
     Console().print(table)
 
