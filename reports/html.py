@@ -31,6 +31,7 @@ from reports.decision_view import (
     fmt,
     matrix_view,
     plan_view,
+    reasons_view,
     recommendation,
     sensitivity_rows,
 )
@@ -210,6 +211,12 @@ def _workloads(
     points = api.points_frame(runs)
     records = api.records_frame(runs)
     itl = api.itl_frame(runs, max_per_point=5000)
+    raw = {
+        (r.run_id, str(p.get("engine")), str(p.get("point"))): p
+        for r in runs
+        for p in r.summary.get("points") or []
+    }
+    quality = {r.run_id: ((r.summary.get("quality") or {}).get("variants") or {}) for r in runs}
     tele = api.telemetry_frame(runs)
     skipped = api.telemetry_skipped(runs)
     out = []
@@ -230,8 +237,8 @@ def _workloads(
                 "point": p.point,
                 "verdict": p.verdict,
                 "measured": p.measured,
-                "ok": p.ok,
-                "failed": p.failed,
+                **_counts_memory(raw.get((p.run_id, p.engine, p.point)) or {}),
+                **_quality_cells((quality.get(p.run_id) or {}).get(p.engine)),
                 "rps": fmt(p.requests_per_s),
                 "out_tps": fmt(p.output_tokens_per_s),
                 "ttft_p50": fmt(p.ttft_p50_ms),
@@ -250,6 +257,7 @@ def _workloads(
             {
                 "name": workload,
                 "anchor": f"workload-{i}",
+                "has_quality": any(quality.get(r.run_id) for r in wruns),
                 "fingerprints": fingerprints,
                 "description": str(
                     ((wruns[0].manifest.get("workload") or {}).get("params") or {}).get("description") or ""
@@ -281,6 +289,52 @@ def _workloads(
         for p in points.itertuples()
     ]
     return out, verdicts
+
+
+def _counts_memory(point: Mapping[str, Any]) -> dict[str, Any]:
+    """ok / failed / cancelled apart (a duration window's in-flight requests are cancelled by design), and the
+    engine's memory peak (GPU memory where sampled, else its process tree's RSS)."""
+    req = point.get("requests") or {}
+    cancelled = int((point.get("errors") or {}).get("cancelled", 0) or 0)
+    tele = point.get("telemetry") or {}
+    gpu, rss = tele.get("gpu_memory_peak_bytes"), tele.get("engine_rss_peak_bytes")
+    peak = gpu if gpu is not None else rss
+    return {
+        "ok": req.get("ok"),
+        "failed": (req.get("failed") or 0) - cancelled,
+        "cancelled": cancelled,
+        "memory_peak": "—"
+        if peak is None
+        else f"{peak / 2**20:,.0f} MiB" + (" GPU" if gpu is not None else " RSS"),
+    }
+
+
+def _quality_cells(q: Mapping[str, Any] | None) -> dict[str, str]:
+    q = q or {}
+
+    def share(v: Any) -> str:
+        return f"{v:.0%}" if isinstance(v, int | float) and not isinstance(v, bool) else "—"
+
+    return {
+        "agreement": share(q.get("agreement")),
+        "exact_match": share(q.get("exact_match")),
+        "logprob_drift": fmt(q.get("logprob_drift_mean_abs")),
+    }
+
+
+def _engine_facts(e: Mapping[str, Any]) -> tuple[str, list[str]]:
+    dtype = e.get("dtype_choice") or {}
+    choice = ""
+    if isinstance(dtype, Mapping) and dtype.get("dtype"):
+        choice = str(dtype["dtype"]) + (f" ({dtype['reason']})" if dtype.get("reason") else "")
+    warnings = [
+        f"{w.get('line')}"
+        + (f" ({w.get('count')}×)" if (w.get("count") or 1) > 1 else "")
+        + f" — {w.get('cost')}"
+        for w in e.get("log_warnings") or []
+        if isinstance(w, Mapping)
+    ]
+    return choice, warnings
 
 
 def _energy_rows(runs: Sequence[api.Run]) -> list[dict[str, Any]]:
@@ -337,7 +391,18 @@ def _environment(runs: Sequence[api.Run]) -> list[dict[str, Any]]:
                     "cpu_model": host.get("cpu_model"),
                     "cores": host.get("cores"),
                     "memory": _bytes(host.get("memory_bytes")),
-                    "gpus": ", ".join(str(g.get("name", g)) for g in host.get("gpus") or [] if g) or "none",
+                    "gpus": ", ".join(
+                        str(g.get("name", g)) if isinstance(g, Mapping) else str(g)
+                        for g in host.get("gpus") or []
+                        if g
+                    )
+                    or "none",
+                    "machine": host.get("machine"),
+                    "cpu_features": (
+                        " ".join(host["cpu_features"]) or "none of the tracked ones"
+                        if host.get("cpu_features") is not None
+                        else "not recorded"
+                    ),
                 },
                 "engines": [
                     {
@@ -350,6 +415,8 @@ def _environment(runs: Sequence[api.Run]) -> list[dict[str, Any]]:
                         "cold_start_s": fmt(e.get("cold_start_s")),
                         "launch": shlex.join(str(a) for a in e.get("launch_argv") or []) or "— (attached)",
                         "config": ", ".join(f"{k}={v}" for k, v in (e.get("config") or {}).items()),
+                        "dtype": _engine_facts(e)[0],
+                        "warnings": _engine_facts(e)[1],
                     }
                     for e in m.get("engines") or []
                 ],
@@ -422,6 +489,8 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         "profile": profile.get("name") or profile.get("weights_file") or "custom",
         "profile_description": profile.get("description") or "",
         "recommendation": recommendation(decision),
+        "reasons": reasons_view(decision),
+        "notes": list(decision.get("notes") or []),
         "totals_chart": (
             Markup(
                 charts.bar_svg(

@@ -51,6 +51,13 @@ def _share(value: Any) -> str:
     return f"{value:.0%}" if isinstance(value, int | float) and not isinstance(value, bool) else "–"
 
 
+def _cache_cell(cache: Any) -> str:
+    if cache is None or cache.measured is None:
+        return "–"
+    expected = "" if cache.expected is None else f" ({cache.expected:.0%})"
+    return f"{cache.measured:.0%}{expected}"
+
+
 def footer_lines(manifest: Mapping[str, Any] | None) -> list[str]:
     """What the numbers depend on: host CPU and features, GPUs, each engine's dtype and log warnings."""
     if not manifest:
@@ -91,18 +98,14 @@ def run_table(summary: Summary, manifest: Mapping[str, Any] | None = None) -> Ta
     from rich.table import Table
 
     quality = ((summary.quality or {}).get("variants") or {}) if summary.quality else {}
+    caches = [getattr(p, "cache", None) for p in summary.points]  # harness.cache.CacheShare, where summarized
+    show_cache = any(c is not None and (c.measured is not None or (c.expected or 0) > 0) for c in caches)
     table = Table(title=f"run {summary.run_id}", header_style="bold", pad_edge=False)
     table.add_column("engine", overflow="fold")
     table.add_column("point", overflow="fold")
-    headers = [
-        "ok/\nfailed/\ncancelled",
-        "TTFT\np50",
-        "TTFT\np95",
-        "TTFT\np99",
-        "ITL\np50",
-        "TPOT\np50",
-        "E2E\np95",
-    ]
+    headers = ["ok/\nfailed/\ncancelled", "TTFT\np50", "TTFT\np95", "TTFT\np99"]
+    headers += ["cache\nshare"] if show_cache else []
+    headers += ["ITL\np50", "TPOT\np50", "E2E\np95"]
     headers += ["out\ntok/s", "good-\nput/s", "mem\npeak\nMiB"]
     if quality:
         headers += ["agree-\nment", "exact\nmatch", "logprob\ndrift"]
@@ -110,7 +113,7 @@ def run_table(summary: Summary, manifest: Mapping[str, Any] | None = None) -> Ta
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
     kinds = set()
-    for p in summary.points:
+    for p, cache in zip(summary.points, caches, strict=True):
         ok, failed, cancelled = counts(p)
         good = "–" if p.goodput is None else _f(p.goodput.requests_per_s, 2)
         verdict = "[green]VALID[/]" if p.verdict.status == "VALID" else "[red]INVALID[/]"
@@ -124,6 +127,7 @@ def run_table(summary: Summary, manifest: Mapping[str, Any] | None = None) -> Ta
             _f(p.ttft_ms.p50),
             _f(p.ttft_ms.p95),
             _f(p.ttft_ms.p99),
+            *([_cache_cell(cache)] if show_cache else []),
             _f(p.itl_ms.p50),
             _f(p.tpot_ms.p50),
             _f(p.e2e_ms.p95),
@@ -144,6 +148,10 @@ def run_table(summary: Summary, manifest: Mapping[str, Any] | None = None) -> Ta
         "latencies in ms over successful measured requests; goodput in good requests/s; cancelled = in flight when "
         "the measurement window closed (by design, not a failure)"
     ]
+    if show_cache:
+        caption.append(
+            "cache share: prompt tokens served from the engine's prefix cache (the workload's expected share)"
+        )
     if kinds:
         caption.append(
             "memory peak: "

