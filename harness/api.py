@@ -143,6 +143,9 @@ def _point_row(run: Run, p: Mapping[str, Any]) -> dict[str, Any]:
         "total_tokens_per_s": _num(p.get("total_tokens_per_s")),
         "goodput_requests_per_s": _num(goodput.get("requests_per_s")),
         "goodput_fraction": _num(goodput.get("fraction")),
+        # the prefix cache's share of prompt tokens, and the workload's expected share (docs/metrics.md)
+        "cache_share": _num((p.get("cache") or {}).get("measured")),
+        "cache_expected_share": _num((p.get("cache") or {}).get("expected")),
     }
     for m in (*LATENCY_METRICS, "send_lag"):
         stats = p.get(f"{m}_ms") or {}

@@ -62,6 +62,10 @@ class Point:
     # TTFT p50 (ms) of the point's measured ok requests grouped by their `role` tag (shared-prefix workload:
     # "reuse" and "control"); empty when the caller did not read the records
     ttft_p50_by_role: Mapping[str, float] = field(default_factory=dict)
+    # share of the prompt tokens the engine's prefix cache served, and the share the workload meant it to (summary
+    # `cache`, docs/metrics.md "Cache share"): it explains a TTFT
+    cache_share: float | None = None
+    cache_expected_share: float | None = None
 
     def latency(self, metric: str, stat: str) -> float | None:
         value = self.latency_ms.get(metric, {}).get(stat)

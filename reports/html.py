@@ -78,6 +78,13 @@ def _command(argv: Sequence[str]) -> str:
     return shlex.join([head, *rest])
 
 
+def _cache_cell(measured: Any, expected: Any) -> str:
+    """The prefix cache's share of prompt tokens, the workload's expected share in brackets (docs/metrics.md)."""
+    if measured is None or measured != measured:  # None or NaN: not measured
+        return "–"
+    return f"{measured:.0%}" + (f" ({expected:.0%})" if expected is not None and expected == expected else "")
+
+
 def _latency_cdfs(
     records: pd.DataFrame, itl: pd.DataFrame, colors: Mapping[str, str], salt: str
 ) -> tuple[str | None, str | None]:
@@ -243,6 +250,9 @@ def _workloads(
                 "out_tps": fmt(p.output_tokens_per_s),
                 "ttft_p50": fmt(p.ttft_p50_ms),
                 "ttft_p95": fmt(p.ttft_p95_ms),
+                "cache": _cache_cell(
+                    getattr(p, "cache_share", None), getattr(p, "cache_expected_share", None)
+                ),
                 "itl_p50": fmt(p.itl_p50_ms),
                 "tpot_p95": fmt(p.tpot_p95_ms),
                 "e2e_p95": fmt(p.e2e_p95_ms),
