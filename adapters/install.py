@@ -348,7 +348,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _run(
     argv: Sequence[str | Path],
-    say: Callable[[str], None] | None,
+    say: Callable[[Any], None] | None,  # lines (str) and, with `meter`, InstallProgress events
     what: str,
     fix: str,
     cwd: Path | None = None,
