@@ -6,6 +6,10 @@ Maintenance mode since 2025-12-11 (README banner; see adapters.knowledge). Quirk
 `stream_options.include_usage`; one event per token, but with speculation (`--speculate`) the tokens of one step are
 sent as a burst of events (`tgi_request_skipped_tokens` counts them); prefix caching is the `PREFIX_CACHING`
 environment variable; the native stream's last event carries `details.generated_tokens` (exact).
+
+Requests go to the Messages API, whose last chunk's usage already gives exact counts; the native `/generate_stream`
+codec (`build_native`, `parse_native_event`) is not a request path of the harness: the live test uses it to
+cross-check those counts against TGI's own `details` (issue 20 item 10, refused as a second request path).
 """
 
 from __future__ import annotations
