@@ -40,9 +40,11 @@ def summarize(
 def run(config: SummarizeConfig) -> None:
     from rich.console import Console
 
+    from harness.rundir import RunDir
     from harness.slo import parse_slo
-    from harness.summary import rebuild_summary, render_table
+    from harness.summary import rebuild_summary
     from harness.verdict import load_policy
+    from reports.run_table import run_table
 
     slo = parse_slo(config.slo) if config.slo else None
     policy = load_policy(config.policy) if config.policy else None
@@ -52,7 +54,10 @@ def run(config: SummarizeConfig) -> None:
         console = Console(width=max(console.width, 140))
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(render_table(summary))
+    # the same table as `bench run`: ok / failed / cancelled apart, memory, quality, host facts below
+    rd = RunDir(config.run_dir)
+    manifest = rd.load_manifest().model_dump(mode="json") if rd.has_manifest() else None
+    console.print(run_table(summary, manifest))
     for p in summary.points:
         if p.verdict.status == "INVALID":
             for r in p.verdict.reasons:
