@@ -15,7 +15,8 @@ __all__ = ["CHECKED"]
 
 _TRTLLM = (
     "trtllm-serve: metric names from NVIDIA/TensorRT-LLM tensorrt_llm/metrics/collector.py (2026 source, "
-    "tests/fixtures/metrics/trtllm_collector_names.txt); flags from docs/source/commands/trtllm-serve.rst; "
+    "tests/fixtures/metrics/trtllm_collector_names.txt); flags against tensorrt_llm/commands/serve.py's click "
+    "options at commit 4c05a748; "
     "a recorded response (docs, commit 1a349cd7). Not parsed: PyPI's tensorrt-llm 1.2.1 is a stub that downloads "
     "from pypi.nvidia.com"
 )

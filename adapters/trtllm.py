@@ -146,7 +146,7 @@ def _check_config(cfg: EngineConfig) -> None:
         where = (
             f"add `{snippet}` to {path}"
             if path
-            else f"put `{snippet}` in a YAML file and add `--config FILE`"
+            else f"put `{snippet}` in a YAML file and add `--extra_llm_api_options FILE`"
         )
         require(
             False,
@@ -165,7 +165,8 @@ def _flags(cfg: EngineConfig, host: str) -> list[str]:
     require(cfg.tensor_parallel >= 1, f"trtllm: tensor_parallel must be >= 1, not {cfg.tensor_parallel}")
     require(cfg.threads is None, "trtllm: threads is not a server setting; remove --threads")
     _check_config(cfg)
-    # flags: tensorrt_llm/commands/serve.py (click options; read 2026-11-24)
+    # flags: tensorrt_llm/commands/serve.py click options (NVIDIA/TensorRT-LLM 4c05a748, read 2026-12-07; tests/fixtures/
+    # contracts/trtllm_serve_options.txt); `--config` is accepted as the YAML flag too (newer releases)
     flags = ["--host", host, "--port", str(cfg.port), "--backend", cfg.env.get("TRTLLM_BACKEND", "pytorch")]
     flags += optional_flag("--max_batch_size", cfg.max_num_seqs)
     flags += optional_flag("--max_seq_len", cfg.max_context)

@@ -389,3 +389,29 @@ def test_every_adapter_is_checked_against_something() -> None:
 
     engines = {name for name in registry.adapters() if name != "scripted"}
     assert engines <= set(CHECKED), sorted(engines - set(CHECKED))
+
+
+def trtllm_options() -> dict[str, str]:
+    out = {}
+    for line in (FIXTURES / "contracts/trtllm_serve_options.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, kind = line.split()
+            out[name] = kind
+    return out
+
+
+def test_trtllm_serve_flags_are_its_click_options(tmp_path: Path) -> None:
+    """Every flag the adapter emits is a `trtllm-serve` option, with a value where the option takes one."""
+    options = trtllm_options()
+    config = tmp_path / "extra.yml"
+    config.write_text("return_perf_metrics: true\nenable_iter_perf_stats: true\n")
+    cfg = EngineConfig(model="/models/m", max_context=8192, max_num_seqs=64, tensor_parallel=2,
+                       gpu_memory_fraction=0.85, port=9001, extra_args=("--extra_llm_api_options", str(config)))  # fmt: skip
+    argv = trtllm.launch_argv(cfg)
+    assert argv[:2] == ["trtllm-serve", "/models/m"]
+    flags = [a for a in argv[2:] if a.startswith("--")]
+    assert set(flags) <= set(options), sorted(set(flags) - set(options))
+    for flag in flags:
+        nxt = argv[argv.index(flag) + 1] if argv.index(flag) + 1 < len(argv) else "--"
+        assert (options[flag] == "value") == (not nxt.startswith("--")), flag
+    assert argv[argv.index("--backend") + 1] in ("pytorch", "tensorrt", "trt", "_autodeploy")
