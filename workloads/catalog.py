@@ -12,10 +12,18 @@ from typing import Any
 import yaml
 
 from harness.errors import BenchError, ConfigError
+from workloads.model import QuantizedSpec
 from workloads.registry import Workload, list_workloads, load_workload
 from workloads.tokenizer import tokenizer_from
 
-__all__ = ["WorkloadsConfig", "parse_overrides", "preview", "workload_detail", "workloads_table"]
+__all__ = [
+    "WorkloadsConfig",
+    "expected_cache",
+    "parse_overrides",
+    "preview",
+    "workload_detail",
+    "workloads_table",
+]
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,26 @@ def workload_detail(config: WorkloadsConfig) -> tuple[Workload, dict[str, Any]]:
         "seed": seed,
         "fingerprint": w.fingerprint_for(seed),
         "params": w.params.model_dump(mode="json", exclude={"name", "version", "kind", "seed"}),
+        "expected_cache": expected_cache(w),
     }
     return w, info
+
+
+def expected_cache(w: Workload) -> str:
+    """What share of prompt tokens the workload means the engine's prefix cache to serve (per request: the tag
+    `cache_expected_tokens`; docs/workloads.md "Expected cache share")."""
+    spec = w.params
+    kind = spec.base.kind if isinstance(spec, QuantizedSpec) else spec.kind
+    fmt = getattr(spec.base if isinstance(spec, QuantizedSpec) else spec, "format", None)
+    if kind == "shared-prefix":
+        return (
+            "the shared prefix of each reuse request (warm-ups and controls: none), plus the template tokens"
+        )
+    if kind == "chat":
+        return "the history of each later turn (the previous prompt and reply), plus the template tokens"
+    if kind == "trace" and fmt == "mooncake":
+        return "the leading blocks of each row that an earlier row had (equal hash ids), plus the template tokens"
+    return "none: fresh prompts share only the template tokens"
 
 
 def preview(w: Workload, config: WorkloadsConfig) -> list[dict[str, Any]]:
