@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from adapters import install
-from workloads.text import VOCABULARY
 
 __all__ = [
     "EXIT_FAILED",
@@ -290,6 +289,8 @@ def model_python(given: Path | None) -> Path:
 
 def make_random_model(python: Path, out: Path, size: ModelSize) -> dict[str, Any]:
     """A Hugging Face folder with random f16 weights and its tokenizer; returns {"params", "vocab"}."""
+    from workloads.text import VOCABULARY
+
     shutil.rmtree(out, ignore_errors=True)
     text = install._run(
         [
@@ -439,16 +440,31 @@ def judge(
     return checks, figures
 
 
-def _left_behind(bin_dir: Path) -> list[str]:
+def _left_behind(*dirs: Path) -> list[str]:
+    """Processes running a binary from these folders (the build's, and the private cache's link to it)."""
     import psutil
 
     out = []
     for proc in psutil.process_iter(["pid", "exe", "cmdline"]):
-        argv0 = (proc.info.get("cmdline") or [""])[0] if proc.info.get("cmdline") else ""
-        exe = proc.info.get("exe") or ""
-        if str(bin_dir) in exe or str(bin_dir) in argv0:
+        cmdline = proc.info.get("cmdline") or []
+        argv0, exe = (cmdline[0] if cmdline else ""), proc.info.get("exe") or ""
+        if any(str(d) in exe or str(d) in argv0 for d in dirs):
             out.append(f"pid {proc.info['pid']} {exe or argv0}")
     return out
+
+
+def check_environment(python: str = sys.executable) -> None:
+    """EngineBench and NVML's Python binding must import in the interpreter that runs `bench` (before minutes of
+    building): one line naming what is missing."""
+    probe = subprocess.run(
+        [python, "-c", "import harness.cli._app, harness.orchestrate, pynvml"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StepError(
+            f"EngineBench cannot run in {python} ({last}); install it there (pip install -e . brings nvidia-ml-py) "
+            "or set ENGINEBENCH_PYTHON to its venv's python"
+        )
 
 
 def _device_memory_used() -> int | None:
@@ -493,7 +509,7 @@ def run_and_judge(
         baseline_bytes=baseline,
         model_bytes=model_bytes,
         engine_log=log.read_text(errors="replace") if log.is_file() else "",
-        left_behind=_left_behind(bin_dir),
+        left_behind=_left_behind(bin_dir, cache / "llamacpp"),
         bench_exit=bench.returncode,
     )
     figures["run"] = {
@@ -536,6 +552,7 @@ def main(argv: Sequence[str] = (), *, nvidia_smi: str | None = None) -> int:
         print(f"[gpu-check {time.monotonic() - started:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
     try:
+        check_environment()
         work = (args.work or install.cache_root() / "gpu-check").resolve()
         work.mkdir(parents=True, exist_ok=True)
         arch = (

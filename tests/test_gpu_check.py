@@ -5,6 +5,7 @@ GGUF with the llama.cpp source's converter, then tokenized by the real llama.cpp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,6 +66,22 @@ def test_no_gpu_says_so_in_one_line_and_exits_2(tmp_path: Path, smi: str | None,
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stdout.count("\n") == 1 and r.stderr == ""
     assert r.stdout.startswith("gpu-check: no NVIDIA GPU here") and why in r.stdout
+
+
+def test_a_step_that_cannot_run_gives_one_json_line_and_exit_1(tmp_path: Path) -> None:
+    # the line nvidia-smi prints for an H100 to the script's query (index, name, compute_cap, memory.used MiB)
+    smi = "#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 9.0, 1'\n"
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-check"), "--llama-src", str(tmp_path / "missing.tar.gz"),
+         "--work", str(tmp_path / "work")],
+        env=_no_gpu_env(tmp_path, smi) | {"ENGINEBENCH_PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.count("\n") == 1
+    result = json.loads(r.stdout)
+    assert result["ok"] is False and result["gpus"] == ["NVIDIA H100 80GB HBM3 (cc 9.0)"]
+    assert "no llama.cpp source" in result["error"] and "--llama-src" in result["error"]
 
 
 # ------------------------------------------------------------------------------------------------- the build
