@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from adapters import lmdeploy, mii, rayserve, registry, sglang, triton, trtllm, vllm
+from adapters import lmdeploy, mii, rayserve, registry, sglang, tgi, triton, triton_trtllm, trtllm, vllm
 from adapters.base import CANONICAL_METRICS, Adapter, EngineConfig, MetricMap
 from tests import contract_env as env
 from workloads.spec import RequestSpec
@@ -391,27 +391,61 @@ def test_every_adapter_is_checked_against_something() -> None:
     assert engines <= set(CHECKED), sorted(engines - set(CHECKED))
 
 
-def trtllm_options() -> dict[str, str]:
-    out = {}
-    for line in (FIXTURES / "contracts/trtllm_serve_options.txt").read_text().splitlines():
+def recorded_options(name: str) -> dict[str, tuple[str, set[str]]]:
+    """option -> ("flag" | "value", its choices) from a fixture copied from the engine's CLI source."""
+    out: dict[str, tuple[str, set[str]]] = {}
+    for line in (FIXTURES / "contracts" / name).read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            name, kind = line.split()
-            out[name] = kind
+            option, kind, *choices = line.split()
+            out[option] = (kind, set(choices[0].split(",")) if choices else set())
     return out
 
 
+def check_flags(argv: list[str], options: dict[str, tuple[str, set[str]]]) -> None:
+    """Every `--flag` in argv is an option of the engine's CLI, followed by a value exactly when it takes one, and
+    that value is among its choices where the CLI restricts them."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        assert arg in options, f"{arg} is no option of the engine's CLI"
+        kind, choices = options[arg]
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        assert (kind == "value") == (value is not None), (arg, kind, value)
+        assert not choices or value in choices, (arg, value, sorted(choices))
+
+
 def test_trtllm_serve_flags_are_its_click_options(tmp_path: Path) -> None:
-    """Every flag the adapter emits is a `trtllm-serve` option, with a value where the option takes one."""
-    options = trtllm_options()
+    """tensorrt_llm/commands/serve.py (commit 4c05a748): every flag the adapter emits is a trtllm-serve option."""
     config = tmp_path / "extra.yml"
     config.write_text("return_perf_metrics: true\nenable_iter_perf_stats: true\n")
     cfg = EngineConfig(model="/models/m", max_context=8192, max_num_seqs=64, tensor_parallel=2,
                        gpu_memory_fraction=0.85, port=9001, extra_args=("--extra_llm_api_options", str(config)))  # fmt: skip
     argv = trtllm.launch_argv(cfg)
     assert argv[:2] == ["trtllm-serve", "/models/m"]
-    flags = [a for a in argv[2:] if a.startswith("--")]
-    assert set(flags) <= set(options), sorted(set(flags) - set(options))
-    for flag in flags:
-        nxt = argv[argv.index(flag) + 1] if argv.index(flag) + 1 < len(argv) else "--"
-        assert (options[flag] == "value") == (not nxt.startswith("--")), flag
+    check_flags(argv[2:], recorded_options("trtllm_serve_options.txt"))
     assert argv[argv.index("--backend") + 1] in ("pytorch", "tensorrt", "trt", "_autodeploy")
+
+
+def test_tgi_launcher_flags_are_its_clap_options() -> None:
+    """launcher/src/main.rs `struct Args` (commit db931fcf): every flag is a launcher option, and the adapter's
+    dtype / KV dtype / quantization lists are exactly the launcher's value enums."""
+    options = recorded_options("tgi_launcher_options.txt")
+    for cfg in (
+        EngineConfig(model="m"),
+        EngineConfig(model="/models/m", quantization="awq", max_context=8192, max_num_seqs=64, tensor_parallel=2,
+                     kv_cache_dtype="fp8_e5m2", gpu_memory_fraction=0.85, port=9001),
+        EngineConfig(model="m", dtype="bfloat16", kv_cache_dtype="fp8_e4m3fn"),
+    ):  # fmt: skip
+        check_flags(tgi.launch_argv(cfg)[1:], options)
+    assert set(tgi.KV_DTYPES) == options["--kv-cache-dtype"][1]
+    assert set(tgi.DTYPES) == options["--dtype"][1]
+    assert set(tgi.QUANTIZE) == options["--quantize"][1]
+
+
+def test_triton_frontend_flags_are_its_argparse_options() -> None:
+    """python/openai/openai_frontend/main.py (commit e1db8a60): both Triton adapters' flags are frontend options,
+    `--backend` one of its choices."""
+    options = recorded_options("triton_frontend_options.txt")
+    cfg = EngineConfig(model="/repo", port=9001, env={"TRITON_TOKENIZER": "t"})
+    for adapter in (triton, triton_trtllm):
+        check_flags(adapter.launch_argv(cfg)[2:], options)
