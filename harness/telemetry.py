@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import MetricMap
+from adapters.base import MetricMap, ScrapesElsewhere
 from adapters.prometheus import Histogram, Value, delta, kind_of, scrape
 from harness import metrics
 from harness.gpu import Nvml, open_nvml
@@ -212,12 +212,17 @@ class EngineTelemetry:
         """Sources from an endpoint: its process tree when launched here, `/metrics` when the adapter names one."""
         proc = ep.process
         path = adapter.info.metrics_path
+        url = f"{ep.base_url.rstrip('/')}{path}" if path else None
+        if url is None and isinstance(adapter, ScrapesElsewhere) and ep.config is not None:
+            url = adapter.metrics_url(
+                ep.config, ep.base_url
+            )  # Ray Serve LLM: Ray's exporter has its own port
         return cls(
             run.path,
             engine,
             zero,
-            metrics_url=f"{ep.base_url.rstrip('/')}{path}" if path else None,
-            metric_map=adapter.metrics if path else None,
+            metrics_url=url,
+            metric_map=adapter.metrics if url else None,
             processes=proc.tree if proc is not None else None,
             no_process_reason=f"{engine} is an attached endpoint ({ep.base_url}): no local process tree to read",
             no_metrics_reason=f"the {adapter.info.name} adapter names no metrics path",
@@ -732,6 +737,8 @@ def gpu_memory_share(samples: Iterable[Mapping[str, Any]]) -> GpuMemoryShare | N
         return GpuMemoryShare("device", reason, None, None, None)
 
     listed = [s for s in with_gpus if all("processes" in g for g in s["gpus"])]
+    if not listed and not any("energy_mj" in g for s in with_gpus for g in s["gpus"]):
+        return device("recorded before EngineBench read GPU processes: device totals only")
     if not listed:
         return device("NVML does not list the compute processes on these GPUs: device totals only")
     procs = [p for s in listed for g in s["gpus"] for p in g["processes"]]

@@ -157,6 +157,12 @@ def test_device_totals_with_the_reason_where_the_engine_cannot_be_told_apart(
     share = gpu_memory_share([sample(0.0, g)])
     assert share is not None and share.basis == "device" and share.reason is not None and why in share.reason
     assert share.engine_peak_bytes is None
+    old = {
+        k: v for k, v in g.items() if k != "energy_mj"
+    }  # a line written before energy and processes were read
+    share = gpu_memory_share([sample(0.0, old)])
+    assert share is not None and share.basis == "device" and share.reason is not None
+    assert ("recorded before" in share.reason) == (processes is None)
 
 
 # ------------------------------------------------------------------------------------------------- the sampler
