@@ -24,7 +24,19 @@ from typing import Any
 
 import pytest
 
-from adapters import lmdeploy, mii, rayserve, registry, sglang, tgi, triton, triton_trtllm, trtllm, vllm
+from adapters import (
+    lmdeploy,
+    mii,
+    ollama,
+    rayserve,
+    registry,
+    sglang,
+    tgi,
+    triton,
+    triton_trtllm,
+    trtllm,
+    vllm,
+)
 from adapters.base import CANONICAL_METRICS, Adapter, EngineConfig, MetricMap
 from tests import contract_env as env
 from workloads.spec import RequestSpec
@@ -449,3 +461,13 @@ def test_triton_frontend_flags_are_its_argparse_options() -> None:
     cfg = EngineConfig(model="/repo", port=9001, env={"TRITON_TOKENIZER": "t"})
     for adapter in (triton, triton_trtllm):
         check_flags(adapter.launch_argv(cfg)[2:], options)
+
+
+def test_ollama_environment_is_what_ollama_serve_reads() -> None:
+    """envconfig/config.go AsMap (commit fb307609): every variable the adapter sets is one `ollama serve` reads."""
+    lines = (FIXTURES / "contracts/ollama_env_vars.txt").read_text().splitlines()
+    known = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    cfg = EngineConfig(
+        model="llama3.2:1b", max_context=8192, max_num_seqs=4, kv_cache_dtype="q8_0", port=9001
+    )
+    assert set(ollama.launch_env(cfg)) <= known, sorted(set(ollama.launch_env(cfg)) - known)
