@@ -712,12 +712,12 @@ def render(decision: Mapping[str, Any], console: Any) -> None:
     plan = decision.get("plan")
     if plan:
         pt = Table(title="Hybrid plan")
-        for col in ("use case", "engine", "settings", "replicas", "$/month", "note"):
+        for col in ("use case", "engine", "settings", "replicas", "instance", "$/month", "note"):
             pt.add_column(col)
         for a in plan["assignments"]:
             ch = a["chosen"]
             if ch is None:
-                pt.add_row(a["use_case"]["name"], "[red]none[/]", "", "", "", a["note"])
+                pt.add_row(a["use_case"]["name"], "[red]none[/]", "", "", "", "", a["note"])
                 continue
             settings = f"{ch['settings'].get('load_kind')}={_fmt(ch['settings'].get('load_per_replica'))}"
             pt.add_row(
@@ -725,6 +725,7 @@ def render(decision: Mapping[str, Any], console: Any) -> None:
                 ch["engine"],
                 settings,
                 _fmt(ch["replicas"] and ch["replicas"]["replicas"]),
+                _fmt(ch["cost"] and ch["cost"]["instance"]),
                 _fmt(ch["cost"]["usd_per_month"] if ch["cost"] else 0.0, 4),
                 ch["reason"],
             )

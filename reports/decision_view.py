@@ -168,6 +168,7 @@ def plan_view(decision: Mapping[str, Any]) -> dict[str, Any] | None:
                     f"{settings.get('load_kind')}={fmt(settings.get('load_per_replica'))}" if ch else ""
                 ),
                 "replicas": fmt(((ch or {}).get("replicas") or {}).get("replicas")),
+                "instance": ((ch or {}).get("cost") or {}).get("instance"),
                 "usd": fmt(((ch or {}).get("cost") or {}).get("usd_per_month", 0.0 if ch else None), 4),
                 "reason": (ch or {}).get("reason") or a.get("note"),
                 "excluded": [
