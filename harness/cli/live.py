@@ -94,7 +94,16 @@ class LiveProgress:
             self._printed[key] = now
             self._log(plain or f"{description} {info}")
 
+    def _skip(self, key: tuple[str, str], finished: bool) -> bool:
+        """Off a terminal, an event that would print no line is dropped before any text is built (one per request)."""
+        if self._progress is not None or finished:
+            return False
+        last = self._printed.get(key)
+        return last is not None and time.monotonic() - last < self.plain_every_s
+
     def _point(self, e: PointProgress) -> None:
+        if self._skip(("point", f"{e.engine} {e.point}"), e.finished):
+            return
         rate = e.done / e.elapsed_s if e.elapsed_s > 0 else None
         counts = f"{e.ok} ok" + (f", {e.failed} failed" if e.failed else "")
         counts += f", {e.cancelled} cancelled" if e.cancelled else ""
