@@ -6,6 +6,8 @@ tokenizer). The real engines: tests/test_live_cache.py."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -276,3 +278,47 @@ def test_a_duration_point_never_waits_for_a_prompt(tmp_path: Path) -> None:
             )
     assert supply.waits == 0, f"{supply.waits} sends waited {supply.waited_s:.3f} s for a prompt"
     assert p99 < 1.0, f"send lag p99 {p99:.2f} ms"
+
+
+# -- `bench run` end to end against the scripted server (no prefix cache, no reset route) --------------------------
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_bench_run_fresh_keys_repeats_and_replay(tmp_path: Path) -> None:
+    with serve_in_process(ScriptConfig(ttft=0.005, itl=0.001, output_tokens=4)) as url:
+        common = ["--endpoint", f"scripted={url}", "--workload", "synthetic", "--set", "input_tokens=32",
+                  "--set", "output_tokens=4", "--concurrency", "1", "--requests", "3", "--warmup", "0"]  # fmt: skip
+        a, b = tmp_path / "a", tmp_path / "b"
+        for out, extra in ((a, ["--repeat", "2"]), (b, [])):
+            done = _bench("run", *common, "--seed", "3", *extra, "--out", str(out))
+            assert done.returncode == 0, done.stderr[-2000:]
+        manifests = [orjson.loads((d / "manifest.json").read_bytes()) for d in (a, b)]
+        keys = [m["workload"]["prompts"]["key"] for m in manifests]
+        assert all(keys) and keys[0] != keys[1]  # the same seed, fresh prompts
+        assert manifests[0]["workload"]["fingerprint"] == manifests[1]["workload"]["fingerprint"]
+        events = [orjson.loads(line) for line in (a / "events.jsonl").read_bytes().splitlines()]
+        starts = [e for e in events if e.get("kind") == "point_start"]
+        assert [e["repeat"] for e in starts] == [1, 2]  # every repeat: the run's one fingerprint
+        assert {e["workload_fingerprint"] for e in starts} == {manifests[0]["workload"]["fingerprint"]}
+        resets = [e for e in events if e.get("kind") == "cache_reset"]
+        assert len(resets) == 2 and not any(e["ok"] for e in resets)  # the scripted server offers none...
+        assert "offers no route" in resets[0]["reason"]
+        assert (
+            "no route to empty" in manifests[0]["engines"][0]["cache_reset_none"]
+        )  # ...said in the manifest
+        ends = [e for e in events if e.get("kind") == "point_end"]
+        assert all(e["specs_waits"] == 0 for e in ends)
+        # replay: the first run's key; another seed is refused with one line naming the fix
+        c = tmp_path / "c"
+        done = _bench("run", *common, "--seed", "3", "--replay-prompts", str(a), "--out", str(c))
+        assert done.returncode == 0, done.stderr[-2000:]
+        replay = orjson.loads((c / "manifest.json").read_bytes())["workload"]["prompts"]
+        assert replay["key"] == keys[0] and replay["replayed_from"] == str(a.resolve())
+        bad = _bench("run", *common, "--seed", "4", "--replay-prompts", str(a), "--out", str(tmp_path / "d"))
+        assert bad.returncode != 0 and "give the same --workload, --set and --seed" in bad.stderr
+        assert "Traceback" not in bad.stderr
