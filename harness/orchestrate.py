@@ -674,8 +674,13 @@ async def _reset_cache(
     ) as session:
         out = await reset_prefix_cache(session, ep.base_url, info)
     run.append_event({**event, **out})
-    if not out.get("ok") and info.cache_reset is not None:  # none offered: the manifest's entry says so once
-        progress(f"{target.engine} {point.id}: prefix cache not emptied: {out.get('reason')}")
+    # once per engine (its first point); none offered: the manifest's entry says so
+    first = point.id == cfg.points[0].id and rep.get("repeat", 1) == 1
+    if not out.get("ok") and info.cache_reset is not None and first:
+        progress(
+            f"{target.engine}: prefix cache not emptied before its points: {out.get('reason')} (fresh prompts keep "
+            "them apart; the cache share per point shows what it served)"
+        )
 
 
 def _engine_exiting(ep: Endpoint, reap_wait_s: float = 0.2) -> bool:
