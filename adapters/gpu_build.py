@@ -33,6 +33,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -498,7 +499,12 @@ def run_and_judge(
            "--concurrency", load_points, *measure, "--warmup", "2", "--out", str(run_dir)]  # fmt: skip
     say(" ".join(cmd[2:]))
     t0 = time.monotonic()
-    bench = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        bench = subprocess.run(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired:
+        raise StepError(f"bench run took over 600 s; see {run_dir}") from None
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         tail = " | ".join(bench.stdout.strip().splitlines()[-5:])
@@ -535,8 +541,34 @@ def _parse(argv: Sequence[str]) -> Any:
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: ENGINE_CACHE/gpu-check)")
     ap.add_argument("--arch", help="CUDA architecture, e.g. 90 (default: the GPU's compute capability)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per load point")
+    ap.add_argument("--requests", type=int, help="measure this many requests per point instead of --duration")
+    ap.add_argument("--model-hidden", type=int, default=ModelSize.hidden, help="random model: hidden size")
+    ap.add_argument("--model-layers", type=int, default=ModelSize.layers, help="random model: layers")
     ap.add_argument("--flash-attention", action="store_true", help="also build the FlashAttention kernels")
     return ap.parse_args(list(argv))
+
+
+def _model_step(
+    args: Any, tree: Path, work: Path, say: Callable[[str], None]
+) -> tuple[Path, str | None, dict[str, Any]]:
+    """(GGUF, substitute note or None for the shipped model, figures)."""
+    t0 = time.monotonic()
+    if args.gguf is not None:
+        return args.gguf, None, {"kind": "shipped", "path": str(args.gguf), "seconds": 0.0}
+    py = model_python(args.python)
+    hidden = args.model_hidden
+    size = ModelSize(hidden, args.model_layers, max(1, hidden // 64), max(64, round(hidden * 2.75 / 64) * 64))
+    say(f"making a random-weights Llama ({size}) with {py}")
+    made = make_random_model(py, work / "model-hf", size)
+    gguf = work / "random-llama-f16.gguf"
+    say("converting it with convert_hf_to_gguf.py")
+    convert_to_gguf(py, tree, work / "model-hf", gguf)
+    substitute = f"random-weights Llama, {made['params']:,} parameters, f16 (scripts/gpu-check)"
+    return (
+        gguf,
+        substitute,
+        {"kind": "random", "params": made["params"], "seconds": round(time.monotonic() - t0, 1)},
+    )
 
 
 def main(argv: Sequence[str] = (), *, nvidia_smi: str | None = None) -> int:
@@ -561,39 +593,35 @@ def main(argv: Sequence[str] = (), *, nvidia_smi: str | None = None) -> int:
             else args.arch or cuda_arch(gpus[0].compute_cap)
         )
         tree = find_llama_tree(args.llama_src, work)
-        t0 = time.monotonic()
-        bin_dir = work / "bin"
-        versions = build_llama_server(
-            tree, work / "build-cuda", bin_dir, arch, say, flash_attention=args.flash_attention
-        )
-        result["build"] = {
-            "arch": arch,
-            "seconds": round(time.monotonic() - t0, 1),
-            "version": versions["llama-server"],
-        }
-        t0 = time.monotonic()
-        if args.gguf is not None:
-            if not args.gguf.is_file():
-                raise StepError(
-                    f"--gguf {args.gguf} is not a file; give the shipped SmolLM2 GGUF or leave it out"
-                )
-            gguf, substitute = args.gguf, None
-            result["model"] = {"kind": "shipped", "path": str(gguf)}
-        else:
-            py = model_python(args.python)
-            size = ModelSize()
-            say(f"making a random-weights Llama ({size}) with {py}")
-            made = make_random_model(py, work / "model-hf", size)
-            gguf = work / "random-llama-f16.gguf"
-            say("converting it with convert_hf_to_gguf.py")
-            convert_to_gguf(py, tree, work / "model-hf", gguf)
-            substitute = f"random-weights Llama, {made['params']:,} parameters, f16 (scripts/gpu-check)"
-            result["model"] = {"kind": "random", "params": made["params"]}
+        if args.gguf is not None and not args.gguf.is_file():
+            raise StepError(
+                f"--gguf {args.gguf} is not a file; give the shipped SmolLM2 GGUF or leave it out"
+            )
+        # the model is made while the build runs (the build is the long step)
+        with ThreadPoolExecutor(1) as pool:
+            model = pool.submit(_model_step, args, tree, work, say)
+            t0 = time.monotonic()
+            bin_dir = work / "bin"
+            versions = build_llama_server(
+                tree, work / "build-cuda", bin_dir, arch, say, flash_attention=args.flash_attention
+            )
+            result["build"] = {
+                "arch": arch,
+                "seconds": round(time.monotonic() - t0, 1),
+                "version": versions["llama-server"],
+            }
+            gguf, substitute, result["model"] = model.result()
         model_bytes = gguf.stat().st_size
-        result["model"] |= {"bytes": model_bytes, "seconds": round(time.monotonic() - t0, 1)}
+        result["model"]["bytes"] = model_bytes
         cache = private_cache(work / "cache", bin_dir, gguf, substitute)
         checks, figures = run_and_judge(
-            cache, bin_dir, model_bytes, work / "runs" / time.strftime("%Y%m%d-%H%M%S"), args.duration, say
+            cache,
+            bin_dir,
+            model_bytes,
+            work / "runs" / time.strftime("%Y%m%d-%H%M%S"),
+            None if args.requests else args.duration,
+            say,
+            requests=args.requests,
         )
         result |= figures
         result["checks"] = {c.name: c.ok for c in checks}
@@ -601,6 +629,8 @@ def main(argv: Sequence[str] = (), *, nvidia_smi: str | None = None) -> int:
         result["ok"] = not result["failed"]
     except (StepError, install.InstallError) as e:
         result["ok"], result["error"] = False, str(e)
+    except Exception as e:  # still one JSON line: the contract of the script
+        result["ok"], result["error"] = False, f"unexpected {type(e).__name__}: {e}"
     result["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(result, default=str))
     return 0 if result["ok"] else EXIT_FAILED

