@@ -40,9 +40,10 @@ CHECKED: Mapping[str, str] = {
     "trtllm": _TRTLLM,
     "triton": _TRITON,
     "triton-trtllm": _TRITON,
-    "tgi": "huggingface/text-generation-inference launcher/src/main.rs and router metrics at commit db931fcf "
-    "(2026-01-08); integration-test snapshot streams",
-    "ollama": "ollama/ollama server/routes.go, api/types.go at commit fb307609 (2026-08-21); a recorded stream",
+    "tgi": "huggingface/text-generation-inference at commit db931fcf (2026-01-08): launcher/src/main.rs options and "
+    "value enums, router metric names; integration-test snapshot streams",
+    "ollama": "ollama/ollama at commit fb307609 (2026-08-21): server/routes.go (pull, load), envconfig/config.go "
+    "(environment); a recorded stream",
     "mlc": "mlc-ai/mlc-llm python/mlc_llm/cli/serve.py, serve/engine_base.py (docs and source read 2026-11-24); "
     "no recorded output found",
 }

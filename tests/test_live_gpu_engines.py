@@ -29,7 +29,18 @@ from workloads.spec import RequestSpec
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(1800)]
 
-ENGINES = ("sglang", "lmdeploy", "trtllm", "tgi", "ollama", "mlc", "triton", "triton-trtllm", "rayserve", "mii")
+ENGINES = (
+    "sglang",
+    "lmdeploy",
+    "trtllm",
+    "tgi",
+    "ollama",
+    "mlc",
+    "triton",
+    "triton-trtllm",
+    "rayserve",
+    "mii",
+)
 MAX_TOKENS = 16
 SPEC = RequestSpec(
     "live-0", "chat", MAX_TOKENS, messages=({"role": "user", "content": "Count from one to twenty."},)
