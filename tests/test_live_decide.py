@@ -2,7 +2,9 @@
 
 One `bench run --engines llamacpp,vllm` (vLLM launched once, llama.cpp once) with small sizes, a generous SLO
 (e2e p99 within 120 s, so goodput exists without judging speed), then re-summarized with the relaxed verdict policy
-below so the short points are VALID, then `bench decide --json` and `bench report`. The checks: exit codes, a
+below so the short points are VALID, then `bench decide --json` and `bench report`. The run itself ends in its
+answer (`--decide`: decision.json and report.html in the run directory) and records the host's facts and the engine
+log lines known to cost speed. The checks: exit codes, a
 ranking of exactly the engines that ran, and every measured criterion value traced back to summary.json or the
 manifest (nothing made up; criteria without data stay null).
 
@@ -64,9 +66,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not avail.runnable:
             pytest.skip(f"{name} cannot run here: {avail.reason}")
     out = tmp_path_factory.mktemp("decide") / "synthetic"
-    ok(bench("run", "--engines", ",".join(ENGINES), "--workload", "synthetic", "--set", "input_tokens=64",
+    done = ok(bench("run", "--engines", ",".join(ENGINES), "--workload", "synthetic", "--set", "input_tokens=64",
              "--set", "output_tokens=16", "--requests", "6", "--warmup", "1", "--concurrency", "1,2",
-             "--slo", "e2e_p99=120s", "--engine-nice", "19", "--out", str(out)))  # fmt: skip
+             "--slo", "e2e_p99=120s", "--engine-nice", "19", "--out", str(out), "--decide"))  # fmt: skip
+    (out.parent / "run-stdout.txt").write_text(done.stdout)
     policy = out.parent / "relaxed-policy.json"
     policy.write_text(json.dumps(RELAXED_POLICY))
     ok(bench("summarize", str(out), "--policy", str(policy)))
@@ -184,3 +187,24 @@ def test_report_renders_both_engines(run_dir: Path) -> None:
         r"<link[^>]+href=\"https?:", text
     )
     print(f"report: {html} ({len(text):,} bytes)")
+
+
+def test_run_decide_answer_and_host_facts_of_a_real_run(run_dir: Path) -> None:
+    from adapters.logwarnings import KNOWN_WARNINGS
+
+    stdout = (run_dir.parent / "run-stdout.txt").read_text()
+    assert (run_dir / "report.html").stat().st_size > 10_000 and (run_dir / "decision.json").exists()
+    assert f"decision report: {run_dir / 'report.html'}" in stdout
+    assert "Recommendation" in stdout and "this result depends on the host CPU" in stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert isinstance(manifest["host"]["cpu_features"], list) and manifest["host"]["gpus"] == []
+    for entry in manifest["engines"]:
+        log = (run_dir / "engines" / f"{entry['name']}.log").read_text(errors="replace")
+        recorded = {w["id"]: w for w in entry.get("log_warnings") or []}
+        for w in recorded.values():  # nothing invented: each recorded line is in the engine's own log
+            assert w["line"] in log and w["count"] == log.count(
+                next(k.needle for k in KNOWN_WARNINGS if k.id == w["id"])
+            )
+        for known in KNOWN_WARNINGS:  # nothing missed: each known line the log has is recorded
+            if entry["adapter"] in known.engines and known.needle in log:
+                assert known.id in recorded, (entry["name"], known.id)
