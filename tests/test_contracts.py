@@ -471,3 +471,16 @@ def test_ollama_environment_is_what_ollama_serve_reads() -> None:
         model="llama3.2:1b", max_context=8192, max_num_seqs=4, kv_cache_dtype="q8_0", port=9001
     )
     assert set(ollama.launch_env(cfg)) <= known, sorted(set(ollama.launch_env(cfg)) - known)
+
+
+@pytest.mark.parametrize("adapter", [triton.ADAPTER, triton_trtllm.ADAPTER], ids=["triton", "triton-trtllm"])
+def test_triton_frontend_declares_every_field_sent(adapter: Adapter) -> None:
+    """schemas/openai.py (commit e1db8a60) declares its request models with extra="forbid": a field it does not
+    declare is an HTTP 400, so every field the codec sends must be one of them."""
+    declared = {}
+    for line in (FIXTURES / "contracts/triton_request_fields.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            api, fields = line.split()
+            declared[api] = set(fields.split(","))
+    for kind, body in bodies(adapter):
+        assert set(body) <= declared[kind], (kind, sorted(set(body) - declared[kind]))
