@@ -542,8 +542,8 @@ def _parse(argv: Sequence[str]) -> Any:
     ap.add_argument("--arch", help="CUDA architecture, e.g. 90 (default: the GPU's compute capability)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per load point")
     ap.add_argument("--requests", type=int, help="measure this many requests per point instead of --duration")
-    ap.add_argument("--model-hidden", type=int, default=ModelSize.hidden, help="random model: hidden size")
-    ap.add_argument("--model-layers", type=int, default=ModelSize.layers, help="random model: layers")
+    ap.add_argument("--model-hidden", type=int, default=ModelSize().hidden, help="random model: hidden size")
+    ap.add_argument("--model-layers", type=int, default=ModelSize().layers, help="random model: layers")
     ap.add_argument("--flash-attention", action="store_true", help="also build the FlashAttention kernels")
     return ap.parse_args(list(argv))
 
