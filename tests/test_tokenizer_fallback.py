@@ -226,6 +226,10 @@ def test_a_tokenizer_json_makes_lengths_exact(tmp_path: Path, api: str) -> None:
     assert _prompt_tokens(tmp_path / "exact") == [INPUT] * 9
     (event,) = _events(tmp_path / "exact", "tokenizer")
     assert event["exact"] is True and event["tokenizer"] == "local:tok/tokenizer.json"
+    manifest = orjson.loads((tmp_path / "exact" / "manifest.json").read_bytes())
+    assert manifest["settings"]["run_config"]["tokenizer"] == str(
+        path
+    )  # `bench run --resume` builds with it too
     point = _summary_point(tmp_path / "exact")
     assert point["checks"]["approximate_inputs"] is None
     assert not any("approximate" in n for n in point["verdict"]["notes"])
