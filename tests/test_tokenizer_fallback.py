@@ -341,3 +341,20 @@ def test_the_gguf_tokenizer_gives_llama_cpp_exact_lengths(llama_url: str, tmp_pa
     (event,) = _events(tmp_path / "run", "tokenizer")
     assert event["exact"] is True and event["why"] == f"--tokenizer {GGUF}"
     assert _prompt_tokens(tmp_path / "run") == [INPUT] * 9
+
+
+def test_the_note_says_when_the_server_gave_no_counts() -> None:
+    """A server that streams no usage: the lengths are the stand-in's, and the note says so rather than invent
+    the server's; the note never makes a point INVALID."""
+    from harness.verdict import ApproximateInputs, PointChecks, judge
+
+    def checks(approximate: ApproximateInputs | None = None) -> PointChecks:
+        return PointChecks(measured=40, duration_s=20.0, closed_loop=True, approximate_inputs=approximate)
+
+    none = ApproximateInputs(tokenizer="t", why="no /tokenize", target_mean=100.0)
+    some = none.model_copy(update={"server_mean": 93.5, "server_min": 90, "server_max": 97, "counted": 40})
+    (silent,) = judge(checks(none)).notes
+    assert "reported no prompt token counts" in silent and "the server counted" not in silent
+    verdict = judge(checks(some))
+    assert verdict.status == "VALID" and "counted 94 (min 90, max 97) over 40 requests" in verdict.notes[0]
+    assert judge(checks()).notes == []
