@@ -301,6 +301,12 @@ def ray_config(llm_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def ray_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Ray Serve LLM's own request models (they subclass vLLM's, core/configs/openai_api_models.py)."""
+    models = load("ray.llm._internal.serve.core.configs.openai_api_models")
+    return _fields_check(models.ChatCompletionRequest if kind == "chat" else models.CompletionRequest, body)
+
+
 OPS = {
     "sglang_args": sglang_args,
     "sglang_body": sglang_body,
@@ -314,6 +320,7 @@ OPS = {
     "mii_args": mii_args,
     "mii_body": mii_body,
     "ray_config": ray_config,
+    "ray_body": ray_body,
 }
 # the engine's own top-level package per op: never stubbed
 OWN = {"sglang": "sglang", "lmdeploy": "lmdeploy", "vllm": "vllm", "mii": "mii", "ray": "ray"}

@@ -294,7 +294,9 @@ def test_vllm_engine_arguments_of_ray_and_triton_are_vllm_fields(
 def ray_probe() -> tuple[list[Any], list[str]]:
     configs = [EngineConfig(model="m"), EngineConfig(model="/models/m", served_model_name="s", max_num_seqs=8,
                                                      prefix_caching=True, max_context=4096, dtype="bfloat16")]  # fmt: skip
-    return env.probe([("ray_config", [rayserve.llm_config(c)]) for c in configs], "ray")
+    calls: list[tuple[str, list[Any]]] = [("ray_config", [rayserve.llm_config(c)]) for c in configs]
+    calls += [("ray_body", [kind, body]) for kind, body in bodies(rayserve.ADAPTER)]
+    return env.probe(calls, "ray")
 
 
 def test_ray_llm_config_takes_the_launch_config_without_stream_batching(
@@ -302,12 +304,17 @@ def test_ray_llm_config_takes_the_launch_config_without_stream_batching(
 ) -> None:
     """LLMConfig (ray 2.60.0) validates the config; LLMServer._get_batch_interval_ms then gives 0: each engine
     chunk is its own event (issue 20 item 5), and engine metrics go to Ray's exporter (log_engine_metrics)."""
-    for got in ray_probe[0]:
+    for got in ray_probe[0][:2]:
         assert got["error"] is None, got
         assert got["batch_interval_ms"] == 0 and got["log_engine_metrics"] is True
     assert ray_probe[0][1]["engine_kwargs"] == {
         "max_num_seqs": 8, "enable_prefix_caching": True, "max_model_len": 4096, "dtype": "bfloat16",
     }  # fmt: skip
+
+
+def test_ray_protocol_accepts_every_field_sent(ray_probe: tuple[list[Any], list[str]]) -> None:
+    for got in ray_probe[0][2:]:
+        assert got == {"unknown": [], "error": None}
 
 
 def test_ray_metric_names_are_vllms_as_rays_exporter_names_them(
