@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -40,6 +41,7 @@ __all__ = ["ADAPTER", "IMAGE", "INFO", "METRICS", "build", "container_argv", "la
 IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:latest"
 _FACTS = ENGINE_FACTS["trtllm"]
 _CONFIG_FLAGS = ("--config", "--extra_llm_api_options")
+_CONFIG_MOUNT = "/enginebench/trtllm-config"
 
 INFO = EngineInfo(
     name="trtllm",
@@ -161,10 +163,11 @@ def _check_config(cfg: EngineConfig) -> None:
     )
 
 
-def _flags(cfg: EngineConfig, host: str) -> list[str]:
+def _flags(cfg: EngineConfig, host: str, *, check: bool = True) -> list[str]:
     require(cfg.tensor_parallel >= 1, f"trtllm: tensor_parallel must be >= 1, not {cfg.tensor_parallel}")
     require(cfg.threads is None, "trtllm: threads is not a server setting; remove --threads")
-    _check_config(cfg)
+    if check:  # a container's flags name the YAML where it is mounted, already read on the host
+        _check_config(cfg)
     # flags: tensorrt_llm/commands/serve.py click options (NVIDIA/TensorRT-LLM 4c05a748, read 2026-12-07; tests/fixtures/
     # contracts/trtllm_serve_options.txt); `--config` is accepted as the YAML flag too (newer releases)
     flags = ["--host", host, "--port", str(cfg.port), "--backend", cfg.env.get("TRTLLM_BACKEND", "pytorch")]
@@ -192,10 +195,23 @@ def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
     # docker run --rm -it --ipc host -p 8000:8000 --gpus all --ulimit memlock=-1 --ulimit stack=67108864
     # nvcr.io/nvidia/tensorrt-llm/release:<tag>: nvidia.github.io/TensorRT-LLM/1.2.0rc6/commands/trtllm-serve/
     # run-benchmark-with-trtllm-serve.html (read 2026-11-24)
-    extra = ("--ipc=host", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864")
+    extra: tuple[str, ...] = ("--ipc=host", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864")
+    _check_config(cfg)  # the YAML is read where it is, on the host
+    args = list(cfg.extra_args)
+    path = _config_path(cfg)
+    if path is not None:  # the container reads it from a read-only mount of its folder
+        host = Path(path).resolve()
+        extra += ("-v", f"{host.parent}:{_CONFIG_MOUNT}:ro")
+        args = [f"{_CONFIG_MOUNT}/{host.name}" if a == path else a.replace(path, f"{_CONFIG_MOUNT}/{host.name}")
+                if a.startswith(_CONFIG_FLAGS) else a for a in args]  # fmt: skip
     inner = replace(cfg, env=launch_env(cfg))
     argv, model = docker_gpu_run(IMAGE, inner, runtime=runtime, name="trtllm", extra=extra)
-    return [*argv, "trtllm-serve", model, *_flags(cfg, "0.0.0.0")]
+    return [
+        *argv,
+        "trtllm-serve",
+        model,
+        *_flags(replace(cfg, extra_args=tuple(args)), "0.0.0.0", check=False),
+    ]
 
 
 def build(spec: RequestSpec, model: str, stream: bool) -> HttpCall:

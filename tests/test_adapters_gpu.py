@@ -395,6 +395,9 @@ def test_containers_publish_the_port_and_mount_a_local_model(tmp_path: Path) -> 
     config = _yaml(tmp_path, METRICS_YAML)
     tr = trtllm.container_argv(EngineConfig(model=str(model), port=9001, extra_args=("--config", config)))
     assert "memlock=-1" in tr and "stack=67108864" in tr and tr[tr.index(trtllm.IMAGE) + 1] == "trtllm-serve"
+    # the YAML is read on the host and mounted read-only; the flag names it where the container sees it
+    assert f"{tmp_path}:/enginebench/trtllm-config:ro" in tr
+    assert pairs(tr[tr.index(trtllm.IMAGE) :])["--config"] == "/enginebench/trtllm-config/extra.yml"
 
     ol = ollama.container_argv(EngineConfig(model="llama3", port=9001, max_num_seqs=4))
     assert ol[-1] == ollama.IMAGE and "OLLAMA_HOST=0.0.0.0:11434" in ol and "OLLAMA_NUM_PARALLEL=4" in ol
