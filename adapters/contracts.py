@@ -39,6 +39,7 @@ CHECKED: Mapping[str, str] = {
     "AsyncEngineArgs; metric names from vLLM's loggers sanitized by its Ray wrapper",
     "trtllm": _TRTLLM,
     "triton": _TRITON,
+    "triton-openai": _TRITON,  # the OpenAI-frontend adapter's name once adapters/triton_native.py takes "triton"
     "triton-trtllm": _TRITON,
     "tgi": "huggingface/text-generation-inference at commit db931fcf (2026-01-08): launcher/src/main.rs options and "
     "value enums, router metric names; integration-test snapshot streams",
