@@ -838,7 +838,7 @@ def render_brief(decision: Mapping[str, Any], console: Any, report: Path | None 
         )
         line = f"  {escape(str(cap['engine']))}: "
         if sustained is None:
-            line += "no load point within the SLO"
+            line += "no VALID load point within the SLO"
         else:
             line += f"{_fmt(cap.get('requests_per_s'))} req/s, {_fmt(cap.get('output_tokens_per_s'))} output tok/s"
             line += f" at {sustained}" + (" (lower bound)" if cap.get("lower_bound") else "")
@@ -851,6 +851,8 @@ def render_brief(decision: Mapping[str, Any], console: Any, report: Path | None 
         console.print(line, highlight=False)
         if cost and cost.get("why"):
             console.print(f"    [dim]instance: {escape(cost['why'])}[/]", highlight=False)
+        if row.get("note"):
+            console.print(f"    [dim]{escape(row['note'])}[/]", highlight=False)
     for w in decision.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     for note in decision.get("notes") or []:
