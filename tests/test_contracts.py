@@ -233,17 +233,32 @@ VLLM_DESTS = ["model_tag", "served_model_name", "host", "port", "dtype", "quanti
               "enforce_eager", "enable_prompt_tokens_details"]  # fmt: skip
 
 
+RAY_CONFIGS = [
+    EngineConfig(model="m"),
+    EngineConfig(model="/models/m", served_model_name="s", max_num_seqs=8, prefix_caching=True, max_context=4096,
+                 dtype="bfloat16"),
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def vllm_probe() -> tuple[list[Any], list[str]]:
+def vllm_and_ray() -> tuple[list[Any], list[Any]]:
+    """vLLM's and Ray Serve LLM's checks in one process (Ray's code imports vLLM's: one import of each)."""
     env.vllm_site_packages()
-    calls: list[tuple[str, list[Any]]] = [
+    vllm_calls: list[tuple[str, list[Any]]] = [
         ("vllm_args", [[c.model, *vllm._engine_flags(c, c.host)], VLLM_DESTS]) for c in VLLM_CONFIGS
     ]
-    calls += [("vllm_body", [kind, body]) for kind, body in bodies(vllm.ADAPTER)]
-    calls.append(("vllm_engine_fields", []))
-    canonical_names = [n for n in vllm.METRICS.names]
-    calls.append(("vllm_sanitized", [canonical_names]))
-    return env.probe(calls)
+    vllm_calls += [("vllm_body", [kind, body]) for kind, body in bodies(vllm.ADAPTER)]
+    vllm_calls.append(("vllm_engine_fields", []))
+    vllm_calls.append(("vllm_sanitized", [list(vllm.METRICS.names)]))
+    ray_calls: list[tuple[str, list[Any]]] = [("ray_config", [rayserve.llm_config(c)]) for c in RAY_CONFIGS]
+    ray_calls += [("ray_body", [kind, body]) for kind, body in bodies(rayserve.ADAPTER)]
+    results, _ = env.probe(vllm_calls + ray_calls, "ray")
+    return results[: len(vllm_calls)], results[len(vllm_calls) :]
+
+
+@pytest.fixture(scope="module")
+def vllm_probe(vllm_and_ray: tuple[list[Any], list[Any]]) -> tuple[list[Any], list[str]]:
+    return vllm_and_ray[0], []
 
 
 def test_vllm_parser_reads_back_every_setting(vllm_probe: tuple[list[Any], list[str]]) -> None:
@@ -291,12 +306,8 @@ def test_vllm_engine_arguments_of_ray_and_triton_are_vllm_fields(
 
 
 @pytest.fixture(scope="module")
-def ray_probe() -> tuple[list[Any], list[str]]:
-    configs = [EngineConfig(model="m"), EngineConfig(model="/models/m", served_model_name="s", max_num_seqs=8,
-                                                     prefix_caching=True, max_context=4096, dtype="bfloat16")]  # fmt: skip
-    calls: list[tuple[str, list[Any]]] = [("ray_config", [rayserve.llm_config(c)]) for c in configs]
-    calls += [("ray_body", [kind, body]) for kind, body in bodies(rayserve.ADAPTER)]
-    return env.probe(calls, "ray")
+def ray_probe(vllm_and_ray: tuple[list[Any], list[Any]]) -> tuple[list[Any], list[str]]:
+    return vllm_and_ray[1], []
 
 
 def test_ray_llm_config_takes_the_launch_config_without_stream_batching(
