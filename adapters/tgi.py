@@ -84,7 +84,10 @@ INFO = EngineInfo(
     container_image=IMAGE,
 )
 
-# docs/source/reference/metrics.md (TGI snapshot, newest commit 2026-01-08).
+# router/src (TGI db931fcf, 2026-01-08): `metrics::gauge!` / `counter!` / `histogram!` names; the
+# metrics-exporter-prometheus crate exposes counters without a `_total` suffix. `tgi_request_mean_time_per_token_duration`
+# is recorded once per request with that request's mean (router/src/server.rs), not once per token, so it is not an
+# ITL histogram and is not mapped (as TensorRT-LLM's per-request time per output token is not).
 METRICS = MetricMap(
     names={
         "tgi_batch_current_size": "requests_running",
@@ -92,8 +95,6 @@ METRICS = MetricMap(
         "tgi_request_success": "requests_finished_total",
         "tgi_request_duration": "e2e_seconds",
         "tgi_request_queue_duration": "queue_seconds",
-        # a per-request mean, not per token: its histogram is coarser than a true ITL histogram
-        "tgi_request_mean_time_per_token_duration": "itl_seconds",
     }
 )
 

@@ -502,3 +502,8 @@ def test_triton_frontend_declares_every_field_sent(adapter: Adapter) -> None:
             declared[api] = set(fields.split(","))
     for kind, body in bodies(adapter):
         assert set(body) <= declared[kind], (kind, sorted(set(body) - declared[kind]))
+
+
+def test_tgi_metric_names_are_its_routers() -> None:
+    """Every mapped name is registered by TGI's router with its canonical type (counters exposed without _total)."""
+    check_map(tgi.METRICS, fixture_names(FIXTURES / "metrics/tgi_router_names.txt"), set())
