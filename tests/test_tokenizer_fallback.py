@@ -41,11 +41,16 @@ CHATML = (
 
 
 def bench_run(
-    url: str, out: Path, *extra: str, api: str = "completions", env: dict[str, str] | None = None
+    url: str,
+    out: Path,
+    *extra: str,
+    api: str = "completions",
+    env: dict[str, str] | None = None,
+    requests: int = 8,
 ) -> subprocess.CompletedProcess[str]:
     args = [
         "run", "--endpoint", url, "--workload", "synthetic", "--set", f"input_tokens={INPUT}", "--set", f"api={api}",
-        "--set", "output_tokens=6", "--requests", "8", "--warmup", "1", "--concurrency", "2", "--out", str(out),
+        "--set", "output_tokens=6", "--requests", str(requests), "--warmup", "1", "--concurrency", "2", "--out", str(out),
         *extra,
     ]  # fmt: skip
     return subprocess.run(
@@ -319,14 +324,14 @@ def llama_url() -> Iterator[str]:
 @pytest.mark.live
 def test_llama_cpp_at_a_bare_url_is_known_by_its_own_answer(llama_url: str, tmp_path: Path) -> None:
     """`--endpoint URL`: llama-server's /v1/models says owned_by llamacpp, so its adapter and /tokenize are used."""
-    r = bench_run(llama_url, tmp_path / "run")
+    r = bench_run(llama_url, tmp_path / "run", requests=4)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (
         orjson.loads((tmp_path / "run" / "manifest.json").read_bytes())["engines"][0]["adapter"] == "llamacpp"
     )
     (event,) = _events(tmp_path / "run", "tokenizer")
     assert event["exact"] is True and event["why"] == "the engine's /tokenize"
-    assert _prompt_tokens(tmp_path / "run") == [INPUT] * 9  # llama.cpp's own usage
+    assert _prompt_tokens(tmp_path / "run") == [INPUT] * 5  # llama.cpp's own usage
 
 
 @pytest.mark.live
@@ -336,11 +341,11 @@ def test_the_gguf_tokenizer_gives_llama_cpp_exact_lengths(llama_url: str, tmp_pa
     counts, chat template included. (The engine is not taken as one of unknown make with `openai=URL` here:
     llama-server closes a streamed response's connection while advertising keep-alive, which its own adapter
     knows and the generic one cannot.)"""
-    r = bench_run(llama_url, tmp_path / "run", "--tokenizer", str(GGUF), api=api)
+    r = bench_run(llama_url, tmp_path / "run", "--tokenizer", str(GGUF), api=api, requests=4)
     assert r.returncode == 0, r.stdout + r.stderr
     (event,) = _events(tmp_path / "run", "tokenizer")
     assert event["exact"] is True and event["why"] == f"--tokenizer {GGUF}"
-    assert _prompt_tokens(tmp_path / "run") == [INPUT] * 9
+    assert _prompt_tokens(tmp_path / "run") == [INPUT] * 5
 
 
 def test_the_note_says_when_the_server_gave_no_counts() -> None:
