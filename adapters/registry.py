@@ -110,6 +110,8 @@ _OWNED_BY = {
     "lmdeploy": "lmdeploy",  # lmdeploy 0.18.0 lmdeploy/serve/openai/protocol.py: owned_by: str = 'lmdeploy'
     "deepspeed-mii": "mii",  # deepspeed-mii 0.3.3 mii/entrypoints/data_models.py: owned_by = "deepspeed-mii"
     "llamacpp": "llamacpp",  # llama.cpp b11434 tools/server/server-context.cpp: {"owned_by", "llamacpp"}
+    # TensorRT-LLM tensorrt_llm/serve/openai_protocol.py ModelCard: owned_by = "tensorrt_llm" (main, 2026-12)
+    "tensorrt_llm": "trtllm",
     "enginebench": "scripted",  # harness/calibration.py, the scripted server
 }
 

@@ -142,6 +142,7 @@ def test_a_server_behind_an_api_key_is_asked_with_it(tmp_path: Path, owned_by: s
         ("llamacpp", "llamacpp"),
         ("lmdeploy", "lmdeploy"),
         ("deepspeed-mii", "mii"),
+        ("tensorrt_llm", "trtllm"),
         ("openai", registry.GENERIC),  # OpenAI's own API
         ("organization-owner", registry.GENERIC),
         ("HuggingFaceTB/SmolLM2-135M-Instruct", registry.GENERIC),  # TGI puts the model id there
