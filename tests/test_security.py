@@ -164,7 +164,7 @@ def test_credentials_in_an_endpoint_url_are_refused_before_anything_is_written(t
 
 def _config_for(name: str) -> EngineConfig:
     model = "/models/m.gguf" if name == "llamacpp" else "/models/m"
-    env = {"TRITON_TOKENIZER": "/models/m"} if name == "triton" else {}
+    env = {"TRITON_TOKENIZER": "/models/m"} if name.startswith("triton") else {}
     return EngineConfig(model=model, env=env)
 
 

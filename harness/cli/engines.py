@@ -20,7 +20,11 @@ engines_app = typer.Typer(
 app.add_typer(engines_app, name="engines")
 
 # the install components each engine needs (names of adapters.install)
-_COMPONENTS = {"vllm": ("model", "model-hf", "vllm"), "llamacpp": ("model", "llamacpp")}
+_COMPONENTS = {
+    "vllm": ("model", "model-hf", "vllm"),
+    "llamacpp": ("model", "llamacpp"),
+    "triton": ("model", "model-hf", "vllm", "triton"),  # tritonserver (nvidia-pytriton) serving vLLM CPU
+}
 
 
 @dataclass(frozen=True)
