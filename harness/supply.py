@@ -81,7 +81,9 @@ class PromptSupply:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=30.0)
+            # it ends after the tokenizer call it may be in; a hung tokenizer must not hold the point's end (the
+            # thread is a daemon and touches nothing of the point)
+            self._thread.join(timeout=2.0)
             self._thread = None
         if self._switch is not None:
             sys.setswitchinterval(self._switch)
