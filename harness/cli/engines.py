@@ -24,6 +24,7 @@ _COMPONENTS = {
     "vllm": ("model", "model-hf", "vllm"),
     "llamacpp": ("model", "llamacpp"),
     "triton": ("model", "model-hf", "vllm", "triton"),  # tritonserver (nvidia-pytriton) serving vLLM CPU
+    "rayserve": ("model", "model-hf", "vllm", "rayserve"),  # ray[serve] added to the vLLM venv
 }
 
 
