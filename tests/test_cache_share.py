@@ -322,3 +322,33 @@ def test_bench_run_fresh_keys_repeats_and_replay(tmp_path: Path) -> None:
         bad = _bench("run", *common, "--seed", "4", "--replay-prompts", str(a), "--out", str(tmp_path / "d"))
         assert bad.returncode != 0 and "give the same --workload, --set and --seed" in bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_cache_share_reaches_the_summary_table_and_decide(tmp_path: Path) -> None:
+    """Records with the engine's cached-token counts -> summary.json's `cache` -> the run table's column and
+    `bench decide`'s inputs, beside TTFT."""
+    from harness.decide import load_run
+    from harness.rundir import RunDir
+    from harness.summary import rebuild_summary, render_table
+
+    run = RunDir.create(tmp_path / "run")
+    run.start(run_id="run", workload={"name": "synthetic", "kind": "synthetic", "fingerprint": "sha256:x"})
+    for i in range(4):
+        rec = _rec(i, 200, 150, 0)
+        rec.first_byte, rec.chunk_times, rec.chunk_tokens = i + 0.1, [i + 0.1], [1]
+        rec.output_tokens, rec.token_source = 1, "server_usage"
+        run.append_record(rec)
+    run.close()
+    summary = rebuild_summary(run.path)
+    (p,) = summary.points
+    assert p.cache is not None and p.cache.measured == pytest.approx(0.75) and p.cache.expected == 0.0
+    assert "warm_cache" in {r.code for r in p.verdict.reasons}
+    from rich.console import Console
+
+    console = Console(width=220, record=True)
+    console.print(render_table(summary))
+    assert "75% (0%)" in console.export_text()
+    points, _, _, description = load_run(run.path)
+    assert points[0].cache_share == pytest.approx(0.75) and points[0].cache_expected_share == 0.0
+    (row,) = description["cache_share"]
+    assert row["measured"] == pytest.approx(0.75) and row["ttft_p50_ms"] == pytest.approx(100.0)
