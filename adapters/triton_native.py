@@ -21,12 +21,16 @@ model's), so the prompt the server prefills is the one EngineBench counted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +50,7 @@ from adapters.base import (
     require,
 )
 from adapters.knowledge import ENGINE_FACTS, docker_gpu_run
+from adapters.process import TAG_VAR
 from workloads.spec import RequestSpec
 
 __all__ = [
@@ -192,8 +197,8 @@ def _server_flags(cfg: EngineConfig, host: str, repository: str) -> list[str]:
 
 
 def launch_argv(cfg: EngineConfig) -> list[str]:
-    """`python -m adapters.triton_native REPO MODEL_JSON -- tritonserver ...`: the first writes the model repository
-    and exec's the server (same pid), so launching stays an argv and the repository is written only when it runs."""
+    """`python -m adapters.triton_native REPO SPEC_JSON -- tritonserver ...`: it writes the model repository, then
+    runs the server and stops its whole tree when `bench` is gone (`_main`), so launching stays an argv."""
     from adapters.triton_install import backends_dir, tritonserver_bin
 
     require(cfg.threads is None or cfg.threads > 0, "triton: threads must be a positive number")
@@ -422,16 +427,68 @@ def _write_repository(repository: Path, name: str, engine_args: Mapping[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _main(argv: Sequence[str]) -> None:
+def _tagged(tag: str) -> list[Any]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and proc.environ().get(TAG_VAR) == tag:
+                found.append(proc)
+    return found
+
+
+def _stop_tree(tag: str | None, seen: Sequence[Any], grace: float = 15.0) -> None:
+    """SIGTERM every process of the engine: those seen below the launcher and those carrying its tag (vLLM's retitled
+    processes can hide their environment; an engine core outlives a stub that died, seen here), then SIGKILL what is
+    left after `grace`."""
+    import psutil
+
+    procs = {p.pid: p for p in [*seen, *(_tagged(tag) if tag else [])]}
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, left = psutil.wait_procs(list(procs.values()), timeout=grace)
+    for proc in left + (_tagged(tag) if tag else []):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _below(seen: dict[int, Any]) -> None:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            seen.setdefault(child.pid, child)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """Write the repository, run the server as a child and watch two things: the server's end (then everything it
+    started goes too) and `bench`'s end, even by SIGKILL, which no handler of its own sees (then the whole tagged
+    tree is stopped). SIGTERM / SIGINT / SIGHUP are passed on to the server, which shuts down gracefully."""
     if len(argv) < 4 or argv[2] != "--":
         raise SystemExit("usage: python -m adapters.triton_native REPOSITORY SPEC_JSON -- tritonserver ...")
     spec = json.loads(argv[1])
     repository = Path(argv[0])
     repository.parent.mkdir(parents=True, exist_ok=True)
     _write_repository(repository, spec["name"], spec["engine_args"])
-    server = list(argv[3:])
-    os.execv(server[0], server)  # the same pid: EngineBench's process tree and tag follow the server
+    tag, parent = os.environ.get(TAG_VAR), os.getppid()
+    server = subprocess.Popen(list(argv[3:]))
+    seen: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: server.send_signal(signal.SIGTERM))
+    while server.poll() is None:
+        _below(seen)  # remembered: a process whose parent died leaves the tree
+        if os.getppid() != parent:
+            print(f"adapters.triton_native: parent {parent} is gone: stopping the server", flush=True)
+            server.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=15)
+            break
+        time.sleep(0.5)
+    _stop_tree(tag, list(seen.values()))
+    return server.wait()
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    raise SystemExit(_main(sys.argv[1:]))
