@@ -82,7 +82,9 @@ def decide_after_run(run_dir: Path, profile: str | None, console: Any) -> Path |
     from reports.html import ReportConfig, write_report
 
     try:
-        decision = run_decide(DecideConfig(run_dirs=(run_dir,), profile=profile, json_out=run_dir / "decision.json"))
+        decision = run_decide(
+            DecideConfig(run_dirs=(run_dir,), profile=profile, json_out=run_dir / "decision.json")
+        )
         report = write_report(ReportConfig(run_dirs=(run_dir,), out=run_dir / "report.html", profile=profile))
     except BenchError as e:
         console.print(f"[red]no decision:[/] {e}", highlight=False)
