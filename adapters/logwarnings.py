@@ -61,7 +61,8 @@ _LINE_LIMIT = 300
 
 def scan_log(lines: Iterable[str], adapter: str | None = None) -> list[dict[str, Any]]:
     """The known warnings found in `lines` (of `adapter`'s log, or any engine's): one entry per kind, in the order
-    first seen, with its first line, how many lines said it, what it costs and where it comes from."""
+    first seen, with the known message, its first full line, how many lines said it, what it costs and where it
+    comes from."""
     found: dict[str, dict[str, Any]] = {}
     known = [w for w in KNOWN_WARNINGS if adapter is None or adapter in w.engines]
     for line in lines:
@@ -71,6 +72,7 @@ def scan_log(lines: Iterable[str], adapter: str | None = None) -> list[dict[str,
                 if entry is None:
                     found[w.id] = {
                         "id": w.id,
+                        "message": w.needle,
                         "line": line.strip()[:_LINE_LIMIT],
                         "count": 1,
                         "cost": w.cost,

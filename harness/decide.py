@@ -392,7 +392,7 @@ def host_notes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
                 )
             for w in facts.get("log_warnings") or []:
                 count = f" ({w.get('count')} times)" if (w.get("count") or 1) > 1 else ""
-                notes.append(f"{engine} logged {w.get('line')!r}{count}: {w.get('cost')}")
+                notes.append(f"{engine} logged {w.get('message') or w.get('line')!r}{count}: {w.get('cost')}")
     return notes
 
 
@@ -838,7 +838,7 @@ def render_brief(decision: Mapping[str, Any], console: Any, report: Path | None 
         )
         line = f"  {escape(str(cap['engine']))}: "
         if sustained is None:
-            line += "no VALID load point within the SLO"
+            line += "no VALID load point" + (" within the SLO" if cap.get("slo") else "")
         else:
             line += f"{_fmt(cap.get('requests_per_s'))} req/s, {_fmt(cap.get('output_tokens_per_s'))} output tok/s"
             line += f" at {sustained}" + (" (lower bound)" if cap.get("lower_bound") else "")

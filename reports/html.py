@@ -338,7 +338,7 @@ def _engine_facts(e: Mapping[str, Any]) -> tuple[str, list[str]]:
     if isinstance(dtype, Mapping) and dtype.get("dtype"):
         choice = str(dtype["dtype"]) + (f" ({dtype['reason']})" if dtype.get("reason") else "")
     warnings = [
-        f"{w.get('line')}"
+        f"{w.get('message') or w.get('line')}"
         + (f" ({w.get('count')}×)" if (w.get("count") or 1) > 1 else "")
         + f" — {w.get('cost')}"
         for w in e.get("log_warnings") or []

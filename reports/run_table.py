@@ -89,7 +89,9 @@ def footer_lines(manifest: Mapping[str, Any] | None) -> list[str]:
             )
         for w in e.get("log_warnings") or []:
             times = f" ({w.get('count')}×)" if (w.get("count") or 1) > 1 else ""
-            lines.append(f"{e.get('name')} warned: {w.get('line')}{times} — {w.get('cost')}")
+            lines.append(
+                f'{e.get("name")} logged "{w.get("message") or w.get("line")}"{times}: {w.get("cost")}'
+            )
     return lines
 
 
@@ -101,8 +103,8 @@ def run_table(summary: Summary, manifest: Mapping[str, Any] | None = None) -> Ta
     caches = [getattr(p, "cache", None) for p in summary.points]  # harness.cache.CacheShare, where summarized
     show_cache = any(c is not None and (c.measured is not None or (c.expected or 0) > 0) for c in caches)
     table = Table(title=f"run {summary.run_id}", header_style="bold", pad_edge=False)
-    table.add_column("engine", overflow="fold")
-    table.add_column("point", overflow="fold")
+    table.add_column("engine", no_wrap=True)
+    table.add_column("point", no_wrap=True)
     headers = ["ok/\nfailed/\ncancelled", "TTFT\np50", "TTFT\np95", "TTFT\np99"]
     headers += ["cache\nshare"] if show_cache else []
     headers += ["ITL\np50", "TPOT\np50", "E2E\np95"]

@@ -238,6 +238,7 @@ def test_engine_log_warnings_that_cost_speed_reach_the_manifest(tmp_path: Path) 
     entry = run.load_manifest().engines[0]
     found = {w["id"]: w for w in entry["log_warnings"]}
     assert set(found) == {"no_tcmalloc", "onednn_linear_fallback"}
+    assert found["no_tcmalloc"]["message"] == "libtcmalloc is not found in LD_PRELOAD"  # what the table shows
     assert (
         found["onednn_linear_fallback"]["count"] == 3
         and "fallback to torch linear" in found["onednn_linear_fallback"]["line"]

@@ -348,7 +348,7 @@ def _execute_and_print(cfg: RunConfig, *, decide: bool = False, profile: str | N
     console = Console(stderr=True, log_path=False)
     with LiveProgress(console) as progress:
         result = execute(cfg, progress)
-    out_console = Console(width=max(Console().width, 140)) if not Console().is_terminal else Console()
+    out_console = Console(width=max(Console().width, 170)) if not Console().is_terminal else Console()
     if result.summary is not None and result.summary.points:
         rd = RunDir(result.run_dir)
         manifest = rd.load_manifest().model_dump(mode="json") if rd.has_manifest() else None

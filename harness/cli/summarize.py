@@ -51,7 +51,7 @@ def run(config: SummarizeConfig) -> None:
     summary = rebuild_summary(config.run_dir, slo=slo, policy=policy)
     console = Console()
     if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
-        console = Console(width=max(console.width, 140))
+        console = Console(width=max(console.width, 170))
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     # the same table as `bench run`: ok / failed / cancelled apart, memory, quality, host facts below
