@@ -537,6 +537,9 @@ async def launched(
                 proc, base_url + adapter.info.health_path, ready_timeout, started, on_wait
             )
             await _prepare(adapter, run_cfg, base_url, ready_timeout)
+            if getattr(adapter, "ready_after_prepare", False):
+                # its health path answers before it can serve (Ray Serve LLM's ingress): ready once prepared
+                cold_start = time.perf_counter() - started
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
                 model, version = await _describe(session, adapter, base_url, name, run_cfg)
             if not proc.alive():  # what answered was not our engine

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +50,8 @@ __all__ = [
     "launch_env",
     "llm_config",
     "metrics_url",
+    "prepare_calls",
+    "served_model",
 ]
 
 IMAGE = "rayproject/ray-llm:latest"  # tag scheme {ray}-py311-cu128; pick a pinned tag for real runs
@@ -274,9 +276,28 @@ def local_status() -> tuple[bool, str]:
     return ok, why if ok else f"{why}; or on this CPU: `bench engines install rayserve`"
 
 
+def served_model(cfg: EngineConfig) -> str:
+    return cfg.served_model_name or cfg.model
+
+
+def prepare_calls(cfg: EngineConfig) -> list[HttpCall]:
+    """One completion of one token: the ingress answers /v1/models from its config as soon as its own replica runs,
+    minutes before the LLM server has loaded the model (ray 2.60.0 core/ingress/ingress.py `models`; seen here: 200
+    at 23:27:31, app ready at 23:30:33, and the first requests stalled). A completion waits in Serve's router
+    until the LLM server runs (RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT, 600 s), so the engine is ready when it returns."""
+    body = {"model": served_model(cfg), "prompt": "Hello", "max_tokens": 1, "temperature": 0.0}
+    return [HttpCall("POST", "/v1/completions", body, False)]
+
+
 @dataclass(frozen=True)
 class RayServeAdapter(FunctionAdapter):
-    """The function adapter plus where Ray's exporter is (adapters.base.ScrapesElsewhere)."""
+    """The function adapter plus where Ray's exporter is (adapters.base.ScrapesElsewhere) and the first completion
+    that says it is ready (adapters.base.Prepares; `ready_after_prepare`: adapters.process counts it in the cold
+    start)."""
+
+    prepare_calls: Callable[[EngineConfig], list[HttpCall]] = prepare_calls
+    served_model: Callable[[EngineConfig], str] = served_model
+    ready_after_prepare: bool = True
 
     def metrics_url(self, cfg: EngineConfig, base_url: str) -> str | None:
         return metrics_url(cfg, base_url)

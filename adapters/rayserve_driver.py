@@ -162,6 +162,8 @@ def main(argv: list[str]) -> int:
         serve.start(http_options={"host": spec["host"], "port": spec["port"]})
         app = build_openai_app({"llm_configs": [LLMConfig(**spec["llm_config"])]})
         if not _stop.is_set():
+            # returns once every deployment is healthy; the ingress answers /v1/models before that (the launcher's
+            # readiness is a first completion: adapters.rayserve.prepare_calls)
             serve.run(app, blocking=False)
             _say(f"serving on http://{spec['host']}:{spec['port']}, metrics on port {spec['metrics_port']}")
         while not _stop.wait(0.5):
