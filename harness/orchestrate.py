@@ -434,7 +434,7 @@ def _record_log_warnings(run: RunDir, choice: EngineChoice, progress: Progress) 
     if not found or not any(e.get("name") == choice.name for e in manifest.engines):
         return
     for w in found:
-        progress(f"{choice.name}: its log says {w['line']!r}: {w['cost']}")
+        progress(f"{choice.name}: its log says {w['message']!r} ({w['count']}×): {w['cost']}")
     engines = [{**e, "log_warnings": found} if e.get("name") == choice.name else e for e in manifest.engines]
     run.write_manifest(manifest.model_copy(update={"engines": engines}))
 
