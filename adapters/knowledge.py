@@ -379,7 +379,51 @@ ENGINE_FACTS: Mapping[str, EngineFacts] = {
     ),
     "triton": EngineFacts(
         name="triton",
-        aliases=("tritonserver", "triton-openai", "triton-inference-server"),
+        aliases=("tritonserver", "triton-inference-server", "triton-vllm"),
+        hardware=("nvidia", "cpu", "neuron"),
+        hardware_facts=(
+            Fact(
+                "backend-platform matrix: NVIDIA GPUs, x86 and ARM CPUs, AWS Inferentia; the vLLM back end runs on "
+                "x86 GPU and CPU, TensorRT-LLM on GPU only; Inferentia only through the Python back end",
+                "https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/backend/docs/"
+                "backend_platform_support_matrix.html",
+            ),
+        ),
+        status="active",
+        status_fact=Fact(
+            "monthly NGC releases; newest commit 2026-08-19 (triton-inference-server/server snapshot)",
+            "https://github.com/triton-inference-server/server",
+        ),
+        maintenance="active (triton-inference-server/server snapshot, newest commit 2026-08-19); OpenAI frontend "
+        "is beta",
+        facts=(
+            Fact(
+                "native protocol: POST /v2/models/<m>/generate_stream (SSE), GET /v2/health/ready; the vLLM back end "
+                "takes text_input, stream and sampling_parameters (JSON of vLLM SamplingParams) and returns text_output "
+                "(vllm_backend src/model.py, commit 8de0c148)",
+                "https://github.com/triton-inference-server/vllm_backend",
+                "2026-12-07",
+            ),
+            Fact(
+                "PyPI nvidia-pytriton 0.7.0 bundles tritonserver 2.51.0, the python back end and its stubs (Python "
+                "3.8-3.13); with numpy < 2 it serves a python-backend model running vLLM CPU on this machine",
+                "https://pypi.org/project/nvidia-pytriton/0.7.0/",
+                "2026-12-07",
+            ),
+            Fact(
+                "launch: python3 openai_frontend/main.py --model-repository R --tokenizer T (port 9000) inside "
+                "nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3",
+                "https://github.com/triton-inference-server/server/blob/main/python/openai/README.md",
+            ),
+            Fact(
+                "frontend serves GET /metrics and GET /health/ready; Triton metrics nv_inference_*",
+                "https://github.com/triton-inference-server/server/blob/main/docs/user_guide/metrics.md",
+            ),
+        ),
+    ),
+    "triton-openai": EngineFacts(
+        name="triton-openai",
+        aliases=("triton-openai-frontend",),
         hardware=("nvidia", "cpu", "neuron"),
         hardware_facts=(
             Fact(

@@ -38,7 +38,7 @@ __all__ = ["ADAPTER", "IMAGE", "INFO", "METRICS", "build", "container_argv", "la
 
 IMAGE = "nvcr.io/nvidia/tritonserver:26.07-vllm-python-py3"
 FRONTEND = "/opt/tritonserver/python/openai/openai_frontend/main.py"
-_FACTS = ENGINE_FACTS["triton"]
+_FACTS = ENGINE_FACTS["triton-openai"]
 
 INFO = EngineInfo(
     name="triton-openai",

@@ -41,6 +41,7 @@ GPU_ENGINES = (
     "ollama",
     "mlc",
     "triton",
+    "triton-openai",
     "triton-trtllm",
     "rayserve",
     "mii",
