@@ -295,7 +295,7 @@ def apply_settings(engine: str, cfg: EngineConfig, settings: dict[str, object]) 
 def cpu_dtype_choice(adapter: str, cfg: EngineConfig, user_set: bool) -> DtypeChoice | None:
     """Why a CPU engine runs at its dtype (None for engines that are not launched on this CPU with a dtype choice):
     recorded in the manifest (engines[].dtype_choice), with a warning when the user chose the slow one."""
-    if adapter != "vllm" or cfg.env.get("VLLM_TARGET_DEVICE", "cpu") != "cpu":
+    if adapter not in ("vllm", "triton") or cfg.env.get("VLLM_TARGET_DEVICE", "cpu") != "cpu":
         return None
     if user_set:
         return choose_cpu_dtype(cpu_flags(), cfg.dtype)
