@@ -47,7 +47,11 @@ RELAXED_POLICY = {
     "max_read_stall_p99_ms": 1000.0,
     "max_client_cpu_util": 1.0,
     "max_error_rate": 0.0,
-    "max_token_count_mismatch": 0.0,
+    # server usage against the client's count of content chunks: vLLM merges the deltas of a request its consumer has
+    # not yet taken (vllm 0.32.0 v1/engine/output_processor.py RequestOutputCollector.put), and Ray's actor hop is a
+    # slow consumer on 2 loaded cores, so now and then one chunk carries two tokens (tokens_per_chunk "variable";
+    # seen once in a 12-token chat reply: 1/12). Usage and the engine's counters are still checked exactly below.
+    "max_token_count_mismatch": 0.2,
     "max_output_length_mismatch": 0.0,
 }
 _LAUNCH = """
@@ -166,8 +170,8 @@ def check_run(out: Path, delta: dict[str, float]) -> list[dict[str, Any]]:
     assert delta["ttft_count"] == len(recs), delta
     assert delta["generation_tokens_total"] == sum(r["output_tokens"] for r in recs), delta
     assert delta["prompt_tokens_total"] == sum(r["prompt_tokens"] for r in recs), delta
-    for r in recs:
-        assert r["token_source"] == "server_usage" and r["client_output_tokens"] == r["output_tokens"], r
+    for r in recs:  # a merged chunk makes the client count fewer, never more
+        assert r["token_source"] == "server_usage" and 0 < r["client_output_tokens"] <= r["output_tokens"], r
     return recs
 
 
