@@ -225,6 +225,8 @@ def test_chat_counts_agree_with_the_engine(engine: dict[str, Any]) -> None:
     recs = check_run(out, delta)
     for r in recs:  # the chat template applied client-side: the prefill is the length the client counted
         assert r["prompt_tokens"] == r["expected_input_tokens"], r
+    detail = f"synthetic + chat at concurrency 1-2, cold start {engine['cold_start_s']:.0f} s"
+    registry.record_live_test("triton", True, engine["version"], detail)  # `bench engines`: live-tested here
 
 
 def test_sigkill_of_the_launcher_leaves_nothing(engine: dict[str, Any]) -> None:
