@@ -162,16 +162,21 @@ def test_credentials_in_an_endpoint_url_are_refused_before_anything_is_written(t
     assert KEY not in r.stdout + r.stderr and not out.exists()
 
 
-def _config_for(name: str) -> EngineConfig:
+def _config_for(name: str, tmp_path: Path) -> EngineConfig:
     model = "/models/m.gguf" if name == "llamacpp" else "/models/m"
     env = {"TRITON_TOKENIZER": "/models/m"} if name.startswith("triton") else {}
-    return EngineConfig(model=model, env=env)
+    extra: tuple[str, ...] = ()
+    if name == "trtllm":  # its metrics switches have no flag: a launch needs them in its LLM API options YAML
+        options = tmp_path / "llm_api_options.yaml"
+        options.write_text("return_perf_metrics: true\nenable_iter_perf_stats: true\n")
+        extra = ("--extra_llm_api_options", str(options))
+    return EngineConfig(model=model, env=env, extra_args=extra)
 
 
 @pytest.mark.parametrize("name", sorted(registry.adapters()))
-def test_launched_engines_bind_to_loopback_by_default(name: str) -> None:
+def test_launched_engines_bind_to_loopback_by_default(name: str, tmp_path: Path) -> None:
     adapter = registry.get(name)
-    cfg = _config_for(name)
+    cfg = _config_for(name, tmp_path)
     argv = adapter.launch_argv(cfg)
     assert (
         isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
