@@ -371,6 +371,9 @@ async def _describe(
     base_url: str,
     name: str,
     cfg: EngineConfig | None = None,
+    *,
+    want: str | None = None,
+    attached: bool = False,
 ) -> tuple[str, str | None]:
     """(served model, version) of a ready engine; raises EndpointError if it is not OpenAI-compatible. With the
     `cfg` it was launched with, the model is the configured one (`pick_model`), not merely the first listed."""
@@ -392,6 +395,19 @@ async def _describe(
     if cfg is not None and isinstance(models, Mapping):
         want = adapter.served_model(cfg) if isinstance(adapter, Prepares) else cfg.served_model_name
         model = pick_model(model_ids(models), want, name)
+    elif attached and isinstance(models, Mapping):
+        ids = model_ids(models)
+        if want is None and len(ids) > 1:
+            raise EndpointError(
+                f"{name} at {base_url} serves several models ({', '.join(ids)}); choose the one to benchmark with "
+                f"--engine-set {name}.model=ID"
+            )
+        if want is not None and want not in ids:
+            raise EndpointError(
+                f"{name} at {base_url} does not serve {want!r}; /v1/models lists {', '.join(ids) or 'none'}: "
+                f"give one of them with --engine-set {name}.model=ID"
+            )
+        model = want or model
     return model, await _version(session, adapter, base_url)
 
 
@@ -602,9 +618,11 @@ async def attached(
     name: str | None = None,
     timeout: float = 10.0,
     headers: Mapping[str, str] | None = None,
+    model: str | None = None,
 ) -> AsyncIterator[Endpoint]:
     """An engine that runs elsewhere (`--endpoint NAME=URL`): checked for reachability and `/v1/models` (with
-    `headers`: a server behind an API key answers 401 without it)."""
+    `headers`: a server behind an API key answers 401 without it). Requests name `model` (which it must serve), or
+    the one model it serves; a server of several models with none chosen is refused, never guessed."""
     name = name or adapter.info.name
     base_url = base_url.rstrip("/")
     if base_url.endswith("/v1"):
@@ -613,5 +631,5 @@ async def attached(
         raise EndpointError(f"endpoint {name}={base_url} is not an http(s) URL; write it as http://HOST:PORT")
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout, headers=dict(headers or {})) as session:
-        model, version = await _describe(session, adapter, base_url, name)
-    yield Endpoint(name=name, base_url=base_url, model=model, version=version, mode="attached")
+        served, version = await _describe(session, adapter, base_url, name, want=model, attached=True)
+    yield Endpoint(name=name, base_url=base_url, model=served, version=version, mode="attached")

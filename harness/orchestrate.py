@@ -197,6 +197,7 @@ def parse_engines(
 def _with_settings(choices: tuple[EngineChoice, ...], engine_sets: Sequence[str]) -> tuple[EngineChoice, ...]:
     settings: dict[str, dict[str, Any]] = {}
     launched = {c.name for c in choices if c.url is None}
+    attached = {c.name for c in choices if c.url is not None}
     for raw in engine_sets:
         target, eq, value = raw.partition("=")
         name, dot, key = target.strip().partition(".")
@@ -204,14 +205,18 @@ def _with_settings(choices: tuple[EngineChoice, ...], engine_sets: Sequence[str]
             raise ConfigError(
                 f"--engine-set {raw!r}: write it as ENGINE.FIELD=VALUE, e.g. vllm.dtype=float32"
             )
-        if name not in launched:
+        if name not in launched and not (name in attached and key.strip() == "model"):
             raise ConfigError(
                 f"--engine-set {raw!r}: {name!r} is not an engine launched here (--engines); an attached endpoint "
-                "runs with the settings its server was started with"
+                f"runs with the settings its server was started with (only {name}.model=ID, the served model its "
+                "requests name, can be chosen)"
+                if name in attached
+                else f"--engine-set {raw!r}: no engine named {name!r} in this run"
             )
         settings.setdefault(name, {})[key.strip()] = value.strip()
     for name, values in settings.items():  # unknown fields and bad values are refused now, not at launch
-        registry.apply_settings(name, EngineConfig(model=""), values)
+        if name in launched:
+            registry.apply_settings(name, EngineConfig(model=""), values)
     return tuple(dataclasses.replace(c, settings=settings.get(c.name, {})) for c in choices)
 
 
@@ -323,7 +328,8 @@ async def _engine(
             progress(f"{choice.name}: {known}; talking to it with the {name} adapter")
         adapter = registry.get(name)
         auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        async with attached(adapter, choice.url, name=choice.name, headers=auth) as ep:
+        model = choice.settings.get("model")
+        async with attached(adapter, choice.url, name=choice.name, headers=auth, model=model) as ep:
             yield adapter, ep, {}
         return
     adapter = registry.require_runnable(choice.adapter)

@@ -94,12 +94,16 @@ def test_engine_set_parses_types_and_refuses_bad_input() -> None:
         ("vllm.colour=red", "unknown setting"),
         ("vllm.max_num_seqs=many", "give a whole number"),
         ("vllm=float32", "ENGINE.FIELD=VALUE"),
-        ("tgi.dtype=float16", "not an engine launched here"),
+        ("tgi.dtype=float16", "no engine named 'tgi' in this run"),
     ]:
         with pytest.raises(ConfigError, match=says):
             parse_engines("vllm", [], [bad])
     with pytest.raises(ConfigError, match="attached endpoint"):
         parse_engines(None, ["x=http://127.0.0.1:1"], ["x.dtype=float32"])
+    (x,) = parse_engines(
+        None, ["x=http://127.0.0.1:1"], ["x.model=llama3"]
+    )  # which served model, for an endpoint
+    assert dict(x.settings) == {"model": "llama3"}
 
 
 def _llama_marker(cache: Path, needs: list[str]) -> None:

@@ -58,10 +58,12 @@ class OpenAIServer:
         itl_s: float = 0.001,
         accept: frozenset[str] = frozenset(),
         api_key: str | None = None,
+        also_serves: tuple[str, ...] = (),
     ) -> None:
         """`accept`: body fields taken besides OpenAI's (an engine's own, e.g. `ignore_eos` behind a proxy);
         `api_key`: every route answers 401 without `Authorization: Bearer <api_key>`, as a hosted API does."""
         self.api_key = api_key
+        self.also_serves = also_serves  # more model ids /v1/models lists after `model` (a multi-model server)
         self.unauthorized: list[str] = []  # paths asked without the key
         self.model, self.owned_by, self.itl_s = model, owned_by, itl_s
         self.fields = OPENAI_FIELDS | accept
@@ -113,8 +115,11 @@ class OpenAIServer:
         return response
 
     async def _models(self, request: web.Request) -> web.Response:
-        card = {"id": self.model, "object": "model", "created": 0, "owned_by": self.owned_by}
-        return web.json_response({"object": "list", "data": [card]})
+        cards = [
+            {"id": m, "object": "model", "created": 0, "owned_by": self.owned_by}
+            for m in (self.model, *self.also_serves)
+        ]
+        return web.json_response({"object": "list", "data": cards})
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
