@@ -21,6 +21,7 @@ never counted, evalscope PR#1289).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import urllib.error
@@ -121,6 +122,15 @@ _GGUF_PRE = {"smollm": True, "gpt-2": False, "gpt2": False, "default": False}
 
 def render_chat_template(template: str, messages: Messages, special: Mapping[str, str]) -> str:
     """Render a Hugging Face chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
+    return _compiled_template(template).render(
+        messages=[dict(m) for m in messages], add_generation_prompt=True, **special
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str) -> Any:
+    """A chat template compiled once: compiling costs milliseconds, and a codec that renders on the send path (a
+    client-side template, Triton's native protocol) renders one per request."""
     from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -130,9 +140,7 @@ def render_chat_template(template: str, messages: Messages, special: Mapping[str
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=[dict(m) for m in messages], add_generation_prompt=True, **special
-    )
+    return env.from_string(template)
 
 
 def _token_text(value: Any) -> str | None:
